@@ -21,6 +21,10 @@ def _run(args) -> int:
     from online_dpo.rundir import RunDir
 
     cfg = load_config(args.config, args.overrides)
+    if args.overwrite and cfg.run_dir.exists():
+        import shutil
+
+        shutil.rmtree(cfg.run_dir)
     run = RunDir.create(cfg.run_dir, to_dict(cfg), seeds={"campaign": cfg.seed, "data": cfg.data.seed})
     print(f"run directory: {run.root}")
     run_campaign(cfg, run)
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="start a campaign from a YAML config")
     p_run.add_argument("config")
     p_run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 rounds=2")
+    p_run.add_argument("--overwrite", action="store_true", help="delete an existing run of the same name first")
     p_run.set_defaults(func=_run)
     p_resume = sub.add_parser("resume", help="continue a campaign from its run directory")
     p_resume.add_argument("run_dir")
@@ -58,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("vllm", "transformers", "accelerate", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import datasets
+
+    datasets.disable_progress_bars()  # per-file "Saving the dataset" bars drown the round table
 
     from online_dpo.config import ConfigError
     from online_dpo.data import DataError

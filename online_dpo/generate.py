@@ -91,8 +91,12 @@ class VLLMGenerator:
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Copy the policy's weights into the running engine and drop its stale KV prefix cache."""
+        # `reload_weights` is vLLM's in-place reload: it restores each layer's checkpoint
+        # layout, loads the tensors, and re-runs the kernel-specific post-processing (on CPU
+        # the linear layers keep their weights packed for oneDNN, so a plain `load_weights`
+        # into the model cannot work after start-up).
         weights = [(name, t.detach()) for name, t in model.state_dict().items()]
-        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(iter(weights)))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
     def completion_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:

@@ -31,7 +31,8 @@ def round_table(rows: list[dict]) -> Table:
 
 
 def print_rounds(rows: list[dict], baseline_accuracy: float | None = None, console: Console | None = None) -> None:
-    console = console or Console()
+    # Logs and CI are not terminals (rich would fold the table to 80 columns there).
+    console = console or Console(width=max(Console().width, 120))
     if baseline_accuracy is not None:
         console.print(f"round-0 policy accuracy on held-out prompts: {_pct(baseline_accuracy)}")
     console.print(round_table(rows))

@@ -1,0 +1,29 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(args: list[str], timeout: int, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run a Python entry point in a fresh process (vLLM keeps process-global state)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1), **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_json_line(stdout: str) -> dict:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON line in output:\n{stdout[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def embedded_model_path() -> str:
+    from online_dpo.models import embedded_model_dir
+
+    return str(embedded_model_dir())
