@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "online_dpo.judges"
 BUILTIN_JUDGES: dict[str, str] = {
     "arithmetic": "judges.verifiers:ArithmeticVerifier",
     "final_answer": "judges.verifiers:FinalAnswerVerifier",
+    "openai": "judges.openai_judge:OpenAIJudge",
 }
 
 

@@ -1,0 +1,96 @@
+"""A small OpenAI-compatible HTTP server that misbehaves on purpose, for fault tests.
+
+Behaviours (set per test): "judge" answers correctly (the response containing RIGHT
+wins), "always_a" answers "A" whatever the order, "unparseable" rambles, "malformed"
+returns a body that is not JSON, "hang" sleeps past the client's timeout. `failures`
+queues HTTP errors (status, headers) served before the behaviour, e.g. a 429 with
+Retry-After. Every request is logged with its arrival time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeOpenAI:
+    def __init__(self, behaviour: str = "judge"):
+        self.behaviour = behaviour
+        self.failures: list[tuple[int, dict]] = []
+        self.requests: list[dict] = []
+        self.hang_s = 3.0
+        self.auth_headers: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"t": time.monotonic(), "body": body})
+                server.auth_headers.append(self.headers.get("Authorization", ""))
+                if server.failures:
+                    status, headers = server.failures.pop(0)
+                    self._send(status, {"error": {"message": "injected failure"}}, headers)
+                    return
+                if server.behaviour == "hang":
+                    time.sleep(server.hang_s)
+                if server.behaviour == "malformed":
+                    self._send_raw(200, b"{this is not json")
+                    return
+                text = server.answer(body["messages"][-1]["content"])
+                self._send(200, completion(text, body))
+
+            def _send(self, status, obj, headers=None):
+                self._send_raw(status, json.dumps(obj).encode(), headers)
+
+            def _send_raw(self, status, data, headers=None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except BrokenPipeError:  # the client gave up (timeout tests)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def answer(self, prompt: str) -> str:
+        if self.behaviour == "always_a":
+            return "A"
+        if self.behaviour == "unparseable":
+            return "Both responses have merit, hard to say."
+        m = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)\n\n", prompt, re.S)
+        return "A" if "RIGHT" in m.group(1) else "B"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def completion(text: str, body: dict) -> dict:
+    logprobs = None
+    if body.get("logprobs"):
+        other = "B" if text == "A" else "A"
+        logprobs = {"content": [{"token": text, "logprob": -0.105, "bytes": None,
+                                 "top_logprobs": [{"token": text, "logprob": -0.105, "bytes": None},
+                                                  {"token": other, "logprob": -2.303, "bytes": None}]}]}
+    return {
+        "id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
+                     "message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101},
+    }

@@ -1,0 +1,123 @@
+"""The API judge against a local server that misbehaves on purpose.
+
+Each fault ends as retries and then either the correct verdict or a counted error;
+an error is never a win or a loss, and a position-biased judge never makes A win.
+"""
+
+import pytest
+
+from judges import PairwiseItem, load_judge
+from judges.openai_judge import BudgetExceeded, MissingAPIKey
+from tests.fake_openai_server import FakeOpenAI
+
+ITEMS = [
+    PairwiseItem("What is 2+2?", "RIGHT: 4", "wrong: 5"),
+    PairwiseItem("What is 3+3?", "wrong: 7", "RIGHT: 6"),
+]
+
+
+def make_judge(server, tmp_path, **options):
+    opts = dict(model="fake-judge", base_url=server.base_url, api_key_env="FAKE_JUDGE_KEY",
+                cache_path=str(tmp_path / "cache.sqlite"), max_retries=3, timeout_s=5.0)
+    opts.update(options)
+    return load_judge("openai", **opts)
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch):
+    monkeypatch.setenv("FAKE_JUDGE_KEY", "sk-test-SECRET-123")
+
+
+def test_correct_judge_both_orders_soft_preference_usage_and_cache(tmp_path):
+    with FakeOpenAI("judge") as server:
+        judge = make_judge(server, tmp_path, price_per_million_input=2.0, price_per_million_output=8.0)
+        verdicts = judge.compare(ITEMS)
+        assert [v.winner for v in verdicts] == ["a", "b"]
+        assert len(server.requests) == 4  # two orders per pair
+        assert judge.stats.consistent == 2 and judge.stats.consistency_rate == 1.0
+        # soft preference from top log-probs: P(winner token) = e^-0.105 / (e^-0.105 + e^-2.303) ~ 0.9
+        assert 0.85 < verdicts[0].prob_a < 0.95 and 0.05 < verdicts[1].prob_a < 0.15
+        assert verdicts[0].usage.prompt_tokens == 200 and verdicts[0].usage.calls == 2
+        assert judge.stats.cost == pytest.approx(4 * (100 * 2.0 + 1 * 8.0) / 1e6)
+        # a second pass (a resumed round, or a new judge on the same cache) sends nothing
+        again = make_judge(server, tmp_path).compare(ITEMS)
+        assert [v.winner for v in again] == ["a", "b"]
+        assert len(server.requests) == 4
+        assert all(h == "Bearer sk-test-SECRET-123" for h in server.auth_headers)
+    assert "SECRET" not in repr(judge)
+    assert "SECRET" not in (tmp_path / "cache.sqlite").read_bytes().decode("latin-1")
+
+
+def test_position_biased_judge_never_makes_a_win(tmp_path):
+    with FakeOpenAI("always_a") as server:
+        judge = make_judge(server, tmp_path)
+        assert [v.winner for v in judge.compare(ITEMS)] == ["tie", "tie"]
+        assert judge.stats.consistency_rate == 0.0
+        dropper = make_judge(server, tmp_path, on_disagreement="drop", cache_path=str(tmp_path / "c2.sqlite"))
+        dropped = dropper.compare(ITEMS)
+        assert all(v.winner is None and "position_inconsistent" in v.error for v in dropped)
+
+
+def test_429_with_retry_after_is_honoured_then_succeeds(tmp_path):
+    with FakeOpenAI("judge") as server:
+        server.failures = [(429, {"Retry-After": "1"})]
+        judge = make_judge(server, tmp_path, max_concurrency=1)
+        assert [v.winner for v in judge.compare(ITEMS[:1])] == ["a"]
+        assert len(server.requests) == 3  # the 429, its retry, and the second order
+        assert server.requests[1]["t"] - server.requests[0]["t"] >= 0.9  # waited for Retry-After
+
+
+def test_500s_are_retried(tmp_path):
+    with FakeOpenAI("judge") as server:
+        server.failures = [(500, {}), (503, {})]
+        judge = make_judge(server, tmp_path, max_concurrency=1)
+        assert [v.winner for v in judge.compare(ITEMS[:1])] == ["a"]
+        assert len(server.requests) == 4
+
+
+def test_persistent_500_ends_as_a_counted_error(tmp_path):
+    with FakeOpenAI("judge") as server:
+        server.failures = [(500, {})] * 10
+        judge = make_judge(server, tmp_path, max_retries=1, max_concurrency=1)
+        (v,) = judge.compare(ITEMS[:1])
+        assert v.winner is None and "InternalServerError" in v.error
+        assert judge.stats.errors["InternalServerError"] >= 1
+
+
+def test_hang_past_timeout_is_an_error(tmp_path):
+    with FakeOpenAI("hang") as server:
+        server.hang_s = 3.0
+        judge = make_judge(server, tmp_path, timeout_s=0.5, max_retries=1)
+        (v,) = judge.compare(ITEMS[:1])
+        assert v.winner is None and "Timeout" in v.error
+        assert judge.stats.errors["APITimeoutError"] == 2  # both orders timed out
+
+
+def test_malformed_json_and_unparseable_replies_are_errors(tmp_path):
+    with FakeOpenAI("malformed") as server:
+        judge = make_judge(server, tmp_path, max_retries=0)
+        (v,) = judge.compare(ITEMS[:1])
+        assert v.winner is None and v.error
+    with FakeOpenAI("unparseable") as server:
+        judge = make_judge(server, tmp_path, cache_path=str(tmp_path / "u.sqlite"))
+        (v,) = judge.compare(ITEMS[:1])
+        assert v.winner is None and "unparseable" in v.error
+        assert judge.stats.errors["unparseable"] == 2
+
+
+def test_budget_stops_cleanly_without_inventing_verdicts(tmp_path):
+    with FakeOpenAI("judge") as server:
+        judge = make_judge(server, tmp_path, max_calls=2, max_concurrency=1)
+        with pytest.raises(BudgetExceeded, match="max_calls=2"):
+            judge.compare(ITEMS)
+        assert len(server.requests) == 2
+        # the two paid replies were kept: resuming with a larger budget pays only for the rest
+        resumed = make_judge(server, tmp_path, max_calls=10)
+        assert [v.winner for v in resumed.compare(ITEMS)] == ["a", "b"]
+        assert len(server.requests) == 4
+
+
+def test_missing_api_key_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("FAKE_JUDGE_KEY")
+    with pytest.raises(MissingAPIKey, match="FAKE_JUDGE_KEY"):
+        load_judge("openai", model="m", api_key_env="FAKE_JUDGE_KEY", cache_path=str(tmp_path / "c.sqlite"))
