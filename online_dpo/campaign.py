@@ -241,6 +241,8 @@ def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] 
         result["train"] = {"steps": len(train_metrics), "final_loss": last["loss"],
                            "final_reward_margin": last["reward_margin"],
                            "train_tokens_per_s": last["train_tokens_per_s"]}
+    if hasattr(c.judge, "stats"):  # API judges: requests, cache hits, cost, position consistency
+        result["judge_stats"] = c.judge.stats.as_dict()
     result["timings"] = timings
     result["wall_s"] = sum(timings.values())
     write_json(rdir / "eval.json", result)

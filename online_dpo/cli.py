@@ -71,11 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     from online_dpo.data import DataError
     from online_dpo.models import ModelError
 
+    from judges.openai_judge import BudgetExceeded, MissingAPIKey
+    from judges.registry import UnknownJudgeError
+
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, FileExistsError) as e:
+    except (ConfigError, DataError, ModelError, FileExistsError, MissingAPIKey, UnknownJudgeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BudgetExceeded as e:
+        print(f"stopped: {e}. Every reply already paid for is cached and every finished stage is saved; "
+              f"raise judge.options.max_cost / max_calls and continue with `online-dpo resume <run dir> "
+              f"judge.options.max_calls=...`.", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -56,3 +56,12 @@ def test_override_syntax():
     assert parse_overrides(["a.b=1", "c=x"]) == {"a": {"b": 1}, "c": "x"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["dpo.beta"])
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*.yaml")))
+def test_every_shipped_config_loads_and_says_how_to_run_it(path):
+    from pathlib import Path
+
+    cfg = load_config(path)
+    assert cfg.rounds >= 1
+    assert "online-dpo run " in Path(path).read_text().split("\n\n")[0]  # the header says how to run it
