@@ -154,7 +154,12 @@ def print_table(rows: list[dict], peaks: dict, n_params: int) -> None:
             share = f"{100 * r['roofline_share']:.1f}%"
         table.add_row(r["stage"], f"{r['wall_s']:.2f}", "-" if r["tokens"] is None else f"{r['tokens']:,}",
                       "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}", roof, share, r["note"])
-    Console(width=max(Console().width, 120)).print(table)
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    for dtype in ("bf16", "fp32"):
+        peak = peaks[f"{dtype}_tflops"] * 1e12
+        console.print(f"{dtype} matmul roofline: training {peak / (6 * n_params):,.0f} tok/s (6·N), "
+                      f"generation {peak / (2 * n_params):,.0f} tok/s (2·N)")
 
 
 def main() -> None:

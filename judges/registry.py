@@ -19,6 +19,11 @@ ENTRY_POINT_GROUP = "online_dpo.judges"
 BUILTIN_JUDGES: dict[str, str] = {
     "arithmetic": "judges.verifiers:ArithmeticVerifier",
     "final_answer": "judges.verifiers:FinalAnswerVerifier",
+    "regex": "judges.verifiers:RegexVerifier",
+    "contains": "judges.verifiers:ContainsVerifier",
+    "length": "judges.verifiers:LengthVerifier",
+    "mixture": "judges.verifiers:WeightedMixture",
+    "all_must_pass": "judges.verifiers:AllMustPass",
     "openai": "judges.openai_judge:OpenAIJudge",
 }
 

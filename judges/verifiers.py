@@ -57,3 +57,132 @@ class ArithmeticVerifier(FinalAnswerVerifier):
     """The verifier for the built-in `arithmetic` task (integer answers)."""
 
     name = "arithmetic"
+
+
+class RegexVerifier:
+    """1.0 when the response matches `pattern` (re.search), else 0.0. With `{reference}` in
+    the pattern, the reference answer (escaped) is substituted first."""
+
+    name = "regex"
+
+    def __init__(self, pattern: str, ignore_case: bool = False):
+        self.pattern = pattern
+        self.flags = re.IGNORECASE if ignore_case else 0
+        re.compile(pattern.replace("{reference}", "x"), self.flags)  # fail at construction on a bad pattern
+
+    def score(self, items: Sequence[PointwiseItem]) -> list[Score]:
+        out = []
+        for it in items:
+            if "{reference}" in self.pattern and it.reference is None:
+                out.append(Score(None, error="pattern needs {reference} but the prompt has none"))
+                continue
+            pattern = self.pattern.replace("{reference}", re.escape(it.reference or ""))
+            out.append(Score(1.0 if re.search(pattern, it.response, self.flags) else 0.0))
+        return out
+
+
+class ContainsVerifier:
+    """1.0 when the response contains `text` (or, without `text`, the reference answer)."""
+
+    name = "contains"
+
+    def __init__(self, text: str | None = None, ignore_case: bool = True):
+        self.text = text
+        self.ignore_case = ignore_case
+
+    def score(self, items: Sequence[PointwiseItem]) -> list[Score]:
+        out = []
+        for it in items:
+            needle = self.text if self.text is not None else it.reference
+            if needle is None:
+                out.append(Score(None, error="no text to look for: set `text` or give prompts a reference"))
+                continue
+            hay = it.response
+            if self.ignore_case:
+                needle, hay = needle.lower(), hay.lower()
+            out.append(Score(1.0 if needle in hay else 0.0))
+        return out
+
+
+class LengthVerifier:
+    """1.0 inside [min_chars, max_chars], falling linearly to 0.0 over `slack` characters outside."""
+
+    name = "length"
+
+    def __init__(self, min_chars: int = 0, max_chars: int = 10**9, slack: int = 1):
+        if min_chars > max_chars or slack < 1:
+            raise ValueError("length verifier needs min_chars <= max_chars and slack >= 1")
+        self.min_chars, self.max_chars, self.slack = min_chars, max_chars, slack
+
+    def score(self, items: Sequence[PointwiseItem]) -> list[Score]:
+        out = []
+        for it in items:
+            n = len(it.response)
+            gap = self.min_chars - n if n < self.min_chars else n - self.max_chars if n > self.max_chars else 0
+            out.append(Score(max(0.0, 1.0 - gap / self.slack)))
+        return out
+
+
+def _build_parts(parts: list[dict]):
+    from judges.registry import load_judge  # late: the registry imports this module
+
+    built = []
+    for spec in parts:
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        weight = float(spec.pop("weight", 1.0))
+        if name is None:
+            raise ValueError(f"each part needs a `name`, got {spec}")
+        built.append((load_judge(name, **spec), weight))
+    if not built:
+        raise ValueError("a composite needs at least one part")
+    return built
+
+
+def _part_scores(parts, items) -> list[list[Score]]:
+    return [scorer.score(items) for scorer, _ in parts]
+
+
+class WeightedMixture:
+    """Weighted mean of several scorers: parts=[{name: arithmetic, weight: 1}, {name: length, ...}].
+    If any part fails on an item, the item is an error (a partial mixture would mislead)."""
+
+    name = "mixture"
+
+    def __init__(self, parts: list[dict]):
+        self.parts = _build_parts(parts)
+        self.total = sum(w for _, w in self.parts)
+
+    def score(self, items: Sequence[PointwiseItem]) -> list[Score]:
+        per_part = _part_scores(self.parts, items)
+        out = []
+        for i in range(len(items)):
+            scores = [p[i] for p in per_part]
+            errors = [s.error for s in scores if s.error]
+            if errors:
+                out.append(Score(None, error="; ".join(errors)))
+            else:
+                out.append(Score(sum(s.value * w for s, (_, w) in zip(scores, self.parts)) / self.total))
+        return out
+
+
+class AllMustPass:
+    """A gate: 1.0 only when every part scores at least `threshold`, else 0.0."""
+
+    name = "all_must_pass"
+
+    def __init__(self, parts: list[dict], threshold: float = 1.0):
+        self.parts = _build_parts(parts)
+        self.threshold = threshold
+
+    def score(self, items: Sequence[PointwiseItem]) -> list[Score]:
+        per_part = _part_scores(self.parts, items)
+        out = []
+        for i in range(len(items)):
+            scores = [p[i] for p in per_part]
+            errors = [s.error for s in scores if s.error]
+            if errors:
+                out.append(Score(None, error="; ".join(errors)))
+            else:
+                out.append(Score(1.0 if all(s.value >= self.threshold for s in scores) else 0.0))
+        return out

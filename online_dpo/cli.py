@@ -45,6 +45,30 @@ def _resume(args) -> int:
     return 0
 
 
+def _judge_eval(args) -> int:
+    import json
+
+    from judges import load_judge
+    from online_dpo.config import ConfigError, load_config, parse_overrides
+    from online_dpo.judge_eval import evaluate_judge, read_labelled_pairs
+
+    if args.config:
+        judge_cfg = load_config(args.config, args.overrides).judge
+        name, options = judge_cfg.name, judge_cfg.options
+    elif args.judge:
+        name, options = args.judge, parse_overrides(args.overrides)
+    else:
+        raise ConfigError("judge-eval needs --config CONFIG (its judge section) or --judge NAME [key=value ...]")
+    items, labels = read_labelled_pairs(args.pairs)
+    result = {"judge": name, **evaluate_judge(load_judge(name, **options), items, labels)}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        from online_dpo.rundir import write_json
+
+        write_json(Path(args.out), result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _configure_threads()
     parser = argparse.ArgumentParser(prog="online-dpo", description="Online, iterative DPO with AI feedback.")
@@ -58,7 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     p_resume.add_argument("run_dir")
     p_resume.add_argument("overrides", nargs="*", help="e.g. rounds=5 to extend a finished campaign")
     p_resume.set_defaults(func=_resume)
-    args = parser.parse_args(argv)
+    p_eval = sub.add_parser("judge-eval", help="agreement of a judge with labelled pairs (JSONL)")
+    p_eval.add_argument("pairs", help="JSONL: prompt, response_a, response_b, label (a/b/tie), [reference]")
+    p_eval.add_argument("--config", help="take the judge from this campaign config's judge section")
+    p_eval.add_argument("--judge", help="or name a judge directly; options as key=value overrides")
+    p_eval.add_argument("--out", help="also write the result as JSON here")
+    p_eval.add_argument("overrides", nargs="*", help="config overrides (with --config) or judge options (with --judge)")
+    p_eval.set_defaults(func=_judge_eval)
+    # key=value overrides may also come after options (`judge-eval pairs.jsonl --judge openai model=x`),
+    # which argparse alone leaves unparsed.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not all("=" in e and not e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("vllm", "transformers", "accelerate", "datasets"):
@@ -74,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     from judges.openai_judge import BudgetExceeded, MissingAPIKey
     from judges.registry import UnknownJudgeError
 
+    from online_dpo.judge_eval import LabelledPairsError
+
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, FileExistsError, MissingAPIKey, UnknownJudgeError) as e:
+    except (ConfigError, DataError, ModelError, FileExistsError, MissingAPIKey, UnknownJudgeError,
+            LabelledPairsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BudgetExceeded as e:
