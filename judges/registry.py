@@ -25,6 +25,7 @@ BUILTIN_JUDGES: dict[str, str] = {
     "mixture": "judges.verifiers:WeightedMixture",
     "all_must_pass": "judges.verifiers:AllMustPass",
     "openai": "judges.openai_judge:OpenAIJudge",
+    "reward_model": "judges.reward_model:RewardModelScorer",
 }
 
 

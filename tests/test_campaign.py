@@ -53,7 +53,7 @@ def test_artifacts_per_round(finished_run):
         for row in pairs:  # conversational format TRL's DPOTrainer reads
             assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
             assert row["score_chosen"] > row["score_rejected"]
-        ev = json.loads((rdir / "eval.json").read_text())
+        ev = json.loads((rdir / "eval.json").read_text())["eval"]
         base = ev["vs_baseline"]
         assert base["n"] == 24 and base["wins"] + base["losses"] + base["ties"] + base["errors"] == 24
         assert 0.0 <= base["win_rate"] <= 1.0 and base["ci_low"] <= base["win_rate"] <= base["ci_high"]

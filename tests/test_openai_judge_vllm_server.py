@@ -105,6 +105,5 @@ def test_campaign_round_with_the_api_judge(vllm_server, tmp_path):
     stats = result["judge_stats"]
     # 4 prompts x C(4,2) round-robin comparisons x 2 orders, then 8 eval comparisons x 2 orders
     assert stats["requests"] + stats["cache_hits"] == 4 * 6 * 2 + 8 * 2
-    assert result["vs_baseline"]["n"] == 8
-    assert result["vs_baseline"]["errors"] + result["vs_baseline"]["wins"] + result["vs_baseline"]["losses"] \
-        + result["vs_baseline"]["ties"] == 8
+    base = result["eval"]["vs_baseline"]
+    assert base["n"] == 8 and base["errors"] + base["wins"] + base["losses"] + base["ties"] == 8
