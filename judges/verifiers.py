@@ -139,13 +139,20 @@ def _build_parts(parts: list[dict]):
     return built
 
 
-def _part_scores(parts, items) -> list[list[Score]]:
-    return [scorer.score(items) for scorer, _ in parts]
+def _combine_parts(parts, items, combine) -> list[Score]:
+    """Score `items` with every part; `combine(values)` merges one item's part values.
+    If any part fails on an item, the item is an error (a partial combination would mislead)."""
+    per_part = [scorer.score(items) for scorer, _ in parts]
+    out = []
+    for i in range(len(items)):
+        scores = [p[i] for p in per_part]
+        errors = [s.error for s in scores if s.error]
+        out.append(Score(None, error="; ".join(errors)) if errors else Score(combine([s.value for s in scores])))
+    return out
 
 
 class WeightedMixture:
-    """Weighted mean of several scorers: parts=[{name: arithmetic, weight: 1}, {name: length, ...}].
-    If any part fails on an item, the item is an error (a partial mixture would mislead)."""
+    """Weighted mean of several scorers: parts=[{name: arithmetic, weight: 1}, {name: length, ...}]."""
 
     name = "mixture"
 
@@ -154,16 +161,8 @@ class WeightedMixture:
         self.total = sum(w for _, w in self.parts)
 
     def score(self, items: Sequence[PointwiseItem]) -> list[Score]:
-        per_part = _part_scores(self.parts, items)
-        out = []
-        for i in range(len(items)):
-            scores = [p[i] for p in per_part]
-            errors = [s.error for s in scores if s.error]
-            if errors:
-                out.append(Score(None, error="; ".join(errors)))
-            else:
-                out.append(Score(sum(s.value * w for s, (_, w) in zip(scores, self.parts)) / self.total))
-        return out
+        weights = [w for _, w in self.parts]
+        return _combine_parts(self.parts, items, lambda vals: sum(v * w for v, w in zip(vals, weights)) / self.total)
 
 
 class AllMustPass:
@@ -176,13 +175,4 @@ class AllMustPass:
         self.threshold = threshold
 
     def score(self, items: Sequence[PointwiseItem]) -> list[Score]:
-        per_part = _part_scores(self.parts, items)
-        out = []
-        for i in range(len(items)):
-            scores = [p[i] for p in per_part]
-            errors = [s.error for s in scores if s.error]
-            if errors:
-                out.append(Score(None, error="; ".join(errors)))
-            else:
-                out.append(Score(1.0 if all(s.value >= self.threshold for s in scores) else 0.0))
-        return out
+        return _combine_parts(self.parts, items, lambda vals: 1.0 if all(v >= self.threshold for v in vals) else 0.0)
