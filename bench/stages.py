@@ -127,7 +127,7 @@ def bench_round(c, rows: list[dict], n_params: int) -> None:
             c.generator.update_weights(c.accelerator.unwrap_model(c.policy))
 
     with stage(rows, "eval", 2 * n_params, gen_dtype, f"{len(c.split.eval)} prompts x 1") as row:
-        _, lengths = generate_eval(c, "bench", derived_seed(cfg.seed, 0, "eval"))
+        _, lengths = generate_eval(c, derived_seed(cfg.seed, 0, "eval"))
         row["tokens"] = sum(lengths)
 
 

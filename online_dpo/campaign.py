@@ -105,7 +105,7 @@ def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
 
     if cfg.generation.backend == "vllm":
         gen_cfg = cfg.generation
-        gen_cfg.dtype = vllm_dtype(gen_cfg.dtype)
+        gen_cfg.dtype = vllm_dtype(gen_cfg.dtype)  # resolved in place: the bench and logs read it back
         max_len = cfg.policy.max_prompt_tokens + max(gen_cfg.max_new_tokens, cfg.eval.max_new_tokens)
         generator = VLLMGenerator(model_path, tokenizer, gen_cfg, max_model_len=max_len, seed=cfg.seed)
         if last:
@@ -138,7 +138,7 @@ def rows_to_candidates(prompts, rows: list[dict]) -> list[list[Candidate]]:
     return [sorted(by_prompt[p.id], key=lambda c: c.index) for p in prompts]
 
 
-def generate_eval(c: Campaign, tag: str, seed: int) -> tuple[list[str], list[int]]:
+def generate_eval(c: Campaign, seed: int) -> tuple[list[str], list[int]]:
     sampling = Sampling(1, c.cfg.eval.temperature, 1.0, c.cfg.eval.max_new_tokens, seed)
     outs = c.generator.generate(c.split.eval, sampling)
     return [o[0].text for o in outs], [len(o[0].token_ids) for o in outs]
@@ -149,7 +149,7 @@ def baseline(c: Campaign) -> dict:
     path = c.run.root / "baseline" / "eval_responses.jsonl"
     if c.run.is_done("baseline", "eval"):
         return {"rows": read_jsonl(path), "accuracy": c.run.manifest["rounds"]["baseline"]["eval"]["accuracy"]}
-    texts, lengths = generate_eval(c, "baseline", derived_seed(c.cfg.seed, "baseline-eval"))
+    texts, lengths = generate_eval(c, derived_seed(c.cfg.seed, "baseline-eval"))
     rows = [{"prompt_id": p.id, "text": t, "tokens": n} for p, t, n in zip(c.split.eval, texts, lengths)]
     write_jsonl(path, rows)
     acc = evaluate.accuracy(c.split.eval, texts)
@@ -230,7 +230,7 @@ def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] 
     result = {"round": r, "pairs": len(pairs), "funnel": funnel.as_dict()}
     if cfg.eval.enabled:
         with timed("eval", timings):
-            texts, lengths = generate_eval(c, f"round-{r}", derived_seed(cfg.seed, r, "eval"))
+            texts, lengths = generate_eval(c, derived_seed(cfg.seed, r, "eval"))
             write_jsonl(rdir / "eval_responses.jsonl",
                         [{"prompt_id": p.id, "text": t, "tokens": n} for p, t, n in zip(c.split.eval, texts, lengths)])
             pairwise = as_pairwise(c.judge)
