@@ -25,6 +25,8 @@ BUILTIN_JUDGES: dict[str, str] = {
     "mixture": "judges.verifiers:WeightedMixture",
     "all_must_pass": "judges.verifiers:AllMustPass",
     "openai": "judges.openai_judge:OpenAIJudge",
+    "openai_rubric": "judges.openai_judge:OpenAIRubricScorer",
+    "vllm_judge": "judges.vllm_judge:VLLMJudge",
     "reward_model": "judges.reward_model:RewardModelScorer",
 }
 

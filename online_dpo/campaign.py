@@ -16,6 +16,7 @@ Each stage's outputs go to runs/<name>/round_XXX/ and its marker to the manifest
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -161,6 +162,7 @@ def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] 
     cfg, run = c.cfg, c.run
     rdir = run.round_dir(r)
     timings: dict[str, float] = {}
+    stats_before = copy.deepcopy(getattr(c.judge, "stats", None))
     prompts = c.split.round_prompts(r, cfg.data.train_prompts_per_round)
     write_jsonl(rdir / "prompts.jsonl", [p.to_record() for p in prompts])
 
@@ -241,8 +243,10 @@ def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] 
         result["train"] = {"steps": len(train_metrics), "final_loss": last["loss"],
                            "final_reward_margin": last["reward_margin"],
                            "train_tokens_per_s": last["train_tokens_per_s"]}
-    if hasattr(c.judge, "stats"):  # API judges: requests, cache hits, cost, position consistency
-        result["judge_stats"] = c.judge.stats.as_dict()
+    if stats_before is not None:  # API judges: this round's requests, cache hits, cost, position consistency
+        result["judge_stats"] = c.judge.stats.since(stats_before).as_dict()
+    if hasattr(c.judge, "protocol"):  # LLM judges: which templates (by hash) produced this round's verdicts
+        result["judge_templates"] = c.judge.protocol.templates()
     result["timings"] = timings
     result["wall_s"] = sum(timings.values())
     write_json(rdir / "eval.json", result)

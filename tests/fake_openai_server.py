@@ -69,6 +69,9 @@ class FakeOpenAI:
             return "A"
         if self.behaviour == "unparseable":
             return "Both responses have merit, hard to say."
+        single = re.search(r"\[Response\]\n(.*?)\n\n", prompt, re.S)
+        if single:  # pointwise rubric
+            return "8" if "RIGHT" in single.group(1) else "3"
         m = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)\n\n", prompt, re.S)
         return "A" if "RIGHT" in m.group(1) else "B"
 

@@ -121,3 +121,31 @@ def test_missing_api_key_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("FAKE_JUDGE_KEY")
     with pytest.raises(MissingAPIKey, match="FAKE_JUDGE_KEY"):
         load_judge("openai", model="m", api_key_env="FAKE_JUDGE_KEY", cache_path=str(tmp_path / "c.sqlite"))
+
+
+def test_stats_since_a_snapshot_gives_one_rounds_share(tmp_path):
+    import copy
+
+    with FakeOpenAI("judge") as server:
+        judge = make_judge(server, tmp_path)
+        judge.compare(ITEMS[:1])
+        snapshot = copy.deepcopy(judge.stats)
+        judge.compare(ITEMS)  # ITEMS[0] now comes from the cache
+        share = judge.stats.since(snapshot).as_dict()
+    assert share["requests"] == 2 and share["cache_hits"] == 2 and share["consistent"] == 2
+    assert judge.stats.requests == 4
+
+
+def test_pointwise_rubric_scores_and_unparseable_ratings(tmp_path):
+    from judges import PointwiseItem
+
+    with FakeOpenAI("judge") as server:
+        scorer = load_judge("openai_rubric", model="fake-judge", base_url=server.base_url, api_key_env="FAKE_JUDGE_KEY",
+                            cache_path=str(tmp_path / "r.sqlite"))
+        scores = scorer.score([PointwiseItem("2+2?", "RIGHT 4"), PointwiseItem("2+2?", "wrong 5")])
+        assert [s.value for s in scores] == [8.0, 3.0] and len(server.requests) == 2
+    with FakeOpenAI("unparseable") as server:
+        scorer = load_judge("openai_rubric", model="fake-judge", base_url=server.base_url, api_key_env="FAKE_JUDGE_KEY",
+                            cache_path=str(tmp_path / "r2.sqlite"))
+        (s,) = scorer.score([PointwiseItem("2+2?", "4")])
+        assert s.value is None and "unparseable" in s.error and scorer.stats.errors["unparseable"] == 1
