@@ -149,3 +149,22 @@ def test_pointwise_rubric_scores_and_unparseable_ratings(tmp_path):
                             cache_path=str(tmp_path / "r2.sqlite"))
         (s,) = scorer.score([PointwiseItem("2+2?", "4")])
         assert s.value is None and "unparseable" in s.error and scorer.stats.errors["unparseable"] == 1
+
+
+def test_template_override_by_path_changes_the_cache_key(tmp_path):
+    from judges.templates import load_template
+
+    custom = tmp_path / "strict.txt"
+    custom.write_text(load_template("pairwise").text.replace("Decide which", "Strictly decide which"))
+    with FakeOpenAI("judge") as server:
+        make_judge(server, tmp_path).compare(ITEMS[:1])
+        judge = make_judge(server, tmp_path, template=str(custom))
+        assert [v.winner for v in judge.compare(ITEMS[:1])] == ["a"]
+        assert len(server.requests) == 4  # same pair, new template: not served from the cache
+        assert "Strictly decide" in server.requests[-1]["body"]["messages"][0]["content"]
+    broken = tmp_path / "broken.txt"
+    broken.write_text("Which is better? {response_a}")
+    with pytest.raises(ValueError, match="placeholders"):
+        make_judge(FakeOpenAI("judge"), tmp_path, template=str(broken))
+    with pytest.raises(FileNotFoundError, match="neither a built-in"):
+        make_judge(FakeOpenAI("judge"), tmp_path, template=str(tmp_path / "missing.txt"))
