@@ -20,7 +20,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 from judges import as_pairwise, load_judge
 from judges.ranking import CandidateGroup, score_groups
 from online_dpo import dpo, evaluate, report
-from online_dpo.config import CampaignConfig, to_dict
+from online_dpo.config import CampaignConfig
 from online_dpo.data import check_prompt_lengths, chat_prompt_ids, load_prompts
 from online_dpo.generate import Completion, HFGenerator, Sampling, VLLMGenerator
 from online_dpo.models import load_policy, load_tokenizer, resolve_model_path

