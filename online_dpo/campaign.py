@@ -111,7 +111,7 @@ def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
         if last:
             generator.update_weights(accelerator.unwrap_model(policy))
     else:
-        generator = HFGenerator(accelerator.unwrap_model(policy), tokenizer, cfg.generation)
+        generator = HFGenerator(accelerator.unwrap_model(policy), tokenizer)
     return Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, generator)
 
 

@@ -58,7 +58,6 @@ class GenerationConfig:
     # machine: 27 vs 142 tokens/s measured), bfloat16 on GPUs.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     enforce_eager: bool = True
-    hf_batch_size: int = 64
 
 
 @dataclass

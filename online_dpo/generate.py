@@ -110,12 +110,12 @@ class VLLMGenerator:
 
 
 class HFGenerator:
-    """HF `generate` on the policy module itself, so it always samples the current weights."""
+    """HF `generate` on the policy module itself, so it always samples the current weights.
+    One call per prompt (its K samples together), so each prompt's samples depend only on its seed."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, cfg: GenerationConfig):
+    def __init__(self, model: torch.nn.Module, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self.batch_size = cfg.hf_batch_size
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]:
