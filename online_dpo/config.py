@@ -75,8 +75,10 @@ class PairsConfig:
 
 @dataclass
 class DPOConfig:
-    loss: Literal["sigmoid"] = "sigmoid"
+    loss: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
     beta: float = 0.1
+    label_smoothing: float = 0.0  # sigmoid: conservative DPO; robust: the assumed label-noise rate
+    rpo_alpha: float = 0.0  # weight of the chosen response's per-token NLL (iterative RPO); 0 = off
     learning_rate: float = 5e-6
     weight_decay: float = 0.0
     epochs: int = 1
@@ -237,6 +239,8 @@ def validate(cfg: CampaignConfig) -> None:
         (cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1"),
         (cfg.dpo.beta > 0, "dpo.beta must be > 0"),
         (cfg.dpo.batch_size >= 1, "dpo.batch_size must be >= 1"),
+        (0.0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
+        (cfg.dpo.rpo_alpha >= 0.0, "dpo.rpo_alpha must be >= 0"),
         (cfg.dpo.grad_accum_steps >= 1, "dpo.grad_accum_steps must be >= 1"),
         (cfg.data.train_prompts_per_round >= 1, "data.train_prompts_per_round must be >= 1"),
         (0.0 < cfg.data.eval_fraction < 1.0, "data.eval_fraction must be between 0 and 1"),

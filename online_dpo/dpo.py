@@ -7,6 +7,7 @@ policy as it stands; so no second model is held in memory while training.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -19,27 +20,71 @@ from online_dpo.config import DPOConfig
 
 # --- pure math ------------------------------------------------------------------------
 
+def preference_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """(Δpolicy - Δref) per pair: how much more the policy prefers chosen than the reference does. [B]"""
+    return (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+
+
+def implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """beta * (policy - reference) log-prob for chosen and rejected, detached: ([B], [B])."""
+    return beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+
+
 def sigmoid_dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standard DPO (Rafailov et al. 2023): -log sigmoid(beta * (Δpolicy - Δref)).
 
+    With `label_smoothing` ε > 0 it is conservative DPO: each label is taken to be flipped
+    with probability ε, so the loss mixes in ε of the reversed preference.
     Args: summed response log-probs, each [B].
     Returns: (loss [B], chosen_reward [B], rejected_reward [B]) where the implicit
     rewards are beta * (policy - reference) log-prob, detached.
     """
-    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
-    losses = -F.logsigmoid(beta * logits)
-    chosen_reward = beta * (policy_chosen - ref_chosen).detach()
-    rejected_reward = beta * (policy_rejected - ref_rejected).detach()
-    return losses, chosen_reward, rejected_reward
+    x = beta * preference_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    losses = -F.logsigmoid(x)
+    if label_smoothing > 0:  # only then: keeps ε = 0 bit-identical to plain DPO
+        losses = (1 - label_smoothing) * losses + label_smoothing * -F.logsigmoid(-x)
+    return (losses, *implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta))
 
 
-LOSSES = {"sigmoid": sigmoid_dpo_loss}
+def robust_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.1):
+    """Robust DPO (Chowdhury et al. 2024): an unbiased loss under preference noise rate ε,
+    [(1-ε)·ℓ(x) - ε·ℓ(-x)] / (1-2ε) with ℓ(x) = -log sigmoid(x), x = beta·(Δpolicy - Δref). Shapes as above."""
+    eps = label_smoothing
+    x = beta * preference_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    losses = ((1 - eps) * -F.logsigmoid(x) - eps * -F.logsigmoid(-x)) / (1 - 2 * eps)
+    return (losses, *implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta))
+
+
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """IPO (Azar et al. 2023): (Δpolicy - Δref - 1/(2·beta))², a squared loss that does not
+    push the margin to infinity on deterministic preferences. Shapes as above."""
+    logits = preference_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    losses = (logits - 1 / (2 * beta)) ** 2
+    return (losses, *implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta))
+
+
+def hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """Hinge (SLiC, Zhao et al. 2023): max(0, 1 - beta·(Δpolicy - Δref)). Shapes as above."""
+    logits = preference_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    losses = torch.relu(1 - beta * logits)
+    return (losses, *implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta))
+
+
+def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of the chosen response (the NLL term of iterative RPO).
+    Args: summed log-probs [B], response token counts [B]. Returns [B]."""
+    return -policy_chosen / chosen_tokens.clamp(min=1)
+
+
+LOSSES = {"sigmoid": sigmoid_dpo_loss, "robust": robust_dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss}
+SMOOTHED = {"sigmoid", "robust"}  # the losses that take label_smoothing
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -136,7 +181,8 @@ def lr_at(step: int, cfg: DPOConfig) -> float:
 
 def train_round(model, optimizer, batches: list[PairBatch], ref: list, cfg: DPOConfig, accelerator, progress=None) -> list[dict]:
     """Run the round's DPO update in place on `model`; returns one metrics dict per optimizer step."""
-    loss_fn = LOSSES[cfg.loss]
+    smoothing = {"label_smoothing": cfg.label_smoothing} if cfg.loss in SMOOTHED else {}
+    loss_fn = functools.partial(LOSSES[cfg.loss], beta=cfg.beta, **smoothing)
     model.train()
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum_steps)
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
@@ -149,7 +195,9 @@ def train_round(model, optimizer, batches: list[PairBatch], ref: list, cfg: DPOC
             batch = batch.to(accelerator.device)
             with accelerator.autocast():
                 pol_c, pol_r = batch_logps(model, batch)
-            losses, rew_c, rew_r = loss_fn(pol_c, pol_r, ref_c.to(pol_c.device), ref_r.to(pol_c.device), cfg.beta)
+            losses, rew_c, rew_r = loss_fn(pol_c, pol_r, ref_c.to(pol_c.device), ref_r.to(pol_c.device))
+            if cfg.rpo_alpha > 0:
+                losses = losses + cfg.rpo_alpha * chosen_nll(pol_c, batch.response_mask[: batch.num_pairs].sum(-1))
             loss = losses.mean()
             accelerator.backward(loss / cfg.grad_accum_steps)
             tokens += int(batch.attention_mask.sum())

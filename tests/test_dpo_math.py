@@ -47,3 +47,38 @@ def test_collate_pairs_masks_prompt_and_padding():
     assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     # responses are cut to fit max_length
     assert encode_pair([7, 8], [1, 2, 3], [4], max_length=3)[0] == ([7, 8], [1])
+
+
+# The same two pairs as above: preference logits 2 and -4; with beta 0.5, x = 1 and -2.
+PC, PR = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -1.0])
+RC, RR = torch.tensor([-2.0, -1.0]), torch.tensor([-2.0, -2.0])
+
+
+def test_conservative_and_robust_dpo_match_hand_computed_values():
+    from online_dpo.dpo import robust_dpo_loss
+
+    l_pos = [math.log1p(math.exp(-1.0)), math.log1p(math.exp(2.0))]  # -log sigmoid(x) for x = 1, -2
+    l_neg = [math.log1p(math.exp(1.0)), math.log1p(math.exp(-2.0))]  # -log sigmoid(-x)
+    cdpo, _, _ = sigmoid_dpo_loss(PC, PR, RC, RR, beta=0.5, label_smoothing=0.1)
+    assert torch.allclose(cdpo, torch.tensor([0.9 * p + 0.1 * n for p, n in zip(l_pos, l_neg)]), atol=1e-6)
+    assert abs(cdpo[0].item() - 0.413262) < 1e-6  # 0.9 * 0.313262 + 0.1 * 1.313262
+    rdpo, _, _ = robust_dpo_loss(PC, PR, RC, RR, beta=0.5, label_smoothing=0.1)
+    assert abs(rdpo[0].item() - 0.188262) < 1e-6  # (0.9 * 0.313262 - 0.1 * 1.313262) / 0.8
+    plain, _, _ = sigmoid_dpo_loss(PC, PR, RC, RR, beta=0.5)
+    assert torch.equal(sigmoid_dpo_loss(PC, PR, RC, RR, beta=0.5, label_smoothing=0.0)[0], plain)
+
+
+def test_ipo_and_hinge_match_hand_computed_values():
+    from online_dpo.dpo import hinge_loss, ipo_loss
+
+    ipo, rc, rr = ipo_loss(PC, PR, RC, RR, beta=0.5)
+    assert ipo.tolist() == [1.0, 25.0]  # (2 - 1)^2, (-4 - 1)^2 with 1/(2 beta) = 1
+    assert rc.tolist() == [0.5, -1.5] and rr.tolist() == [-0.5, 0.5]
+    hinge, _, _ = hinge_loss(PC, PR, RC, RR, beta=0.5)
+    assert hinge.tolist() == [0.0, 3.0]  # max(0, 1 - 1), max(0, 1 + 2)
+
+
+def test_chosen_nll_is_per_token():
+    from online_dpo.dpo import chosen_nll
+
+    assert chosen_nll(torch.tensor([-6.0, -3.0]), torch.tensor([3, 0])).tolist() == [2.0, 3.0]  # 0 tokens -> 1
