@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
+
+
+def cache_root() -> Path:
+    """online-dpo's cache folder: $ONLINE_DPO_CACHE, else $XDG_CACHE_HOME/online-dpo, else ~/.cache/online-dpo."""
+    root = os.environ.get("ONLINE_DPO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "online-dpo")
+    return Path(root)
 
 
 def request_key(**fields: Any) -> str:

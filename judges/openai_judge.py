@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from judges.base import PairwiseItem, PointwiseItem, Score, Usage, Verdict
-from judges.cache import JudgeCache, request_key
+from judges.cache import JudgeCache, cache_root, request_key
 from judges.llm_judge import BothOrders, JudgeStats, Reply, parse_choice, parse_rating, prob_first_from_top
 from judges.templates import load_template
 
@@ -39,9 +39,7 @@ class BudgetExceeded(RuntimeError):
 
 
 def default_cache_path() -> Path:
-    root = os.environ.get("ONLINE_DPO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "online-dpo")
-    return Path(root) / "judge_cache.sqlite"
+    return cache_root() / "judge_cache.sqlite"
 
 
 class OpenAIClient:

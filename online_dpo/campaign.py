@@ -138,23 +138,26 @@ def rows_to_candidates(prompts, rows: list[dict]) -> list[list[Candidate]]:
     return [sorted(by_prompt[p.id], key=lambda c: c.index) for p in prompts]
 
 
-def generate_eval(c: Campaign, seed: int) -> tuple[list[str], list[int]]:
+def generate_eval(c: Campaign, seed: int, save_to=None) -> tuple[list[str], list[int]]:
+    """One response per held-out prompt: (texts, token counts), also saved as JSONL to `save_to` if given."""
     sampling = Sampling(1, c.cfg.eval.temperature, 1.0, c.cfg.eval.max_new_tokens, seed)
     outs = c.generator.generate(c.split.eval, sampling)
-    return [o[0].text for o in outs], [len(o[0].token_ids) for o in outs]
+    texts, lengths = [o[0].text for o in outs], [len(o[0].token_ids) for o in outs]
+    if save_to is not None:
+        write_jsonl(save_to, [{"prompt_id": p.id, "text": t, "tokens": n} for p, t, n in zip(c.split.eval, texts, lengths)])
+    return texts, lengths
 
 
 def baseline(c: Campaign) -> dict:
     """The round-0 policy's eval responses: generated once, reused by every round."""
     path = c.run.root / "baseline" / "eval_responses.jsonl"
     if c.run.is_done("baseline", "eval"):
-        return {"rows": read_jsonl(path), "accuracy": c.run.manifest["rounds"]["baseline"]["eval"]["accuracy"]}
-    texts, lengths = generate_eval(c, derived_seed(c.cfg.seed, "baseline-eval"))
-    rows = [{"prompt_id": p.id, "text": t, "tokens": n} for p, t, n in zip(c.split.eval, texts, lengths)]
-    write_jsonl(path, rows)
+        texts = [row["text"] for row in read_jsonl(path)]
+        return {"texts": texts, "accuracy": c.run.manifest["rounds"]["baseline"]["eval"]["accuracy"]}
+    texts, _ = generate_eval(c, derived_seed(c.cfg.seed, "baseline-eval"), save_to=path)
     acc = evaluate.accuracy(c.split.eval, texts)
     c.run.mark_done("baseline", "eval", accuracy=acc)
-    return {"rows": rows, "accuracy": acc}
+    return {"texts": texts, "accuracy": acc}
 
 
 def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] | None) -> dict:
@@ -231,9 +234,7 @@ def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] 
     result = {"round": r, "pairs": len(pairs), "funnel": funnel.as_dict()}
     if cfg.eval.enabled:
         with timed("eval", timings):
-            texts, lengths = generate_eval(c, derived_seed(cfg.seed, r, "eval"))
-            write_jsonl(rdir / "eval_responses.jsonl",
-                        [{"prompt_id": p.id, "text": t, "tokens": n} for p, t, n in zip(c.split.eval, texts, lengths)])
+            texts, lengths = generate_eval(c, derived_seed(cfg.seed, r, "eval"), save_to=rdir / "eval_responses.jsonl")
             pairwise = as_pairwise(c.judge)
             result["eval"] = evaluate.evaluate_round(pairwise, c.split.eval, texts, lengths, base_texts,
                                                      prev_texts if cfg.eval.compare_previous else None)
@@ -267,7 +268,7 @@ def run_campaign(cfg: CampaignConfig, run: RunDir) -> list[dict]:
     """Run (or continue) every round of the campaign; returns one result per round."""
     c = setup(cfg, run)
     base = baseline(c)
-    base_texts = [row["text"] for row in base["rows"]]
+    base_texts = base["texts"]
     results = []
     prev_texts = None
     for r in range(cfg.rounds):

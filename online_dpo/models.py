@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,10 +24,9 @@ class ModelError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ONLINE_DPO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "online-dpo"
-    )
-    return Path(root)
+    from judges.cache import cache_root  # one definition of where online-dpo caches things
+
+    return cache_root()
 
 
 def embedded_model_dir() -> Path:
