@@ -34,13 +34,29 @@ class PolicyConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "arithmetic"  # built-in task name
+    # Where prompts come from: a built-in task ("arithmetic"), a local file (.jsonl, .json,
+    # .csv, .parquet), or a Hugging Face dataset written "hf:NAME" (needs the hub).
+    source: str = "arithmetic"
+    hf_config: str | None = None  # the dataset config (subset) of an hf: source
+    split: str = "train"  # the split of an hf: source (local files are one "train" split)
+    prompt_column: str = "prompt"  # plain text, or a list of {role, content} chat messages
+    reference_column: str | None = None  # reference answers, passed to verifiers and judges
+    # Held-out eval prompts: from a separate source if given, else a share of `source`'s
+    # distinct prompts (eval_fraction). Train and eval never share a prompt (asserted).
+    eval_source: str | None = None
+    eval_split: str = "test"  # the split of an hf: eval_source
+    eval_prompts: int = 128
+    eval_fraction: float = 0.3
+    train_prompts_per_round: int = 64
+    # Train prompts are handed out without replacement; when a round needs more than are
+    # left: "error" stops before round 0 starts, "reshuffle" starts a new seeded pass.
+    when_exhausted: Literal["error", "reshuffle"] = "error"
+    on_duplicate: Literal["skip", "error"] = "skip"  # identical prompts in the source
+    on_too_long: Literal["error", "skip"] = "error"  # prompts over policy.max_prompt_tokens
+    seed: int = 1234
+    # built-in arithmetic task only
     ops: list[str] = field(default_factory=lambda: ["+", "*"])
     digits: int = 1  # operand size; 2 gives the harder two-digit variants
-    train_prompts_per_round: int = 64
-    eval_prompts: int = 128
-    eval_fraction: float = 0.3  # share of distinct problems held out for evaluation
-    seed: int = 1234
 
 
 @dataclass
@@ -68,9 +84,22 @@ class JudgeConfig:
 
 @dataclass
 class PairsConfig:
-    strategy: Literal["best_vs_worst"] = "best_vs_worst"
+    # best_vs_worst: one pair per prompt (highest vs lowest score); random: one random pair
+    # of candidates with different scores; all_above_margin: every pair whose margin clears
+    # min_margin (up to max_pairs_per_prompt).
+    strategy: Literal["best_vs_worst", "random", "all_above_margin"] = "best_vs_worst"
     min_margin: float = 0.0  # a pair needs score(chosen) - score(rejected) > min_margin
+    max_pairs_per_prompt: int = 4  # all_above_margin only
+    # Ties (margin <= min_margin): dropped, or kept and trained toward "equally good"
+    # (a soft label of 0.5; sigmoid loss only).
     drop_ties: bool = True
+    # Length-aware choice: candidates scored within `length_tolerance` of the best (worst)
+    # count as equally good (bad); the shortest of the best is chosen and the longest of
+    # the worst rejected, so the pairs do not reward length for its own sake.
+    length_aware: bool = False
+    length_tolerance: float = 0.0
+    # Share of each update's pairs drawn (seeded, without replacement) from earlier rounds.
+    replay_fraction: float = 0.0
 
 
 @dataclass
@@ -89,6 +118,27 @@ class DPOConfig:
     warmup_steps: int = 0
     max_length: int = 192  # prompt + response tokens; longer pairs are truncated (response side)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 where the hardware has it
+    # The reference of the DPO loss: "refreshed" = the policy as it was at the start of the
+    # round (iterative DPO), "initial" = the round-0 model throughout.
+    reference: Literal["refreshed", "initial"] = "refreshed"
+    # LR schedule within a round's update, after `warmup_steps` of linear warmup.
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    # "fresh": new AdamW moments each round (the pairs are new data; the default);
+    # "carry": keep them across rounds (saved with the checkpoint, so resume keeps them too).
+    optimizer_state: Literal["fresh", "carry"] = "fresh"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+
+
+@dataclass
+class LoRAConfig:
+    """Train low-rank adapters (peft) instead of every weight."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 @dataclass
@@ -112,6 +162,7 @@ class CampaignConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -243,6 +294,13 @@ def validate(cfg: CampaignConfig) -> None:
         (cfg.dpo.rpo_alpha >= 0.0, "dpo.rpo_alpha must be >= 0"),
         (cfg.dpo.grad_accum_steps >= 1, "dpo.grad_accum_steps must be >= 1"),
         (cfg.data.train_prompts_per_round >= 1, "data.train_prompts_per_round must be >= 1"),
+        (0.0 <= cfg.pairs.replay_fraction < 1.0, "pairs.replay_fraction must be in [0, 1)"),
+        (cfg.pairs.max_pairs_per_prompt >= 1, "pairs.max_pairs_per_prompt must be >= 1"),
+        (cfg.pairs.length_tolerance >= 0.0, "pairs.length_tolerance must be >= 0"),
+        (cfg.pairs.drop_ties or cfg.dpo.loss == "sigmoid",
+         "pairs.drop_ties=false trains ties toward a 0.5 preference, which only dpo.loss=sigmoid defines; "
+         "use dpo.loss=sigmoid or pairs.drop_ties=true"),
+        (cfg.lora.r >= 1, "lora.r must be >= 1"),
         (0.0 < cfg.data.eval_fraction < 1.0, "data.eval_fraction must be between 0 and 1"),
         (0.0 < cfg.generation.gpu_memory_utilization <= 1.0, "generation.gpu_memory_utilization must be in (0, 1]"),
         (bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty directory name without '/'"),

@@ -112,13 +112,13 @@ BUILTIN_TASKS = {"arithmetic": arithmetic_split}
 
 
 def load_prompts(cfg: DataConfig) -> PromptSplit:
-    if cfg.task not in BUILTIN_TASKS:
-        raise DataError(f"unknown task {cfg.task!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
-    split = BUILTIN_TASKS[cfg.task](cfg)
+    if cfg.source not in BUILTIN_TASKS:
+        raise DataError(f"unknown data.source {cfg.source!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
+    split = BUILTIN_TASKS[cfg.source](cfg)
     if not split.train:
-        raise DataError(f"task {cfg.task!r} produced no train prompts; check the data section of the config")
+        raise DataError(f"task {cfg.source!r} produced no train prompts; check the data section of the config")
     if not split.eval:
-        raise DataError(f"task {cfg.task!r} produced no eval prompts; raise data.eval_prompts or data.eval_fraction")
+        raise DataError(f"task {cfg.source!r} produced no eval prompts; raise data.eval_prompts or data.eval_fraction")
     return split
 
 

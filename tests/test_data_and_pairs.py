@@ -21,8 +21,8 @@ def test_arithmetic_split_is_seeded_disjoint_and_sliced_without_reuse():
 
 
 def test_bad_task_settings_are_clear():
-    with pytest.raises(DataError, match="unknown task"):
-        load_prompts(DataConfig(task="poetry"))
+    with pytest.raises(DataError, match="unknown data.source"):
+        load_prompts(DataConfig(source="poetry"))
     with pytest.raises(DataError, match="data.ops"):
         load_prompts(DataConfig(ops=["^"]))
 
