@@ -38,7 +38,7 @@ from rich.table import Table
 
 from judges.ranking import CandidateGroup, score_groups
 from online_dpo import dpo
-from online_dpo.campaign import completion_rows, derived_seed, generate_eval, rows_to_candidates, setup
+from online_dpo.campaign import completion_rows, derived_seed, generate_eval, policy_weights, rows_to_candidates, setup
 from online_dpo.config import load_config, to_dict
 from online_dpo.data import chat_prompt_ids
 from online_dpo.generate import Sampling
@@ -124,7 +124,7 @@ def bench_round(c, rows: list[dict], n_params: int) -> None:
             row["note"] = f"{len(metrics)} steps, loss {metrics[-1]['loss']:.3f}"
 
         with stage(rows, "sync", note=f"{n_params / 1e6:.0f}M params"):
-            c.generator.update_weights(c.accelerator.unwrap_model(c.policy))
+            c.generator.update_weights(policy_weights(c))
 
     with stage(rows, "eval", 2 * n_params, gen_dtype, f"{len(c.split.eval)} prompts x 1") as row:
         _, lengths = generate_eval(c, derived_seed(cfg.seed, 0, "eval"))

@@ -84,17 +84,29 @@ class OpenAIClient:
     async def _ask_all(self, prompts: list[str], template_sha: str) -> list[Reply]:
         client = self._client_factory(**self._client_args)
         sem = asyncio.Semaphore(self.max_concurrency)
+        # Identical requests in one batch (e.g. two candidates that wrote the same text) are
+        # sent once: the cache only helps once a reply is in, and they would all be in flight.
+        unique = list(dict.fromkeys(prompts))
         try:
             # return_exceptions: let every in-flight request finish (and be cached) before a
             # BudgetExceeded propagates, so nothing already paid for is lost.
-            replies = await asyncio.gather(*(self._ask_one(client, sem, p, template_sha) for p in prompts),
+            replies = await asyncio.gather(*(self._ask_one(client, sem, p, template_sha) for p in unique),
                                            return_exceptions=True)
         finally:
             await client.close()
         for r in replies:
             if isinstance(r, BaseException):
                 raise r
-        return list(replies)
+        reply_of = dict(zip(unique, replies))
+        out, seen = [], set()
+        for p in prompts:
+            reply = reply_of[p]
+            if p in seen:  # a copy of a reply already counted: no usage of its own
+                self.stats.cache_hits += 1
+                reply = Reply(reply.text, reply.prob_first, Usage(latency_s=0.0), reply.error)
+            seen.add(p)
+            out.append(reply)
+        return out
 
     async def _ask_one(self, client, sem: asyncio.Semaphore, prompt_text: str, template_sha: str) -> Reply:
         key = request_key(model=self.model, template=template_sha, sampling=self.sampling, prompt=prompt_text)

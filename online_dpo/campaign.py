@@ -30,12 +30,12 @@ from tqdm.auto import tqdm
 
 from judges import as_pairwise, load_judge
 from judges.ranking import CandidateGroup, score_groups
-from online_dpo import dpo, evaluate, report
+from online_dpo import dpo, evaluate, lora, report, training
 from online_dpo.config import CampaignConfig
-from online_dpo.data import check_prompt_lengths, chat_prompt_ids, load_prompts
+from online_dpo.data import chat_prompt_ids, load_prompts
 from online_dpo.generate import Completion, HFGenerator, Sampling, VLLMGenerator
 from online_dpo.models import load_policy, load_tokenizer, resolve_model_path
-from online_dpo.pairs import Candidate, select_pairs
+from online_dpo.pairs import Candidate, Funnel, replay_pairs, select_pairs
 from online_dpo.rundir import RunDir, atomic_path, read_jsonl, read_parquet, write_json, write_jsonl, write_parquet
 
 log = logging.getLogger("online_dpo")
@@ -71,48 +71,94 @@ def vllm_dtype(choice: str) -> str:
 
 @dataclass
 class Campaign:
-    """What the loop holds between rounds (built once by `setup`)."""
+    """What the loop holds between rounds (built once by `setup`).
+
+    Under several processes (`torch.distributed.run` / `accelerate launch`) only the main
+    process generates, judges, evaluates and writes the run directory; every process
+    reads the round's pairs back from disk and takes part in the reference pass and the
+    update. `judge` and `generator` are None on the other processes.
+    """
 
     cfg: CampaignConfig
     run: RunDir
     accelerator: object
     tokenizer: object
     split: object
-    judge: object
+    judge: object | None
     policy: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    generator: object
+    generator: object | None
+    reference_model: torch.nn.Module | None  # dpo.reference=initial without LoRA: the frozen round-0 model
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def barrier(self) -> None:
+        """Wait for every process, then re-read the manifest the main process may have moved on."""
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            self.run.reload()
 
 
 def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.dpo.mixed_precision), cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
     model_path = resolve_model_path(cfg.policy.model)
     tokenizer = load_tokenizer(model_path)
-    split = load_prompts(cfg.data)
-    check_prompt_lengths(split.train[: cfg.rounds * cfg.data.train_prompts_per_round] + split.eval,
-                         tokenizer, cfg.policy.max_prompt_tokens)
+    # Over-long prompts (after the chat template) are skipped or rejected here, per data.on_too_long.
+    split = load_prompts(cfg.data, tokenizer, cfg.policy.max_prompt_tokens)
+    if main:
+        write_json(run.root / "data.json", split.report.as_dict())
+        log.info("%s", split.report.summary())
     split.round_prompts(cfg.rounds - 1, cfg.data.train_prompts_per_round)  # fail now, not in round N
-    judge = load_judge(cfg.judge.name, **cfg.judge.options)
+    judge = load_judge(cfg.judge.name, **cfg.judge.options) if main else None
 
     last = last_checkpoint(run, cfg.rounds)
-    policy = load_policy(str(last) if last else model_path)
     if last:
         log.info("resuming from %s", last)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.dpo.learning_rate, weight_decay=cfg.dpo.weight_decay)
+    # With LoRA the checkpoint's adapter goes back on the initial weights (the checkpoint's
+    # model.safetensors holds the merged weights, for vLLM and for people).
+    policy = load_policy(str(last) if last and not cfg.lora.enabled else model_path)
+    if cfg.lora.enabled:
+        policy = lora.wrap_lora(policy, cfg.lora, adapter_dir=last / lora.ADAPTER_DIR if last else None)
+    if cfg.dpo.gradient_checkpointing:
+        training.enable_gradient_checkpointing(policy)
+    optimizer = training.build_optimizer(policy, cfg.dpo)
+    training.configure_deepspeed(accelerator, cfg.dpo)
     policy, optimizer = accelerator.prepare(policy, optimizer)
+    if cfg.dpo.optimizer_state == "carry" and last:
+        training.load_optimizer_state(optimizer, last, accelerator)
 
-    if cfg.generation.backend == "vllm":
+    reference_model = None
+    if cfg.dpo.reference == "initial" and not cfg.lora.enabled:
+        # Held frozen beside the policy (one more copy of the weights). With LoRA the initial
+        # model is the policy with its adapter switched off; with the default "refreshed"
+        # the reference pass runs on the policy itself before it is updated.
+        reference_model = load_policy(model_path).to(accelerator.device).eval().requires_grad_(False)
+
+    c = Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, None, reference_model)
+    if cfg.generation.backend == "vllm" and main:
         gen_cfg = cfg.generation
         gen_cfg.dtype = vllm_dtype(gen_cfg.dtype)  # resolved in place: the bench and logs read it back
         max_len = cfg.policy.max_prompt_tokens + max(gen_cfg.max_new_tokens, cfg.eval.max_new_tokens)
-        generator = VLLMGenerator(model_path, tokenizer, gen_cfg, max_model_len=max_len, seed=cfg.seed)
-        if last:
-            generator.update_weights(accelerator.unwrap_model(policy))
-    else:
-        generator = HFGenerator(accelerator.unwrap_model(policy), tokenizer)
-    return Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, generator)
+        c.generator = VLLMGenerator(model_path, tokenizer, gen_cfg, max_model_len=max_len, seed=cfg.seed)
+    elif main:
+        c.generator = HFGenerator(accelerator.unwrap_model(policy), tokenizer)
+    if last and cfg.generation.backend == "vllm":
+        weights = policy_weights(c)  # a collective under FSDP/ZeRO-3: every process calls it
+        if main:
+            c.generator.update_weights(weights)
+    return c
+
+
+def policy_weights(c: Campaign) -> list[tuple[str, torch.Tensor]] | None:
+    """The policy's full weights under plain HF names (LoRA merged) on the main process, None elsewhere.
+    Every process must call it: gathering a sharded (FSDP/ZeRO-3) state dict is a collective."""
+    full = c.accelerator.get_state_dict(c.policy)
+    return lora.merged_weights(c.accelerator.unwrap_model(c.policy), full) if c.is_main else None
 
 
 def last_checkpoint(run: RunDir, rounds: int):
@@ -160,88 +206,38 @@ def baseline(c: Campaign) -> dict:
     return {"texts": texts, "accuracy": acc}
 
 
-def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] | None) -> dict:
-    cfg, run = c.cfg, c.run
-    rdir = run.round_dir(r)
+def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] | None) -> dict | None:
+    """One round, stage by stage; a stage whose marker is in the manifest is read back, not redone.
+    Returns the round's result on the main process, None on the others."""
     timings: dict[str, float] = {}
-    stats_before = copy.deepcopy(getattr(c.judge, "stats", None))
-    prompts = c.split.round_prompts(r, cfg.data.train_prompts_per_round)
-    write_jsonl(rdir / "prompts.jsonl", [p.to_record() for p in prompts])
-
-    with timed("generate", timings):
-        if run.is_done(r, "generate"):
-            rows = read_parquet(rdir / "candidates.parquet")
-        else:
-            g = cfg.generation
-            sampling = Sampling(g.samples_per_prompt, g.temperature, g.top_p, g.max_new_tokens,
-                                derived_seed(cfg.seed, r, "train-generate"))
-            rows = completion_rows(prompts, c.generator.generate(prompts, sampling))
-            write_parquet(rdir / "candidates.parquet", rows)
-            run.mark_done(r, "generate", candidates=len(rows))
-        candidates = rows_to_candidates(prompts, rows)
-
-    with timed("judge", timings):
-        if run.is_done(r, "judge"):
-            judged = read_parquet(rdir / "judgments.parquet")
-        else:
-            groups = [CandidateGroup(p.text, [x.text for x in cs], p.reference) for p, cs in zip(prompts, candidates)]
-            scores = []
-            # Chunks, so a slow judge (an API, a local LLM) shows progress as it goes.
-            for i in tqdm(range(0, len(groups), JUDGE_CHUNK), desc=f"round {r} judging", unit="chunk", leave=False):
-                scores += score_groups(c.judge, groups[i : i + JUDGE_CHUNK])[0]
-            judged = [{"prompt_id": p.id, "index": x.index, "score": s.value, "error": s.error, "raw": s.raw}
-                      for p, cs, ss in zip(prompts, candidates, scores) for x, s in zip(cs, ss)]
-            write_parquet(rdir / "judgments.parquet", judged)
-            run.mark_done(r, "judge", errors=sum(j["error"] is not None for j in judged))
-        score_of = {(j["prompt_id"], j["index"]): j["score"] for j in judged}
-        scores = [[score_of[(x.prompt_id, x.index)] for x in cs] for cs in candidates]
-
-    pairs, funnel = select_pairs(prompts, candidates, scores, cfg.pairs)
-    if not run.is_done(r, "pairs"):
-        from datasets import Dataset
-
-        with atomic_path(rdir / "pairs", is_dir=True) as tmp:
-            Dataset.from_list(pairs).save_to_disk(str(tmp))
-        write_json(rdir / "funnel.json", funnel.as_dict())
-        run.mark_done(r, "pairs", pairs=len(pairs))
-    log.info("round %d funnel: %s", r, funnel.as_dict())
-
-    train_metrics: list[dict] = []
-    trained = run.is_done(r, "checkpoint")  # resumed after this round's update was saved
-    if trained:
-        train_metrics = read_jsonl(rdir / "train_metrics.jsonl") if (rdir / "train_metrics.jsonl").exists() else []
-    elif pairs:
-        prompt_ids = {p.id: chat_prompt_ids(c.tokenizer, p.messages) for p in prompts}
-        batches = dpo.make_batches(pairs, prompt_ids, cfg.dpo, c.tokenizer.pad_token_id, derived_seed(cfg.seed, r, "batches"))
-        with timed("reference", timings):
-            ref = dpo.reference_logps(c.policy, batches, c.accelerator)
-        with timed("update", timings):
-            c.optimizer.state.clear()  # a fresh optimizer state each round: the pairs are new data
-            bar = tqdm(desc=f"round {r} DPO", unit="step", leave=False)
-            train_metrics = dpo.train_round(c.policy, c.optimizer, batches, ref, cfg.dpo, c.accelerator,
-                                            progress=lambda m: (bar.update(1), bar.set_postfix(loss=f"{m['loss']:.3f}")))
-            bar.close()
-        write_jsonl(rdir / "train_metrics.jsonl", train_metrics)
-        with timed("sync", timings):
-            c.generator.update_weights(c.accelerator.unwrap_model(c.policy))
-    else:
-        log.warning("round %d produced no pairs (funnel: %s); the policy is unchanged", r, funnel.as_dict())
-
-    if not trained:
+    if c.is_main:
+        stats_before = copy.deepcopy(getattr(c.judge, "stats", None))
+        prompts = c.split.round_prompts(r, c.cfg.data.train_prompts_per_round)
+        write_jsonl(c.run.round_dir(r) / "prompts.jsonl", [p.to_record() for p in prompts])
+        with timed("generate", timings):
+            candidates = stage_generate(c, r, prompts)
+        with timed("judge", timings):
+            scores = stage_judge(c, r, prompts, candidates)
+        funnel = stage_pairs(c, r, prompts, candidates, scores)
+    c.barrier()
+    train_set = training_set(c, r)  # every process reads the same pairs back from disk
+    train_metrics = stage_update(c, r, train_set, timings)
+    if not c.run.is_done(r, "checkpoint"):
         with timed("checkpoint", timings):
             save_checkpoint(c, r)
+    if not c.is_main:
+        c.barrier()  # while the main process evaluates
+        return None
 
-    result = {"round": r, "pairs": len(pairs), "funnel": funnel.as_dict()}
-    if cfg.eval.enabled:
+    result = {"round": r, "pairs": funnel.pairs, "replayed": funnel.replayed, "funnel": funnel.as_dict()}
+    if c.cfg.eval.enabled:
         with timed("eval", timings):
-            texts, lengths = generate_eval(c, derived_seed(cfg.seed, r, "eval"), save_to=rdir / "eval_responses.jsonl")
-            pairwise = as_pairwise(c.judge)
-            result["eval"] = evaluate.evaluate_round(pairwise, c.split.eval, texts, lengths, base_texts,
-                                                     prev_texts if cfg.eval.compare_previous else None)
+            result["eval"] = stage_eval(c, r, base_texts, prev_texts)
     if train_metrics:
         last = train_metrics[-1]
         result["train"] = {"steps": len(train_metrics), "final_loss": last["loss"],
-                           "final_reward_margin": last["reward_margin"],
+                           "final_reward_margin": last["reward_margin"], "final_kl": last.get("kl"),
+                           "final_pair_accuracy": last.get("pair_accuracy"),
                            "train_tokens_per_s": last["train_tokens_per_s"]}
     if stats_before is not None:  # API judges: this round's requests, cache hits, cost, position consistency
         result["judge_stats"] = c.judge.stats.since(stats_before).as_dict()
@@ -249,26 +245,190 @@ def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] 
         result["judge_templates"] = c.judge.protocol.templates()
     result["timings"] = timings
     result["wall_s"] = sum(timings.values())
-    write_json(rdir / "eval.json", result)
-    run.mark_done(r, "eval", wall_s=result["wall_s"])
+    write_json(c.run.round_dir(r) / "eval.json", result)
+    c.run.mark_done(r, "eval", wall_s=result["wall_s"])
+    c.barrier()
     return result
 
 
-def save_checkpoint(c: Campaign, r: int) -> None:
+def stage_generate(c: Campaign, r: int, prompts) -> list[list[Candidate]]:
+    """K samples per prompt from the current policy -> candidates.parquet."""
+    path = c.run.round_dir(r) / "candidates.parquet"
+    if c.run.is_done(r, "generate"):
+        return rows_to_candidates(prompts, read_parquet(path))
+    log.info("round %d generate: %d prompts x %d samples", r, len(prompts), c.cfg.generation.samples_per_prompt)
+    g = c.cfg.generation
+    sampling = Sampling(g.samples_per_prompt, g.temperature, g.top_p, g.max_new_tokens,
+                        derived_seed(c.cfg.seed, r, "train-generate"))
+    rows = completion_rows(prompts, c.generator.generate(prompts, sampling))
+    write_parquet(path, rows)
+    c.run.mark_done(r, "generate", candidates=len(rows))
+    return rows_to_candidates(prompts, rows)
+
+
+def stage_judge(c: Campaign, r: int, prompts, candidates) -> list[list[float | None]]:
+    """A score (or None: judge error) per candidate -> judgments.parquet.
+
+    Paid judges cache every reply as it arrives, so a crash mid-stage repeats no call.
+    """
+    path = c.run.round_dir(r) / "judgments.parquet"
+    if c.run.is_done(r, "judge"):
+        judged = read_parquet(path)
+    else:
+        groups = [CandidateGroup(p.text, [x.text for x in cs], p.reference) for p, cs in zip(prompts, candidates)]
+        scores = []
+        chunks = range(0, len(groups), JUDGE_CHUNK)
+        # Chunks, so a slow judge (an API, a local LLM) shows progress as it goes.
+        for n, i in enumerate(tqdm(chunks, desc=f"round {r} judging", unit="chunk", leave=False)):
+            log.info("round %d judge: chunk %d/%d", r, n + 1, len(chunks))
+            scores += score_groups(c.judge, groups[i : i + JUDGE_CHUNK])[0]
+        judged = [{"prompt_id": p.id, "index": x.index, "score": s.value, "error": s.error, "raw": s.raw}
+                  for p, cs, ss in zip(prompts, candidates, scores) for x, s in zip(cs, ss)]
+        write_parquet(path, judged)
+        c.run.mark_done(r, "judge", errors=sum(j["error"] is not None for j in judged))
+    score_of = {(j["prompt_id"], j["index"]): j["score"] for j in judged}
+    return [[score_of[(x.prompt_id, x.index)] for x in cs] for cs in candidates]
+
+
+def stage_pairs(c: Campaign, r: int, prompts, candidates, scores) -> Funnel:
+    """Fresh preference pairs -> pairs/ (an HF dataset, TRL's conversational format), the draw
+    from earlier rounds' pairs -> replay.jsonl, and the funnel of what was kept and dropped
+    -> funnel.json. Selection and replay are pure functions of saved inputs and seeds, so on
+    resume they are recomputed and equal what was saved.
+    """
     rdir = c.run.round_dir(r)
-    with atomic_path(rdir / "checkpoint", is_dir=True) as tmp:
-        c.accelerator.unwrap_model(c.policy).save_pretrained(tmp, safe_serialization=True)
-        c.tokenizer.save_pretrained(tmp)
-    c.run.mark_done(r, "checkpoint")
-    if c.cfg.save_checkpoints == "last" and r > 0:
-        shutil.rmtree(c.run.round_dir(r - 1) / "checkpoint", ignore_errors=True)
+    fresh, funnel = select_pairs(prompts, candidates, scores, c.cfg.pairs, seed=derived_seed(c.cfg.seed, r, "pairs"))
+    replayed = replayed_pairs(c, r, len(fresh))
+    funnel.replayed = len(replayed)
+    if not c.run.is_done(r, "pairs"):
+        from datasets import Dataset
+
+        with atomic_path(rdir / "pairs", is_dir=True) as tmp:
+            Dataset.from_list(fresh).save_to_disk(str(tmp))
+        write_jsonl(rdir / "replay.jsonl", [{k: p[k] for k in REPLAY_KEYS} for p in replayed])
+        write_json(rdir / "funnel.json", funnel.as_dict())
+        c.run.mark_done(r, "pairs", pairs=len(fresh), replayed=len(replayed))
+    log.info("round %d pairs: %s", r, funnel.summary())
+    return funnel
+
+
+REPLAY_KEYS = ("replay_from_round", "prompt_id", "chosen_index", "rejected_index")
+
+
+def round_pairs(c: Campaign, r: int) -> list[dict]:
+    """Round r's fresh pairs, read back from pairs/."""
+    from datasets import load_from_disk
+
+    if c.run.manifest["rounds"][str(r)]["pairs"]["pairs"] == 0:
+        return []  # `datasets` saves an empty dataset but cannot load one back
+    return load_from_disk(str(c.run.round_dir(r) / "pairs")).to_list()
+
+
+def replayed_pairs(c: Campaign, r: int, fresh_count: int) -> list[dict]:
+    """With pairs.replay_fraction > 0: a seeded draw from earlier rounds' pairs for this update."""
+    if c.cfg.pairs.replay_fraction <= 0 or r == 0 or fresh_count == 0:
+        return []
+    earlier = [round_pairs(c, q) for q in range(r)]
+    return replay_pairs(earlier, fresh_count, c.cfg.pairs.replay_fraction, derived_seed(c.cfg.seed, r, "replay"))
+
+
+def training_set(c: Campaign, r: int) -> list[dict]:
+    """The round's update data, read from the run directory: fresh pairs + replayed ones."""
+    fresh = round_pairs(c, r)
+    return fresh + replayed_pairs(c, r, len(fresh))
+
+
+def stage_update(c: Campaign, r: int, pairs: list[dict], timings: dict) -> list[dict]:
+    """Reference pass, DPO update and weight sync (all processes); skipped, metrics read back,
+    once the round's checkpoint is saved. Returns the per-step training metrics."""
+    rdir = c.run.round_dir(r)
+    if c.run.is_done(r, "checkpoint"):  # resumed after this round's update was saved
+        return read_jsonl(rdir / "train_metrics.jsonl") if (rdir / "train_metrics.jsonl").exists() else []
+    if not pairs:
+        log.warning("round %d produced no pairs; the policy is unchanged", r)
+        return []
+    cfg, acc = c.cfg, c.accelerator
+    prompt_ids = {p["prompt_id"]: chat_prompt_ids(c.tokenizer, p["prompt"]) for p in pairs}
+    batches = dpo.make_batches(pairs, prompt_ids, cfg.dpo, c.tokenizer.pad_token_id,
+                               derived_seed(cfg.seed, r, "batches"), num_processes=acc.num_processes)
+    with timed("reference", timings):
+        ref = reference_pass(c, batches)
+    if c.is_main:  # which reference scored which pair, for people and for tests of dpo.reference
+        order = dpo.batch_order(len(pairs), derived_seed(cfg.seed, r, "batches"), acc.num_processes)
+        ref_flat = [(float(rc), float(rr)) for chosen, rejected in ref for rc, rr in zip(chosen, rejected)]
+        write_jsonl(rdir / "reference_logps.jsonl", [
+            {"prompt_id": pairs[i]["prompt_id"], "chosen_index": pairs[i]["chosen_index"],
+             "rejected_index": pairs[i]["rejected_index"], "replay_from_round": pairs[i].get("replay_from_round"),
+             "ref_chosen": rc, "ref_rejected": rr} for i, (rc, rr) in zip(order, ref_flat, strict=True)])
+    with timed("update", timings):
+        if cfg.dpo.optimizer_state == "fresh":
+            training.reset_optimizer_state(c.optimizer)  # new moments each round: the pairs are new data
+        bar = tqdm(desc=f"round {r} DPO", unit="step", leave=False, disable=not c.is_main)
+
+        def progress(m: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3f}")
+            if c.is_main:
+                log.info("round %d update: step %d loss %.4f margin %.4f kl %.4f", r, m["step"] + 1, m["loss"],
+                         m["reward_margin"], m.get("kl", float("nan")))
+
+        train_metrics = dpo.train_round(c.policy, c.optimizer, batches, ref, cfg.dpo, acc, progress=progress)
+        bar.close()
+    if c.is_main:
+        write_jsonl(rdir / "train_metrics.jsonl", train_metrics)
+    with timed("sync", timings):
+        weights = policy_weights(c)
+        if c.is_main and cfg.generation.backend == "vllm":
+            c.generator.update_weights(weights)
+    return train_metrics
+
+
+def reference_pass(c: Campaign, batches) -> list:
+    """Reference log-probs of every batch. refreshed: the policy as it stands (the round-start
+    policy); initial: the round-0 model (the frozen copy, or the policy with LoRA switched off)."""
+    if c.cfg.dpo.reference == "initial" and c.cfg.lora.enabled:
+        with lora.adapter_disabled(c.policy):
+            return dpo.reference_logps(c.policy, batches, c.accelerator)
+    model = c.reference_model if c.reference_model is not None else c.policy
+    return dpo.reference_logps(model, batches, c.accelerator)
+
+
+def stage_eval(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] | None) -> dict:
+    """Held-out responses of the updated policy, judged against the round-0 and previous policies."""
+    log.info("round %d eval: %d held-out prompts", r, len(c.split.eval))
+    texts, lengths = generate_eval(c, derived_seed(c.cfg.seed, r, "eval"), save_to=c.run.round_dir(r) / "eval_responses.jsonl")
+    return evaluate.evaluate_round(as_pairwise(c.judge), c.split.eval, texts, lengths, base_texts,
+                                   prev_texts if c.cfg.eval.compare_previous else None)
+
+
+def save_checkpoint(c: Campaign, r: int) -> None:
+    """The round's policy -> checkpoint/: a plain HF folder (LoRA merged) + tokenizer, the LoRA
+    adapter and, with dpo.optimizer_state=carry, the optimizer state; written to a temp
+    folder and renamed, by the main process."""
+    weights = policy_weights(c)  # every process: a collective under FSDP/ZeRO-3
+    full = dict(weights) if weights is not None else None
+    if c.is_main:
+        log.info("round %d checkpoint: saving", r)
+        unwrapped = c.accelerator.unwrap_model(c.policy)
+        with atomic_path(c.run.round_dir(r) / "checkpoint", is_dir=True) as tmp:
+            base = unwrapped.get_base_model() if lora.is_peft_model(unwrapped) else unwrapped
+            base.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+            if c.cfg.lora.enabled:
+                lora.save_adapter(unwrapped, tmp / lora.ADAPTER_DIR)
+            if c.cfg.dpo.optimizer_state == "carry":
+                training.save_optimizer_state(c.optimizer, tmp, c.accelerator)
+            c.tokenizer.save_pretrained(tmp)
+        c.run.mark_done(r, "checkpoint")
+        if c.cfg.save_checkpoints == "last" and r > 0:
+            shutil.rmtree(c.run.round_dir(r - 1) / "checkpoint", ignore_errors=True)
+    c.barrier()
 
 
 def run_campaign(cfg: CampaignConfig, run: RunDir) -> list[dict]:
-    """Run (or continue) every round of the campaign; returns one result per round."""
+    """Run (or continue) every round of the campaign; returns one result per round (main process)."""
     c = setup(cfg, run)
-    base = baseline(c)
-    base_texts = base["texts"]
+    base = baseline(c) if c.is_main else {"texts": [], "accuracy": None}
+    c.barrier()
     results = []
     prev_texts = None
     for r in range(cfg.rounds):
@@ -279,10 +439,13 @@ def run_campaign(cfg: CampaignConfig, run: RunDir) -> list[dict]:
                 prev_texts = [row["text"] for row in read_jsonl(rdir / "eval_responses.jsonl")]
             continue
         log.info("round %d / %d", r, cfg.rounds - 1)
-        result = run_round(c, r, base_texts, prev_texts if r > 0 else None)
+        result = run_round(c, r, base["texts"], prev_texts if r > 0 else None)
+        if not c.is_main:
+            continue
         results.append(result)
         if cfg.eval.enabled:
             prev_texts = [row["text"] for row in read_jsonl(rdir / "eval_responses.jsonl")]
             report.print_rounds(results, base["accuracy"])
-    write_json(run.root / "summary.json", {"baseline_accuracy": base["accuracy"], "rounds": results})
+    if c.is_main:
+        write_json(run.root / "summary.json", {"baseline_accuracy": base["accuracy"], "rounds": results})
     return results

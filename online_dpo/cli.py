@@ -15,33 +15,52 @@ def _configure_threads() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 
+def _process_state():
+    """accelerate's process state (one process, or several under torch.distributed.run /
+    accelerate launch): only the main process creates or changes the run directory."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def _run(args) -> int:
     from online_dpo.campaign import run_campaign
     from online_dpo.config import load_config, to_dict
     from online_dpo.rundir import RunDir
 
     cfg = load_config(args.config, args.overrides)
-    if args.overwrite and cfg.run_dir.exists():
-        import shutil
+    state = _process_state()
+    if state.is_main_process:
+        if args.overwrite and cfg.run_dir.exists():
+            import shutil
 
-        shutil.rmtree(cfg.run_dir)
-    run = RunDir.create(cfg.run_dir, to_dict(cfg), seeds={"campaign": cfg.seed, "data": cfg.data.seed})
-    print(f"run directory: {run.root}")
-    run_campaign(cfg, run)
+            shutil.rmtree(cfg.run_dir)
+        RunDir.create(cfg.run_dir, to_dict(cfg), seeds={"campaign": cfg.seed, "data": cfg.data.seed})
+        print(f"run directory: {cfg.run_dir}")
+    state.wait_for_everyone()
+    run_campaign(cfg, RunDir(cfg.run_dir))
     return 0
 
 
 def _resume(args) -> int:
     from online_dpo.campaign import run_campaign
-    from online_dpo.config import ConfigError, load_config
+    from online_dpo.config import ConfigError, load_config, to_dict
     from online_dpo.rundir import RunDir
 
     root = Path(args.run_dir)
     if not (root / "manifest.json").exists():
         raise ConfigError(f"{root} is not a run directory (no manifest.json); start one with `online-dpo run CONFIG`")
     cfg = load_config(root / "config.yaml", args.overrides)
-    run = RunDir(root)
-    run_campaign(cfg, run)
+    state = _process_state()
+    if state.is_main_process:
+        run = RunDir(root)
+        for path in run.remove_stale_temps():
+            print(f"removed an unfinished write left by the interrupted run: {path}")
+        run.record_resume(to_dict(cfg), args.overrides)  # e.g. rounds=5 extends a finished campaign
+        print(f"resuming {run.root}")
+    state.wait_for_everyone()
+    run_campaign(cfg, RunDir(root))
     return 0
 
 
@@ -69,6 +88,40 @@ def _judge_eval(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from online_dpo.report import ReportError, build_report
+
+    try:
+        if args.overrides:
+            raise ReportError(f"report takes no key=value overrides (got {' '.join(args.overrides)})")
+        build_report(args.run_dir, length_factor=args.length_factor, examples=args.examples, log_with=args.log_with)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _inspect(args) -> int:
+    from rich.console import Console
+
+    from online_dpo.inspect_round import Filters, inspect, rows_as_json
+    from online_dpo.report import ReportError
+
+    filters = Filters(order="largest" if args.largest else "smallest" if args.smallest else None, ties=args.ties,
+                      errors=args.errors, inconsistent=args.inconsistent, grep=args.grep, limit=args.limit)
+    try:
+        if args.overrides:
+            raise ReportError(f"inspect takes no key=value overrides (got {' '.join(args.overrides)})")
+        rows = inspect(args.run_dir, args.round, args.what, filters, args.vs,
+                       console=Console(file=sys.stderr, width=160) if args.json else None)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(rows_as_json(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _configure_threads()
     parser = argparse.ArgumentParser(prog="online-dpo", description="Online, iterative DPO with AI feedback.")
@@ -89,6 +142,34 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--out", help="also write the result as JSON here")
     p_eval.add_argument("overrides", nargs="*", help="config overrides (with --config) or judge options (with --judge)")
     p_eval.set_defaults(func=_judge_eval)
+    p_report = sub.add_parser("report", help="per-round table, plots/ and report.html of a run (finished or not)")
+    p_report.add_argument("run_dir")
+    p_report.add_argument("--length-factor", type=float, default=1.5,
+                          help="warn when mean response length exceeds this multiple of the baseline's "
+                               "while the length-controlled win rate is not above 50%% (default 1.5)")
+    p_report.add_argument("--examples", type=int, default=3, help="side-by-side examples per round in report.html")
+    p_report.add_argument("--log-with", action="append", metavar="TRACKER",
+                          help="also log every round to an accelerate tracker (tensorboard, wandb, ...; repeatable; "
+                               "off by default; needs the tracker's package)")
+    p_report.set_defaults(func=_report, overrides=[])
+    p_inspect = sub.add_parser("inspect", help="browse a round's pairs, judged candidates or eval verdicts")
+    p_inspect.add_argument("run_dir")
+    p_inspect.add_argument("--round", type=int, required=True)
+    p_inspect.add_argument("--what", choices=["pairs", "candidates", "eval"],
+                           help="pairs (default), candidates (K per prompt with judge scores) or eval (held-out "
+                                "verdicts); --ties/--errors default to candidates, --inconsistent to eval")
+    p_inspect.add_argument("--vs", choices=["baseline", "previous"], default="baseline", help="eval view: opponent")
+    order = p_inspect.add_mutually_exclusive_group()
+    order.add_argument("--largest", action="store_true", help="largest margins first (candidates: score spread)")
+    order.add_argument("--smallest", action="store_true", help="smallest margins first")
+    p_inspect.add_argument("--ties", action="store_true", help="only ties (prompts without a pair / tied verdicts)")
+    p_inspect.add_argument("--errors", action="store_true", help="only judge errors")
+    p_inspect.add_argument("--inconsistent", action="store_true",
+                           help="only verdicts that flipped when the two responses swapped places")
+    p_inspect.add_argument("--grep", help="only prompts containing this text (case-insensitive)")
+    p_inspect.add_argument("--limit", type=int, default=20, help="rows shown (0 = all)")
+    p_inspect.add_argument("--json", action="store_true", help="print the rows as JSON (the table goes to stderr)")
+    p_inspect.set_defaults(func=_inspect, overrides=[])
     # key=value overrides may also come after options (`judge-eval pairs.jsonl --judge openai model=x`),
     # which argparse alone leaves unparsed.
     args, extra = parser.parse_known_args(argv)

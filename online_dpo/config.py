@@ -207,6 +207,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _build(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads `1e-4` as a string (it wants `1.0e-4`); take it as the number it is.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool) and tp is not bool):
@@ -296,6 +302,9 @@ def validate(cfg: CampaignConfig) -> None:
         (cfg.data.train_prompts_per_round >= 1, "data.train_prompts_per_round must be >= 1"),
         (0.0 <= cfg.pairs.replay_fraction < 1.0, "pairs.replay_fraction must be in [0, 1)"),
         (cfg.pairs.max_pairs_per_prompt >= 1, "pairs.max_pairs_per_prompt must be >= 1"),
+        (cfg.pairs.min_margin >= 0.0, "pairs.min_margin must be >= 0"),
+        (not cfg.pairs.length_aware or cfg.pairs.strategy == "best_vs_worst",
+         "pairs.length_aware applies to pairs.strategy=best_vs_worst only"),
         (cfg.pairs.length_tolerance >= 0.0, "pairs.length_tolerance must be >= 0"),
         (cfg.pairs.drop_ties or cfg.dpo.loss == "sigmoid",
          "pairs.drop_ties=false trains ties toward a 0.5 preference, which only dpo.loss=sigmoid defines; "

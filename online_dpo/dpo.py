@@ -3,12 +3,18 @@
 Shapes: B = pairs in a batch, T = sequence length, V = vocabulary.
 The reference log-probs are computed once per round, before the update, with the
 policy as it stands; so no second model is held in memory while training.
+
+Several processes (accelerate: DDP, FSDP, DeepSpeed): every process builds the same
+global batches from the same pairs; process i of n takes the i-th equal share of each
+batch's pairs (`PairBatch.shard`), so the gradient DDP averages equals the one-process
+full-batch gradient, and the metrics are averaged over processes so all ranks log the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
+import logging
 import time
 from dataclasses import dataclass
 
@@ -16,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from online_dpo.config import DPOConfig
+
+log = logging.getLogger("online_dpo")
 
 
 # --- pure math ------------------------------------------------------------------------
@@ -30,6 +38,14 @@ def implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, b
     return beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
+def soft_label(chosen_prob: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Effective probability that `chosen` is preferred: p(1-ε) + (1-p)ε.
+
+    chosen_prob p [B]: 1.0 for a judged preference, 0.5 for a kept tie. ε: the label
+    smoothing (conservative DPO's flip rate). A tie stays 0.5 whatever ε is. Returns [B]."""
+    return chosen_prob * (1 - label_smoothing) + (1 - chosen_prob) * label_smoothing
+
+
 def sigmoid_dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -37,18 +53,25 @@ def sigmoid_dpo_loss(
     ref_rejected: torch.Tensor,
     beta: float,
     label_smoothing: float = 0.0,
+    chosen_prob: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standard DPO (Rafailov et al. 2023): -log sigmoid(beta * (Δpolicy - Δref)).
 
     With `label_smoothing` ε > 0 it is conservative DPO: each label is taken to be flipped
     with probability ε, so the loss mixes in ε of the reversed preference.
+    With `chosen_prob` p [B] (soft labels, e.g. 0.5 for a kept tie) it is the binary
+    cross-entropy against p_eff = p(1-ε) + (1-p)ε:
+    -(p_eff·log σ(x) + (1-p_eff)·log σ(-x)); a tie is trained toward x = 0, "equally good".
     Args: summed response log-probs, each [B].
     Returns: (loss [B], chosen_reward [B], rejected_reward [B]) where the implicit
     rewards are beta * (policy - reference) log-prob, detached.
     """
     x = beta * preference_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     losses = -F.logsigmoid(x)
-    if label_smoothing > 0:  # only then: keeps ε = 0 bit-identical to plain DPO
+    if chosen_prob is not None:
+        p = soft_label(chosen_prob.to(x.dtype), label_smoothing)
+        losses = p * losses + (1 - p) * -F.logsigmoid(-x)
+    elif label_smoothing > 0:  # only then: keeps ε = 0 bit-identical to plain DPO
         losses = (1 - label_smoothing) * losses + label_smoothing * -F.logsigmoid(-x)
     return (losses, *implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta))
 
@@ -83,8 +106,26 @@ def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torc
     return -policy_chosen / chosen_tokens.clamp(min=1)
 
 
+def kl_to_reference(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """Sequence-level KL estimate between the reference and the policy: a scalar.
+
+    mean over the 2B responses (chosen and rejected) of (reference - policy) summed
+    log-prob, i.e. the plain Monte-Carlo ("k1") estimator of KL(π_ref ‖ π_θ) =
+    E_{y~π_ref}[log π_ref(y) - log π_θ(y)]. It is unbiased only for samples of π_ref;
+    here the responses were sampled by the round-start policy (then picked as chosen /
+    rejected by the judge). So with dpo.reference=refreshed (reference = round-start
+    policy) it estimates KL(π_ref ‖ π_θ) up to that selection: 0 before the first step,
+    growing as the update moves away. With dpo.reference=initial it estimates
+    KL(π_start ‖ π_θ) - KL(π_start ‖ π_ref), which can be negative.
+    Equal to -(chosen_reward + rejected_reward) / (2·beta) averaged over pairs.
+    Args: summed response log-probs, each [B]. Returns a 0-dim tensor.
+    """
+    return torch.cat([ref_chosen - policy_chosen, ref_rejected - policy_rejected]).detach().mean()
+
+
 LOSSES = {"sigmoid": sigmoid_dpo_loss, "robust": robust_dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss}
 SMOOTHED = {"sigmoid", "robust"}  # the losses that take label_smoothing
+SOFT_LABELLED = {"sigmoid"}  # the losses that take chosen_prob (kept ties)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -106,18 +147,47 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
 
 @dataclass
 class PairBatch:
-    """Chosen rows first, then rejected rows: input_ids/attention/response_mask are [2B, T]."""
+    """Chosen rows first, then rejected rows: input_ids/attention/response_mask are [2B, T].
+    chosen_prob [B]: the label of each pair (1.0 = chosen preferred, 0.5 = a kept tie)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
+    chosen_prob: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.chosen_prob is None:
+            self.chosen_prob = torch.ones(self.num_pairs)
 
     @property
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
-    def to(self, device) -> "PairBatch":
-        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+    @property
+    def has_soft_labels(self) -> bool:
+        return bool((self.chosen_prob != 1).any())
+
+    def to(self, device) -> PairBatch:
+        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+                         self.chosen_prob.to(device))
+
+    def shard(self, index: int, count: int) -> PairBatch:
+        """Process `index` of `count`'s equal share of the pairs (contiguous, in order); the
+        padded width is kept, so every process runs the same shapes."""
+        lo, hi = shard_range(self.num_pairs, index, count)
+        rows = torch.cat([torch.arange(lo, hi), torch.arange(self.num_pairs + lo, self.num_pairs + hi)])
+        return PairBatch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows],
+                         self.chosen_prob[lo:hi])
+
+
+def shard_range(num_pairs: int, index: int, count: int) -> tuple[int, int]:
+    """[lo, hi) of the pairs process `index` of `count` takes; the split must be even."""
+    if num_pairs % count:
+        raise ValueError(
+            f"a batch of {num_pairs} pairs cannot be split evenly over {count} processes; "
+            f"set dpo.batch_size to a multiple of {count} (and build batches with make_batches(..., num_processes={count}))")
+    share = num_pairs // count
+    return index * share, (index + 1) * share
 
 
 def encode_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int):
@@ -128,8 +198,9 @@ def encode_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list
     return [(prompt_ids, ids[:room]) for ids in (chosen_ids, rejected_ids)]
 
 
-def collate_pairs(encoded: list, pad_id: int) -> PairBatch:
-    """`encoded`: list of [(prompt_ids, chosen_ids), (prompt_ids, rejected_ids)] -> right-padded PairBatch."""
+def collate_pairs(encoded: list, pad_id: int, chosen_prob: list[float] | None = None) -> PairBatch:
+    """`encoded`: list of [(prompt_ids, chosen_ids), (prompt_ids, rejected_ids)] -> right-padded PairBatch.
+    `chosen_prob`: one label per pair (default 1.0 each)."""
     rows = [e[0] for e in encoded] + [e[1] for e in encoded]
     width = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -140,88 +211,179 @@ def collate_pairs(encoded: list, pad_id: int) -> PairBatch:
         ids[i, :n] = torch.tensor(p + r)
         attn[i, :n] = 1
         resp[i, len(p):n] = 1
-    return PairBatch(ids, attn, resp)
+    probs = torch.tensor(chosen_prob, dtype=torch.float32) if chosen_prob is not None else None
+    return PairBatch(ids, attn, resp, probs)
 
 
 def batch_logps(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen [B], rejected [B]) summed response log-probs under `model`."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     logps = sequence_logps(logits, batch.input_ids, batch.response_mask)
     return logps[: batch.num_pairs], logps[batch.num_pairs :]
+
+
+def batch_order(num_pairs: int, seed: int, num_processes: int = 1) -> list[int]:
+    """The pair indices in the order `make_batches` puts them in batches: a seeded shuffle,
+    less the last (num_pairs % num_processes) so every batch splits evenly over processes."""
+    order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order[: num_pairs - num_pairs % num_processes]
+
+
+def make_batches(pairs: list[dict], prompt_ids: dict[str, list[int]], cfg: DPOConfig, pad_id: int, seed: int,
+                 num_processes: int = 1) -> list[PairBatch]:
+    """Shuffle pairs with `seed` and cut them into batches of `cfg.batch_size` pairs.
+
+    A pair's `chosen_prob` (0.5 for a kept tie; missing means 1.0) travels with it.
+    With several processes every batch must split evenly: `cfg.batch_size` must be a
+    multiple of `num_processes`, and the last (num_pairs % num_processes) shuffled pairs
+    are left out of this round, so the last, smaller batch splits too."""
+    if cfg.batch_size % num_processes:
+        raise ValueError(f"dpo.batch_size={cfg.batch_size} pairs cannot be split evenly over {num_processes} "
+                         f"processes; set dpo.batch_size to a multiple of {num_processes}")
+    order = batch_order(len(pairs), seed, num_processes)
+    if len(order) < len(pairs):
+        log.warning("%d of %d pairs left out of this update so they split evenly over %d processes",
+                    len(pairs) - len(order), len(pairs), num_processes)
+    encoded = [encode_pair(prompt_ids[pairs[i]["prompt_id"]], pairs[i]["chosen_token_ids"],
+                           pairs[i]["rejected_token_ids"], cfg.max_length) for i in order]
+    probs = [float(pairs[i].get("chosen_prob", 1.0)) for i in order]
+    return [collate_pairs(encoded[i : i + cfg.batch_size], pad_id, probs[i : i + cfg.batch_size])
+            for i in range(0, len(encoded), cfg.batch_size)]
 
 
 # --- the passes -----------------------------------------------------------------------
 
 @torch.no_grad()
 def reference_logps(model, batches: list[PairBatch], accelerator) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Reference log-probs for every batch, under the policy as it stands (before the update)."""
+    """Reference log-probs for every batch, under `model` as it stands (before the update).
+
+    Each process scores its share of every batch; the shares are gathered, so every
+    process gets the full (chosen [B], rejected [B]) per batch, on the CPU."""
     model.eval()
     out = []
     for batch in batches:
+        local = batch.shard(accelerator.process_index, accelerator.num_processes).to(accelerator.device)
         with accelerator.autocast():
-            chosen, rejected = batch_logps(model, batch.to(accelerator.device))
-        out.append((chosen.float().cpu(), rejected.float().cpu()))
+            chosen, rejected = batch_logps(model, local)
+        # gather concatenates in process order, which is the pairs' order (shards are contiguous).
+        chosen, rejected = accelerator.gather(chosen.float().contiguous()), accelerator.gather(rejected.float().contiguous())
+        out.append((chosen.cpu(), rejected.cpu()))
     return out
 
 
-def make_batches(pairs: list[dict], prompt_ids: dict[str, list[int]], cfg: DPOConfig, pad_id: int, seed: int) -> list[PairBatch]:
-    """Shuffle pairs with `seed` and cut them into batches of `cfg.batch_size` pairs."""
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    encoded = [encode_pair(prompt_ids[pairs[i]["prompt_id"]], pairs[i]["chosen_token_ids"],
-                           pairs[i]["rejected_token_ids"], cfg.max_length) for i in order]
-    return [collate_pairs(encoded[i : i + cfg.batch_size], pad_id) for i in range(0, len(encoded), cfg.batch_size)]
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
-def lr_at(step: int, cfg: DPOConfig) -> float:
-    """Linear warmup, then constant."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    return cfg.learning_rate
+def make_scheduler(optimizer, cfg: DPOConfig, total_steps: int):
+    """transformers' schedule for one round: `cfg.warmup_steps` of linear warmup from 0, then
+    constant, linear decay to 0 or cosine decay to 0 at `total_steps`. Restarts every round
+    at `cfg.learning_rate` (also when the optimizer's moments are carried over)."""
+    from transformers import get_scheduler
+
+    base = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> the torch optimizer
+    for group in base.param_groups:
+        group["lr"] = group["initial_lr"] = cfg.learning_rate
+    return get_scheduler(SCHEDULES[cfg.lr_schedule], base, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=total_steps)
+
+
+def accumulation_groups(num_batches: int, grad_accum_steps: int) -> list[list[int]]:
+    """Batch indices of each optimizer step in one epoch; the last group may be shorter."""
+    return [list(range(i, min(i + grad_accum_steps, num_batches))) for i in range(0, num_batches, grad_accum_steps)]
+
+
+@contextlib.contextmanager
+def gradient_sync(accelerator, model, sync: bool):
+    """Backward without syncing gradients across processes unless `sync` (the last micro-batch
+    of an accumulation group): DDP/FSDP skip the all-reduce (`no_sync`), and DeepSpeed,
+    whose `backward` steps the engine itself, reads accelerate's sync flag. That flag has
+    no public setter outside `accumulate()`, whose fixed-count grouping cannot end a
+    shorter last group; so it is set here and always left True."""
+    from accelerate.utils import DistributedType
+
+    if sync or accelerator.distributed_type == DistributedType.NO:
+        yield
+        return
+    accelerator.gradient_state._set_sync_gradients(False)
+    try:
+        with accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)
+
+
+METRICS = ("loss", "reward_margin", "pair_accuracy", "chosen_logps", "rejected_logps",
+           "chosen_reward", "rejected_reward", "kl")
 
 
 def train_round(model, optimizer, batches: list[PairBatch], ref: list, cfg: DPOConfig, accelerator, progress=None) -> list[dict]:
-    """Run the round's DPO update in place on `model`; returns one metrics dict per optimizer step."""
+    """Run the round's DPO update in place on `model`; returns one metrics dict per optimizer step.
+
+    `batches` and `ref` are the global ones (the same on every process, see `make_batches`
+    and `reference_logps`); each process trains on its share of every batch. Each optimizer
+    step accumulates `cfg.grad_accum_steps` batches, each weighted by its share of the
+    group's pairs, so accumulation gives the gradient of the mean loss over the group.
+    The LR follows `make_scheduler`; the logged `lr` is the one that step used. The
+    optimizer's state is left as it is: clearing it between rounds is the caller's choice.
+
+    Metrics (averaged over the step's pairs, kept ties included, all processes): loss,
+    reward_margin, pair_accuracy, chosen/rejected_logps, chosen/rejected_reward (beta·(policy - ref)),
+    kl (see `kl_to_reference`), grad_norm (before clipping), lr, train_tokens_per_s (all
+    processes together). They describe the policy before that step's update.
+    """
+    if not batches:
+        return []
+    if cfg.loss not in SOFT_LABELLED and any(b.has_soft_labels for b in batches):
+        raise ValueError(f"pairs with chosen_prob != 1 (ties kept by pairs.drop_ties=false) need dpo.loss=sigmoid, "
+                         f"not {cfg.loss}; set dpo.loss=sigmoid or pairs.drop_ties=true")
     smoothing = {"label_smoothing": cfg.label_smoothing} if cfg.loss in SMOOTHED else {}
     loss_fn = functools.partial(LOSSES[cfg.loss], beta=cfg.beta, **smoothing)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    groups = accumulation_groups(len(batches), cfg.grad_accum_steps)
+    total_steps = len(groups) * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
     model.train()
-    steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum_steps)
-    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
-    metrics, step, micro = [], 0, 0
-    acc: dict[str, float] = {}
-    t0 = time.perf_counter()
-    tokens = 0
-    while step < total_steps:
-        for batch, (ref_c, ref_r) in zip(batches, ref):
-            batch = batch.to(accelerator.device)
-            with accelerator.autocast():
-                pol_c, pol_r = batch_logps(model, batch)
-            losses, rew_c, rew_r = loss_fn(pol_c, pol_r, ref_c.to(pol_c.device), ref_r.to(pol_c.device))
-            if cfg.rpo_alpha > 0:
-                losses = losses + cfg.rpo_alpha * chosen_nll(pol_c, batch.response_mask[: batch.num_pairs].sum(-1))
-            loss = losses.mean()
-            accelerator.backward(loss / cfg.grad_accum_steps)
-            tokens += int(batch.attention_mask.sum())
-            for k, v in {"loss": loss.item(), "reward_margin": (rew_c - rew_r).mean().item(),
-                         "pair_accuracy": (rew_c > rew_r).float().mean().item(),
-                         "chosen_logps": pol_c.mean().item(), "rejected_logps": pol_r.mean().item()}.items():
-                acc[k] = acc.get(k, 0.0) + v / cfg.grad_accum_steps
-            micro += 1
-            if micro % cfg.grad_accum_steps and micro != len(batches):
-                continue
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - t0
-            metrics.append({"step": step, **acc, "grad_norm": float(grad_norm), "lr": lr_at(step, cfg),
-                            "train_tokens_per_s": tokens / elapsed if elapsed else 0.0})
-            acc = {}
-            step += 1
-            if progress is not None:
-                progress(metrics[-1])
-            if step >= total_steps:
-                break
-        micro = 0
+    metrics = []
+    t0, tokens = time.perf_counter(), 0
+    for step in range(total_steps):
+        group = groups[step % len(groups)]
+        group_pairs = sum(batches[i].num_pairs for i in group)
+        sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
+        for j, i in enumerate(group):
+            batch = batches[i]
+            local = batch.shard(rank, world)
+            soft = local.chosen_prob if batch.has_soft_labels else None  # None: the hard-label code path
+            local = local.to(device)
+            lo, hi = shard_range(batch.num_pairs, rank, world)
+            ref_c, ref_r = (r[lo:hi].to(device) for r in ref[i])
+            with gradient_sync(accelerator, model, sync=j == len(group) - 1):
+                with accelerator.autocast():
+                    pol_c, pol_r = batch_logps(model, local)
+                extra = {"chosen_prob": soft.to(device)} if soft is not None else {}
+                losses, rew_c, rew_r = loss_fn(pol_c, pol_r, ref_c, ref_r, **extra)
+                if cfg.rpo_alpha > 0:
+                    losses = losses + cfg.rpo_alpha * chosen_nll(pol_c, local.response_mask[: local.num_pairs].sum(-1))
+                loss = losses.mean()
+                # this batch's share of the group's pairs (== 1/grad_accum_steps for equal batches)
+                accelerator.backward(loss / (group_pairs / batch.num_pairs))
+            values = torch.stack([loss.detach(), (rew_c - rew_r).mean(), (rew_c > rew_r).float().mean(),
+                                  pol_c.detach().mean(), pol_r.detach().mean(), rew_c.mean(), rew_r.mean(),
+                                  kl_to_reference(pol_c, pol_r, ref_c, ref_r)]).double()
+            sums += values * (batch.num_pairs / group_pairs)
+            tokens += int(local.attention_mask.sum())
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # every process holds an equal share, so the mean of the processes' means is the step's mean
+        averaged = accelerator.reduce(sums, reduction="mean").tolist() if world > 1 else sums.tolist()
+        all_tokens = accelerator.reduce(torch.tensor(float(tokens), dtype=torch.float64, device=device), reduction="sum").item() if world > 1 else tokens
+        elapsed = time.perf_counter() - t0
+        metrics.append({"step": step, **dict(zip(METRICS, averaged)),
+                        "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": lr,
+                        "train_tokens_per_s": all_tokens / elapsed if elapsed else 0.0})
+        if progress is not None:
+            progress(metrics[-1])
     model.eval()
     return metrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
 
@@ -37,7 +37,7 @@ class Sampling:
 class Generator(Protocol):
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]: ...
 
-    def update_weights(self, model: torch.nn.Module) -> None: ...
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
 
 def prompt_token_ids(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
@@ -80,6 +80,9 @@ class VLLMGenerator:
         # runs in this process and samples from torch's default generator, so seeding it
         # before the call makes a call reproducible for the same prompts in the same order.
         torch.manual_seed(sampling.seed)
+        # An empty prefix cache makes the call's numerics independent of what ran before, so
+        # a campaign resumed in a fresh engine samples exactly what the crashed one would have.
+        self.llm.reset_prefix_cache()
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_new_tokens)
         inputs = [{"prompt_token_ids": ids} for ids in prompt_token_ids(self.tokenizer, prompts)]
@@ -89,13 +92,14 @@ class VLLMGenerator:
             for out in outputs
         ]
 
-    def update_weights(self, model: torch.nn.Module) -> None:
-        """Copy the policy's weights into the running engine and drop its stale KV prefix cache."""
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the policy's weights ((name, tensor) pairs under the plain HF names, LoRA merged:
+        `lora.merged_weights`) into the running engine and drop its stale KV prefix cache."""
         # `reload_weights` is vLLM's in-place reload: it restores each layer's checkpoint
         # layout, loads the tensors, and re-runs the kernel-specific post-processing (on CPU
         # the linear layers keep their weights packed for oneDNN, so a plain `load_weights`
         # into the model cannot work after start-up).
-        weights = [(name, t.detach()) for name, t in model.state_dict().items()]
+        weights = [(name, t.detach()) for name, t in weights]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
@@ -150,6 +154,5 @@ class HFGenerator:
             self.model.config.use_cache = was_cached
         return results
 
-    def update_weights(self, model: torch.nn.Module) -> None:
-        if model is not self.model:
-            self.model.load_state_dict(model.state_dict())
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Nothing to copy: this generator samples from the policy module itself."""

@@ -1,38 +1,325 @@
-"""Per-round results for people: the terminal table printed after each round."""
+"""Per-round results for people: one table for the terminal (printed after each round and
+by `online-dpo report`), reward-hacking warnings, and `build_report` (table + PNG plots +
+a self-contained report.html).
+
+A run directory is read as it stands: a round without eval.json (still running, or
+interrupted) is shown as incomplete, and anything a round did not record reads "-".
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+DEFAULT_LENGTH_FACTOR = 1.5
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+class ReportError(ValueError):
+    """A run directory the report cannot read; the message says what is wrong and what to do."""
 
 
-def round_table(rows: list[dict]) -> Table:
-    """`rows`: one dict per round with keys round, eval (evaluate_round output), pairs, wall_s."""
-    table = Table(title="online-dpo: held-out evaluation per round (policy vs round-0 policy)")
-    for col in ("round", "win rate", "95% CI", "ties", "errors", "vs prev", "accuracy", "resp len", "pairs", "wall s"):
-        table.add_column(col, justify="right")
-    for row in rows:
-        ev = row["eval"]
-        base = ev["vs_baseline"]
-        prev = ev.get("vs_previous")
-        table.add_row(
-            str(row["round"]), _pct(base["win_rate"]), f"{_pct(base['ci_low'])}-{_pct(base['ci_high'])}",
-            _pct(base["tie_rate"]), _pct(base["error_rate"]), _pct(prev["win_rate"]) if prev else "-",
-            _pct(ev["accuracy"]), f"{ev['mean_response_tokens']:.1f}", str(row.get("pairs", "-")),
-            f"{row.get('wall_s', 0):.0f}",
-        )
+# --- reading a run directory ------------------------------------------------------------
+
+@dataclass
+class RoundView:
+    """What the report knows about one round; `result` is the round's eval.json (None while incomplete)."""
+
+    round: int
+    result: dict | None = None
+    stages: list[str] = field(default_factory=list)  # stages marked done in the manifest
+    train_steps: list[dict] = field(default_factory=list)  # train_metrics.jsonl
+    response_tokens: list[int] = field(default_factory=list)  # eval_responses.jsonl token counts
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.result is not None
+
+    @property
+    def eval(self) -> dict:
+        return (self.result or {}).get("eval") or {}
+
+    @property
+    def status(self) -> str:
+        if self.complete:
+            return "done"
+        if "eval" in self.stages:
+            return "eval.json unreadable"
+        return f"incomplete (done: {self.stages[-1]})" if self.stages else "not started"
+
+
+@dataclass
+class RunView:
+    root: Path
+    name: str
+    rounds: list[RoundView]
+    baseline_accuracy: float | None = None
+    baseline_tokens: list[int] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+def read_json_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None  # missing, or being written by a campaign that was killed mid-write
+
+
+def read_jsonl_tolerant(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line: keep what was complete
+    return rows
+
+
+def round_from_result(result: dict) -> RoundView:
+    """A RoundView from an eval.json dict alone (what the campaign holds while it runs)."""
+    return RoundView(int(result["round"]), result=result)
+
+
+def load_run(root: str | Path, length_factor: float = DEFAULT_LENGTH_FACTOR) -> RunView:
+    """Read every round of `root`, finished or not, and attach the warnings."""
+    root = Path(root)
+    manifest = read_json_or_none(root / "manifest.json")
+    if manifest is None:
+        raise ReportError(f"{root} is not a run directory (no readable manifest.json); "
+                          f"pass runs/<name> of a campaign started with `online-dpo run CONFIG`")
+    try:
+        config = yaml.safe_load((root / "config.yaml").read_text()) or {}
+    except (FileNotFoundError, yaml.YAMLError):
+        config = {}
+    stages = {k: list(v) for k, v in manifest.get("rounds", {}).items()}
+    on_disk = [int(p.name.split("_")[1]) for p in root.glob("round_*") if p.name.split("_")[1].isdigit()]
+    numbered = [int(k) for k in stages if k.isdigit()]
+    count = max([config.get("rounds", 0), *(r + 1 for r in on_disk + numbered)])
+    rounds = []
+    for r in range(count):
+        rdir = root / f"round_{r:03d}"
+        view = RoundView(r, result=read_json_or_none(rdir / "eval.json"), stages=stages.get(str(r), []),
+                         train_steps=read_jsonl_tolerant(rdir / "train_metrics.jsonl"),
+                         response_tokens=[row.get("tokens") for row in read_jsonl_tolerant(rdir / "eval_responses.jsonl")
+                                          if row.get("tokens") is not None])
+        rounds.append(view)
+    base = manifest.get("rounds", {}).get("baseline", {}).get("eval", {})
+    run = RunView(root, config.get("name", root.name), rounds, base.get("accuracy"),
+                  [row["tokens"] for row in read_jsonl_tolerant(root / "baseline" / "eval_responses.jsonl") if "tokens" in row],
+                  config)
+    add_warnings(run.rounds, length_factor, run.baseline_tokens)
+    return run
+
+
+# --- per-round numbers (None when not recorded) ------------------------------------------
+
+def finite(x) -> float | None:
+    return None if x is None or not isinstance(x, (int, float)) or math.isnan(x) else float(x)
+
+
+def mean_tokens(view: RoundView) -> float | None:
+    stats = view.eval.get("response_tokens") or {}
+    return finite(stats.get("mean", view.eval.get("mean_response_tokens")))
+
+
+def p90_tokens(view: RoundView) -> float | None:
+    p90 = finite((view.eval.get("response_tokens") or {}).get("p90"))
+    if p90 is None and view.response_tokens:
+        import numpy as np
+
+        p90 = float(np.quantile(view.response_tokens, 0.9))
+    return p90
+
+
+def length_ratio(view: RoundView, baseline_tokens: list[int] | None = None) -> float | None:
+    """Mean response length of the round over the baseline's: tokens where the baseline's
+    token counts are known, else characters of the judged pairs (recorded in eval.json)."""
+    mean = mean_tokens(view)
+    if baseline_tokens and mean is not None:
+        base = sum(baseline_tokens) / len(baseline_tokens)
+        return mean / base if base > 0 else None
+    items = (view.eval.get("comparisons") or {}).get("vs_baseline") or []
+    a, b = sum(i.get("chars_a", 0) for i in items), sum(i.get("chars_b", 0) for i in items)
+    return a / b if items and b > 0 else None
+
+
+def train_summary(view: RoundView) -> dict:
+    """The round's DPO update at its last optimizer step: loss, reward margin, pair accuracy
+    and KL (where the update recorded one). From train_metrics.jsonl, else eval.json's "train"."""
+    if view.train_steps:
+        last = view.train_steps[-1]
+        kl_key = next((k for k in ("kl", "kl_estimate") if k in last), None)
+        return {"loss": finite(last.get("loss")), "reward_margin": finite(last.get("reward_margin")),
+                "pair_accuracy": finite(last.get("pair_accuracy")), "kl": finite(last.get(kl_key)) if kl_key else None,
+                "steps": len(view.train_steps)}
+    t = (view.result or {}).get("train") or {}
+    return {"loss": finite(t.get("final_loss")), "reward_margin": finite(t.get("final_reward_margin")),
+            "pair_accuracy": finite(t.get("final_pair_accuracy")), "kl": finite(t.get("final_kl")),
+            "steps": t.get("steps")}
+
+
+def judge_cost(view: RoundView) -> tuple[float | None, int | None]:
+    """(API cost, requests sent) of the round's judge, where the judge reports usage."""
+    stats = (view.result or {}).get("judge_stats")
+    if not stats:
+        return None, None
+    return finite(stats.get("cost")), stats.get("requests")
+
+
+def position_consistency(view: RoundView) -> float | None:
+    stats = (view.result or {}).get("judge_stats") or {}
+    value = finite(stats.get("position_consistency"))
+    return value if value is not None else finite((view.eval.get("vs_baseline") or {}).get("position_consistency"))
+
+
+# --- warnings -------------------------------------------------------------------------
+
+def add_warnings(rounds: list[RoundView], length_factor: float = DEFAULT_LENGTH_FACTOR,
+                 baseline_tokens: list[int] | None = None) -> None:
+    """Flag rounds that look like reward hacking (in place, on `view.warnings`).
+
+    - longer but not better: mean response length grew more than `length_factor` x the
+      baseline's while the length-controlled win rate vs the baseline is not above 50%;
+    - worse than the previous round: win rate vs round r-1 below 50% by more than its CI
+      (the whole interval lies under 0.5).
+    """
+    for view in rounds:
+        view.warnings = []
+        if not view.complete:
+            continue
+        ratio = length_ratio(view, baseline_tokens)
+        lc = finite((view.eval.get("vs_baseline") or {}).get("lc_win_rate"))
+        if ratio is not None and ratio > length_factor and lc is not None and lc <= 0.5:
+            view.warnings.append(f"responses {ratio:.2f}x the baseline's length (limit {length_factor:g}x) "
+                                 f"but LC win rate {100 * lc:.1f}% is not above 50%")
+        prev = view.eval.get("vs_previous") or {}
+        high = finite(prev.get("ci_high"))
+        if high is not None and high < 0.5:
+            view.warnings.append(f"worse than round {view.round - 1}: win rate vs previous "
+                                 f"{100 * prev['win_rate']:.1f}% (95% CI up to {100 * high:.1f}%) is below 50%")
+
+
+# --- the table ------------------------------------------------------------------------
+
+COLUMNS = ("round", "win rate (95% CI)", "LC win", "ties", "errors", "vs prev (95% CI)", "accuracy",
+           "len mean/p90", "pairs", "DPO loss", "margin", "pair acc", "KL", "consist.", "judge cost", "wall s",
+           "warnings")
+
+
+def pct(x: float | None) -> str:
+    x = finite(x)
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    x = finite(x)
+    return "-" if x is None else format(x, fmt)
+
+
+def _with_ci(d: dict | None) -> str:
+    rate = finite((d or {}).get("win_rate"))
+    if rate is None:
+        return "-"
+    low, high = finite(d.get("ci_low")), finite(d.get("ci_high"))
+    ci = f" ({100 * low:.1f}-{100 * high:.1f})" if low is not None and high is not None else ""
+    return f"{100 * rate:.1f}%{ci}"
+
+
+def table_rows(rounds: list[RoundView]) -> list[list[str]]:
+    """One list of cell strings per round, in COLUMNS order (shared by the terminal and HTML)."""
+    rows = []
+    for v in rounds:
+        if not v.complete:
+            rows.append([str(v.round), v.status, *["-"] * (len(COLUMNS) - 2)])
+            continue
+        ev, res = v.eval, v.result
+        base = ev.get("vs_baseline")
+        train = train_summary(v)
+        cost, requests = judge_cost(v)
+        cost_cell = "-" if cost is None and requests is None else f"${cost or 0:.4f} / {requests or 0} req"
+        mean, p90 = mean_tokens(v), p90_tokens(v)
+        pairs = res.get("pairs", (res.get("funnel") or {}).get("pairs"))
+        rows.append([
+            str(v.round), _with_ci(base), pct((base or {}).get("lc_win_rate")), pct((base or {}).get("tie_rate")),
+            pct((base or {}).get("error_rate")), _with_ci(ev.get("vs_previous")), pct(ev.get("accuracy")),
+            f"{_num(mean, '.1f')}/{_num(p90, '.0f')}" if mean is not None else "-",
+            "-" if pairs is None else str(pairs), _num(train["loss"]), _num(train["reward_margin"]),
+            pct(train["pair_accuracy"]), _num(train["kl"], ".4f"), pct(position_consistency(v)), cost_cell,
+            _num(res.get("wall_s"), ".0f"), "; ".join(v.warnings) or "-",
+        ])
+    return rows
+
+
+def round_table(rows: list[dict] | list[RoundView], title: str | None = None) -> Table:
+    """The per-round table. `rows`: RoundViews, or eval.json dicts (what the campaign holds)."""
+    views = [r if isinstance(r, RoundView) else round_from_result(r) for r in rows]
+    if views and not isinstance(rows[0], RoundView):
+        add_warnings(views)
+    table = Table(title=title or "online-dpo: held-out evaluation per round (vs the initial policy = baseline)")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "warnings" else "right",
+                         style="bold red" if col == "warnings" else None, overflow="fold")
+    for view, cells in zip(views, table_rows(views)):
+        style = "dim" if not view.complete else ("red" if view.warnings else None)
+        table.add_row(*[Text(c) for c in cells], style=style)
     return table
 
 
+def wide_console() -> Console:
+    # Logs and CI are not terminals (rich would fold the table to 80 columns there); a real
+    # terminal keeps its own width (rich folds the cells to fit).
+    console = Console()
+    return console if console.is_terminal else Console(width=220)
+
+
 def print_rounds(rows: list[dict], baseline_accuracy: float | None = None, console: Console | None = None) -> None:
-    # Logs and CI are not terminals (rich would fold the table to 80 columns there).
-    console = console or Console(width=max(Console().width, 120))
+    console = console or wide_console()
     if baseline_accuracy is not None:
-        console.print(f"round-0 policy accuracy on held-out prompts: {_pct(baseline_accuracy)}")
+        console.print(f"baseline (initial policy) accuracy on held-out prompts: {pct(baseline_accuracy)}")
     console.print(round_table(rows))
+
+
+# --- the whole report -----------------------------------------------------------------
+
+def build_report(root: str | Path, length_factor: float = DEFAULT_LENGTH_FACTOR, examples: int = 3,
+                 console: Console | None = None, plots: bool = True, html: bool = True,
+                 log_with: list | None = None) -> dict:
+    """Print the table, write plots/*.png and report.html under `root`; returns what was written.
+
+    `log_with`: accelerate trackers ("tensorboard", "wandb", or GeneralTracker instances) that
+    also receive every finished round's numbers (logs under `root`/trackers); off by default.
+    """
+    from online_dpo import plots as plotting
+    from online_dpo.report_html import write_html
+
+    run = load_run(root, length_factor)
+    console = console or wide_console()
+    if run.baseline_accuracy is not None:
+        console.print(f"baseline (initial policy) accuracy on held-out prompts: {pct(run.baseline_accuracy)}")
+    console.print(round_table(run.rounds, title=f"online-dpo report: {run.name}"))
+    done = sum(v.complete for v in run.rounds)
+    if done < len(run.rounds):
+        console.print(f"[yellow]{done} of {len(run.rounds)} rounds finished; the others are shown as incomplete[/]")
+    written: dict = {"rounds": len(run.rounds), "complete": done, "plots": {}}
+    if plots:
+        written["plots"] = plotting.write_plots(run, run.root / "plots", length_factor)
+    if html:
+        written["html"] = write_html(run, run.root / "report.html", written["plots"], examples)
+    if log_with:
+        from online_dpo.trackers import log_run
+
+        written["tracked_rounds"] = log_run(run, log_with, run.root / "trackers")
+        console.print(f"logged {written['tracked_rounds']} rounds to {', '.join(map(str, log_with))}")
+    for label, path in [*written["plots"].items(), ("report", written.get("html"))]:
+        if path:
+            console.print(f"{label}: {path}")
+    return written

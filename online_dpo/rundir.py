@@ -107,6 +107,27 @@ class RunDir:
         run.save_manifest()
         return run
 
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete the temp files and folders a killed process left mid-write (`.NAME.XXXX` beside NAME).
+
+        Only safe while no other process writes this run, which is the case at resume.
+        """
+        stale = sorted(p for p in self.root.rglob(".*") if p.name.count(".") >= 2 and p.name.startswith("."))
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return stale
+
+    def record_resume(self, config: dict, overrides: list[str]) -> None:
+        """Save the config a resumed run continues with (e.g. more rounds) and when it resumed."""
+        write_text(self.root / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        self.manifest.setdefault("resumes", []).append(
+            {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": overrides, "versions": package_versions()})
+        self.save_manifest()
+
+    def reload(self) -> None:
+        """Re-read the manifest from disk (processes that do not write it, after a barrier)."""
+        self.manifest = json.loads(self.manifest_path.read_text())
+
     def save_manifest(self) -> None:
         write_json(self.manifest_path, self.manifest)
 

@@ -1,16 +1,21 @@
 """A small OpenAI-compatible HTTP server that misbehaves on purpose, for fault tests.
 
 Behaviours (set per test): "judge" answers correctly (the response containing RIGHT
-wins), "always_a" answers "A" whatever the order, "unparseable" rambles, "malformed"
+wins), "shorter" prefers the shorter response (a consistent preference that real model
+outputs produce pairs under), "always_a" answers "A" whatever the order, "unparseable" rambles, "malformed"
 returns a body that is not JSON, "hang" sleeps past the client's timeout. `failures`
 queues HTTP errors (status, headers) served before the behaviour, e.g. a 429 with
-Retry-After. Every request is logged with its arrival time.
+Retry-After. Every request is logged with its arrival time, every answered one in `answered`.
+`kill_on_request(n, pid)` SIGKILLs process `pid` when the n-th request from now arrives,
+before it is answered: a client crash with no reply in flight (durability tests).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +28,9 @@ class FakeOpenAI:
         self.requests: list[dict] = []
         self.hang_s = 3.0
         self.auth_headers: list[str] = []
+        self.answered: list[dict] = []
+        self._kill: tuple[int, int] | None = None  # (requests left before the kill, pid)
+        self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,6 +41,8 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"t": time.monotonic(), "body": body})
                 server.auth_headers.append(self.headers.get("Authorization", ""))
+                if server._should_kill():
+                    return  # the client is dead; this request is never answered
                 if server.failures:
                     status, headers = server.failures.pop(0)
                     self._send(status, {"error": {"message": "injected failure"}}, headers)
@@ -44,6 +54,7 @@ class FakeOpenAI:
                     return
                 text = server.answer(body["messages"][-1]["content"])
                 self._send(200, completion(text, body))
+                server.answered.append(body)
 
             def _send(self, status, obj, headers=None):
                 self._send_raw(status, json.dumps(obj).encode(), headers)
@@ -64,6 +75,22 @@ class FakeOpenAI:
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
+    def kill_on_request(self, n: int, pid: int) -> None:
+        with self._lock:
+            self._kill = (n, pid)
+
+    def _should_kill(self) -> bool:
+        with self._lock:
+            if self._kill is None:
+                return False
+            left, pid = self._kill
+            if left > 1:
+                self._kill = (left - 1, pid)
+                return False
+            self._kill = None
+        os.kill(pid, signal.SIGKILL)
+        return True
+
     def answer(self, prompt: str) -> str:
         if self.behaviour == "always_a":
             return "A"
@@ -73,6 +100,9 @@ class FakeOpenAI:
         if single:  # pointwise rubric
             return "8" if "RIGHT" in single.group(1) else "3"
         m = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)\n\n", prompt, re.S)
+        if self.behaviour == "shorter":
+            a, b = len(m.group(1)), len(m.group(2))
+            return "A" if a < b else "B" if b < a else "tie"
         return "A" if "RIGHT" in m.group(1) else "B"
 
     def __enter__(self):

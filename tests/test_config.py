@@ -65,3 +65,11 @@ def test_every_shipped_config_loads_and_says_how_to_run_it(path):
     cfg = load_config(path)
     assert cfg.rounds >= 1
     assert "online-dpo run " in Path(path).read_text().split("\n\n")[0]  # the header says how to run it
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    # PyYAML reads "1e-4" as a string; a user writing dpo.learning_rate=1e-4 means the number.
+    cfg = load_config(None, ["dpo.learning_rate=1e-4", "dpo.beta=5E-2"])
+    assert cfg.dpo.learning_rate == 1e-4 and cfg.dpo.beta == 0.05
+    with pytest.raises(ConfigError, match="dpo.beta: expected float"):
+        load_config(None, ["dpo.beta=high"])

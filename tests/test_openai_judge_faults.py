@@ -48,6 +48,17 @@ def test_correct_judge_both_orders_soft_preference_usage_and_cache(tmp_path):
     assert "SECRET" not in (tmp_path / "cache.sqlite").read_bytes().decode("latin-1")
 
 
+def test_identical_requests_in_one_batch_are_paid_once(tmp_path):
+    # Two candidates that wrote the same text give identical comparisons: one request each order.
+    with FakeOpenAI("judge") as server:
+        judge = make_judge(server, tmp_path, max_concurrency=4)
+        verdicts = judge.compare([ITEMS[0], ITEMS[0], ITEMS[0], ITEMS[1]])
+        assert [v.winner for v in verdicts] == ["a", "a", "a", "b"]
+        assert len(server.requests) == 4 and len(server.answered) == 4
+        assert judge.stats.requests == 4 and judge.stats.cache_hits == 4
+        assert [v.usage.calls for v in verdicts] == [2, 0, 0, 2]  # each call's usage counted once
+
+
 def test_position_biased_judge_never_makes_a_win(tmp_path):
     with FakeOpenAI("always_a") as server:
         judge = make_judge(server, tmp_path)

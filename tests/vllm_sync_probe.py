@@ -24,7 +24,7 @@ def torch_logprobs(model, prompt_ids, completion_ids):
 def main():
     from accelerate import Accelerator
 
-    from online_dpo import dpo
+    from online_dpo import dpo, lora
     from online_dpo.config import DPOConfig, GenerationConfig
     from online_dpo.data import chat_prompt_ids
     from online_dpo.generate import VLLMGenerator
@@ -49,7 +49,7 @@ def main():
     ref = dpo.reference_logps(policy, batches, accelerator)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate)
     metrics = dpo.train_round(policy, optimizer, batches, ref, cfg, accelerator)
-    gen.update_weights(policy)
+    gen.update_weights(lora.merged_weights(policy))
 
     after_vllm = gen.completion_logprobs(prompt_ids, completion)
     after_torch = torch_logprobs(policy, prompt_ids, completion)

@@ -1,0 +1,78 @@
+"""One round's DPO update on a tiny random Llama, for tests/test_distributed.py.
+
+Run as one process (`python tests/ddp_probe.py OUT`) or several
+(`python -m torch.distributed.run --nproc_per_node 2 tests/ddp_probe.py OUT`): the same
+seeded model, pairs and config either way. Two scenarios, one after the other (imports
+are the slow part): "full" trains every weight, "lora" trains LoRA adapters with gradient
+checkpointing. For each, every process writes its metrics to OUT/<scenario>/metrics_rank<i>.json
+and the main process the final merged weights and reference log-probs to OUT/<scenario>/weights.pt.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from online_dpo import dpo, lora, training
+from online_dpo.config import DPOConfig, LoRAConfig
+
+NUM_PAIRS = 14  # batches of 4, 4, 4, 2 pairs: every one splits over 2 processes
+
+
+def synthetic_pairs(n: int) -> tuple[list[dict], dict[str, list[int]]]:
+    """Fixed random token pairs of varied lengths; every fifth pair is a kept tie."""
+    g = torch.Generator().manual_seed(1)
+
+    def tokens() -> list[int]:
+        return torch.randint(3, 64, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+
+    prompt_ids = {f"p{i}": tokens() for i in range(4)}
+    pairs = [{"prompt_id": f"p{i % 4}", "chosen_token_ids": tokens(), "rejected_token_ids": tokens(),
+              "chosen_prob": 0.5 if i % 5 == 4 else 1.0} for i in range(n)]
+    return pairs, prompt_ids
+
+
+def run_scenario(accelerator: Accelerator, use_lora: bool, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    cfg = DPOConfig(beta=0.5, learning_rate=1e-3, epochs=2, batch_size=4, grad_accum_steps=2, warmup_steps=1,
+                    lr_schedule="cosine", rpo_alpha=0.2, mixed_precision="no", gradient_checkpointing=use_lora)
+    if use_lora:
+        model = lora.wrap_lora(model, LoRAConfig(r=4, alpha=8))
+        with torch.no_grad():  # B starts at 0; make the adapter do something from step 0
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    if cfg.gradient_checkpointing:
+        training.enable_gradient_checkpointing(model)
+    pairs, prompt_ids = synthetic_pairs(NUM_PAIRS)
+    batches = dpo.make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=5, num_processes=accelerator.num_processes)
+    optimizer = training.build_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ref = dpo.reference_logps(model, batches, accelerator)
+    metrics = dpo.train_round(model, optimizer, batches, ref, cfg, accelerator)
+
+    (out / f"metrics_rank{accelerator.process_index}.json").write_text(json.dumps(metrics))
+    full_state = accelerator.get_state_dict(model)  # on every process (a collective under FSDP)
+    if accelerator.is_main_process:
+        torch.save({"weights": dict(lora.merged_weights(accelerator.unwrap_model(model), full_state)),
+                    "ref": ref, "processes": accelerator.num_processes}, out / "weights.pt")
+    accelerator.wait_for_everyone()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    args = parser.parse_args()
+    accelerator = Accelerator(cpu=True)
+    for name in ("full", "lora"):
+        run_scenario(accelerator, name == "lora", Path(args.out) / name)
+
+
+if __name__ == "__main__":
+    main()

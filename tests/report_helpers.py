@@ -1,0 +1,49 @@
+"""A tiny real campaign (HF backend, embedded model, 2 rounds) shared by the report tests.
+
+It is made once per pytest session under the session's base temp folder, so both report
+test modules reuse it; each test works on its own copy (the report writes into the run).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from pathlib import Path
+
+from tests.conftest import run_python
+
+TINY_RUN = [
+    "rounds=2", "name=tiny", "generation.backend=hf", "data.train_prompts_per_round=4",
+    "generation.samples_per_prompt=3", "generation.max_new_tokens=12", "eval.max_new_tokens=12",
+    "data.eval_prompts=8", "dpo.batch_size=2", "dpo.epochs=1",
+]
+
+
+def tiny_run(tmp_path_factory) -> Path:
+    # REPORT_TEST_RUN=<a finished run of TINY_RUN> reuses it (tests only read copies of it),
+    # which saves minutes when iterating on the report alone.
+    reuse = os.environ.get("REPORT_TEST_RUN")
+    if reuse and (Path(reuse) / "round_001" / "eval.json").exists():
+        return Path(reuse)
+    out = tmp_path_factory.getbasetemp() / "report-tiny-run"
+    root = out / "tiny"
+    if not (root / "round_001" / "eval.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        proc = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", *TINY_RUN],
+                          timeout=900)
+        assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    return root
+
+
+def copy_run(root: Path, dest: Path) -> Path:
+    """The run without its checkpoints (hundreds of MB the report never reads)."""
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("checkpoint"))
+    return dest
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; raises if `data` is not a PNG."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    assert data[12:16] == b"IHDR", "PNG without IHDR first"
+    return struct.unpack(">II", data[16:24])

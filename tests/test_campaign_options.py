@@ -1,0 +1,180 @@
+"""Two small end-to-end campaigns (embedded model, HF generation backend) that exercise the
+campaign options, each checked against numbers recomputed here:
+
+- from a Parquet file of chat-format prompts, with replay (pairs.replay_fraction) and the
+  default refreshed reference: round 1's reference log-probs are those of the round-0
+  checkpoint, and its update trained on its fresh pairs plus a draw of round 0's;
+- from a JSONL file of plain prompts, with LoRA, the initial-model reference, a carried-over
+  optimizer, a cosine LR schedule and gradient checkpointing: round 1's reference
+  log-probs are those of the initial model.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from online_dpo import dpo
+from online_dpo.data import chat_prompt_ids
+from online_dpo.pairs import replay_count
+from tests.conftest import run_python
+
+SMALL = ["rounds=2", "generation.backend=hf", "data.train_prompts_per_round=4", "generation.samples_per_prompt=3",
+         "generation.max_new_tokens=12", "eval.max_new_tokens=8", "data.eval_prompts=2", "dpo.batch_size=2",
+         "dpo.epochs=1", "dpo.learning_rate=1e-4",
+         # scores fall with length past 20 characters, so candidates of different lengths form pairs
+         "judge.name=length", "judge.options={max_chars: 20, slack: 200}"]
+
+
+def chat(i):
+    return [{"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": f"Name a color, variant {i}."}]
+
+
+def run_campaign(out: Path, name: str, source: str, extra: list[str]) -> Path:
+    proc = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", f"name={name}",
+                       f"data.source={source}", *SMALL, *extra], timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    return out / name
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pairs_of(root: Path, r: int) -> list[dict]:
+    from datasets import load_from_disk
+
+    return load_from_disk(str(root / f"round_{r:03d}" / "pairs")).to_list()
+
+
+def logps_under(model_dir: str, root: Path, rows: list[dict]) -> list[tuple[float, float]]:
+    """(chosen, rejected) summed log-probs of the pairs named by `rows` under the model in `model_dir`."""
+    from online_dpo.models import load_policy, load_tokenizer
+
+    tokenizer, model = load_tokenizer(model_dir), load_policy(model_dir).eval()
+    by_key = {}
+    for r in (0, 1):
+        for p in pairs_of(root, r):
+            by_key[(r, p["prompt_id"], p["chosen_index"], p["rejected_index"])] = p
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            r = 1 if row["replay_from_round"] is None else row["replay_from_round"]
+            p = by_key[(r, row["prompt_id"], row["chosen_index"], row["rejected_index"])]
+            enc = dpo.encode_pair(chat_prompt_ids(tokenizer, p["prompt"]), p["chosen_token_ids"],
+                                  p["rejected_token_ids"], 192)
+            chosen, rejected = dpo.batch_logps(model, dpo.collate_pairs([enc], tokenizer.pad_token_id))
+            out.append((float(chosen), float(rejected)))
+    return out
+
+
+def saved_reference(rows: list[dict]) -> list[tuple[float, float]]:
+    return [(row["ref_chosen"], row["ref_rejected"]) for row in rows]
+
+
+def close(a, b, atol=2e-3) -> bool:
+    return torch.allclose(torch.tensor(a), torch.tensor(b), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def parquet_run(tmp_path_factory, embedded_model_path):
+    tmp = tmp_path_factory.mktemp("parquet")
+    path = tmp / "chat.parquet"
+    pd.DataFrame({"messages": [chat(i) for i in range(12)]}).to_parquet(path)
+    root = run_campaign(tmp / "runs", "chat-parquet", str(path),
+                        ["data.prompt_column=messages", "pairs.replay_fraction=0.5", "save_checkpoints=all"])
+    return root, path
+
+
+@pytest.fixture(scope="module")
+def jsonl_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("jsonl")
+    words = ["cat", "dog", "tree", "sun", "moon", "star", "rain", "fish", "bird", "cake", "cat"]
+    src = tmp / "plain.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Give me a word that rhymes with {w}."}) + "\n" for w in words))
+    root = run_campaign(tmp / "runs", "plain-jsonl", str(src),
+                        ["lora.enabled=true", "lora.r=4", "dpo.reference=initial", "dpo.optimizer_state=carry",
+                         "dpo.lr_schedule=cosine", "dpo.warmup_steps=1", "dpo.gradient_checkpointing=true",
+                         "dpo.learning_rate=1e-3"])
+    return root, words
+
+
+def test_campaign_from_a_parquet_of_chat_prompts(parquet_run):
+    root, path = parquet_run
+    report = json.loads((root / "data.json").read_text())
+    assert report["source"] == str(path) and report["rows_read"] == 12 and report["eval"] == 2
+    for r in (0, 1):
+        prompts = read_jsonl(root / f"round_{r:03d}" / "prompts.jsonl")
+        assert len(prompts) == 4 and all(p["messages"] in [chat(i) for i in range(12)] for p in prompts)
+        manifest = json.loads((root / "manifest.json").read_text())
+        assert {"generate", "judge", "pairs", "checkpoint", "eval"} <= set(manifest["rounds"][str(r)])
+
+
+def test_replay_mixes_earlier_pairs_into_the_update(parquet_run):
+    root, _ = parquet_run
+    fresh, earlier = pairs_of(root, 1), pairs_of(root, 0)
+    assert fresh and earlier, "no pairs formed: the replay check would be empty"
+    replayed = read_jsonl(root / "round_001" / "replay.jsonl")
+    assert len(replayed) == min(len(earlier), replay_count(len(fresh), 0.5))
+    earlier_keys = {(p["prompt_id"], p["chosen_index"], p["rejected_index"]) for p in earlier}
+    assert all(row["replay_from_round"] == 0 for row in replayed)
+    assert {(row["prompt_id"], row["chosen_index"], row["rejected_index"]) for row in replayed} <= earlier_keys
+    # The update scored (and trained on) exactly the fresh pairs plus the replayed ones.
+    scored = read_jsonl(root / "round_001" / "reference_logps.jsonl")
+    assert sorted(row["replay_from_round"] is not None for row in scored) == \
+        sorted([False] * len(fresh) + [True] * len(replayed))
+    assert json.loads((root / "round_001" / "funnel.json").read_text())["replayed"] == len(replayed)
+
+
+def test_refreshed_reference_is_the_previous_rounds_policy(parquet_run, embedded_model_path):
+    root, _ = parquet_run
+    rows = read_jsonl(root / "round_001" / "reference_logps.jsonl")
+    saved = saved_reference(rows)
+    assert close(saved, logps_under(str(root / "round_000" / "checkpoint"), root, rows))
+    # and not the initial model (round 0's update moved these log-probs measurably)
+    assert not close(saved, logps_under(embedded_model_path, root, rows))
+
+
+def test_campaign_from_a_jsonl_of_plain_prompts(jsonl_run):
+    root, words = jsonl_run
+    texts = {f"Give me a word that rhymes with {w}." for w in words}
+    report = json.loads((root / "data.json").read_text())
+    assert report["duplicates_skipped"] == 1 and report["eval"] == 2 and report["train"] == 8
+    train_ids = set()
+    for r in (0, 1):
+        prompts = read_jsonl(root / f"round_{r:03d}" / "prompts.jsonl")
+        assert len(prompts) == 4 and all(p["messages"][0]["content"] in texts for p in prompts)
+        train_ids |= {p["id"] for p in prompts}
+    assert len(train_ids) == 8  # no prompt reused across rounds
+    eval_ids = {row["prompt_id"] for row in read_jsonl(root / "baseline" / "eval_responses.jsonl")}
+    assert len(eval_ids) == 2 and not eval_ids & train_ids
+
+
+def test_initial_reference_with_lora_is_the_round0_model(jsonl_run, embedded_model_path):
+    root, _ = jsonl_run
+    rows = read_jsonl(root / "round_001" / "reference_logps.jsonl")
+    assert rows, "no pairs formed in round 1"
+    saved = saved_reference(rows)
+    assert close(saved, logps_under(embedded_model_path, root, rows))
+    # the policy did move: the round-1 checkpoint (merged LoRA) scores these pairs differently
+    assert not close(saved, logps_under(str(root / "round_001" / "checkpoint"), root, rows))
+
+
+def test_lora_checkpoint_optimizer_and_schedule(jsonl_run):
+    root, _ = jsonl_run
+    ckpt = root / "round_001" / "checkpoint"
+    assert (ckpt / "adapter" / "adapter_config.json").exists() and (ckpt / "optimizer.pt").exists()
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    steps = [float(s["step"]) for s in state["state"].values()]
+    metrics = [read_jsonl(root / f"round_{r:03d}" / "train_metrics.jsonl") for r in (0, 1)]
+    # carried over: the AdamW step count spans both rounds' updates
+    assert steps and max(steps) == len(metrics[0]) + len(metrics[1])
+    for m in metrics:
+        assert m[0]["lr"] == 0.0  # warmup from 0 (transformers' schedule)
+        if len(m) > 2:
+            assert m[-1]["lr"] < m[1]["lr"]  # cosine decay after warmup
+        assert all("kl" in step and "chosen_reward" in step for step in m)
