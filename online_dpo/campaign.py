@@ -106,6 +106,8 @@ def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
 
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.dpo.mixed_precision), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
+    if not main:
+        log.setLevel(logging.WARNING)  # one copy of the progress log, from the main process
     model_path = resolve_model_path(cfg.policy.model)
     tokenizer = load_tokenizer(model_path)
     # Over-long prompts (after the chat template) are skipped or rejected here, per data.on_too_long.
