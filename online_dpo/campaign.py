@@ -125,6 +125,7 @@ def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
     # model.safetensors holds the merged weights, for vLLM and for people).
     policy = load_policy(str(last) if last and not cfg.lora.enabled else model_path)
     if cfg.lora.enabled:
+        torch.manual_seed(derived_seed(cfg.seed, "lora-init"))  # LoRA's A matrices start random: same run, same start
         policy = lora.wrap_lora(policy, cfg.lora, adapter_dir=last / lora.ADAPTER_DIR if last else None)
     if cfg.dpo.gradient_checkpointing:
         training.enable_gradient_checkpointing(policy)
@@ -222,8 +223,7 @@ def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] 
             scores = stage_judge(c, r, prompts, candidates)
         funnel = stage_pairs(c, r, prompts, candidates, scores)
     c.barrier()
-    train_set = training_set(c, r)  # every process reads the same pairs back from disk
-    train_metrics = stage_update(c, r, train_set, timings)
+    train_metrics = stage_update(c, r, timings)
     if not c.run.is_done(r, "checkpoint"):
         with timed("checkpoint", timings):
             save_checkpoint(c, r)
@@ -340,12 +340,13 @@ def training_set(c: Campaign, r: int) -> list[dict]:
     return fresh + replayed_pairs(c, r, len(fresh))
 
 
-def stage_update(c: Campaign, r: int, pairs: list[dict], timings: dict) -> list[dict]:
+def stage_update(c: Campaign, r: int, timings: dict) -> list[dict]:
     """Reference pass, DPO update and weight sync (all processes); skipped, metrics read back,
     once the round's checkpoint is saved. Returns the per-step training metrics."""
     rdir = c.run.round_dir(r)
     if c.run.is_done(r, "checkpoint"):  # resumed after this round's update was saved
         return read_jsonl(rdir / "train_metrics.jsonl") if (rdir / "train_metrics.jsonl").exists() else []
+    pairs = training_set(c, r)  # every process reads the same pairs back from disk
     if not pairs:
         log.warning("round %d produced no pairs; the policy is unchanged", r)
         return []
@@ -353,9 +354,11 @@ def stage_update(c: Campaign, r: int, pairs: list[dict], timings: dict) -> list[
     prompt_ids = {p["prompt_id"]: chat_prompt_ids(c.tokenizer, p["prompt"]) for p in pairs}
     batches = dpo.make_batches(pairs, prompt_ids, cfg.dpo, c.tokenizer.pad_token_id,
                                derived_seed(cfg.seed, r, "batches"), num_processes=acc.num_processes)
-    with timed("reference", timings):
-        ref = reference_pass(c, batches)
-    if c.is_main:  # which reference scored which pair, for people and for tests of dpo.reference
+    ref = None  # reference-free losses (simpo, orpo): no reference pass, no reference_logps.jsonl
+    if dpo.needs_reference(cfg.dpo.loss):
+        with timed("reference", timings):
+            ref = reference_pass(c, batches)
+    if c.is_main and ref is not None:  # which reference scored which pair, for people and for tests of dpo.reference
         order = dpo.batch_order(len(pairs), derived_seed(cfg.seed, r, "batches"), acc.num_processes)
         ref_flat = [(float(rc), float(rr)) for chosen, rejected in ref for rc, rr in zip(chosen, rejected)]
         write_jsonl(rdir / "reference_logps.jsonl", [

@@ -104,8 +104,13 @@ class PairsConfig:
 
 @dataclass
 class DPOConfig:
-    loss: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
+    # simpo and orpo are reference-free (REFERENCE_FREE_LOSSES): no reference pass at all.
+    loss: Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"] = "sigmoid"
+    # The loss's inverse temperature. SimPO applies it to per-token averages, not sums, so it
+    # wants a larger value (the SimPO paper uses 2.0-2.5); ORPO does not use it (see orpo_lambda).
     beta: float = 0.1
+    simpo_gamma: float = 0.5  # SimPO's target reward margin γ: the loss is -log σ(β·Δavg_logp - γ)
+    orpo_lambda: float = 0.1  # ORPO's weight λ of the odds-ratio term added to the chosen response's NLL
     label_smoothing: float = 0.0  # sigmoid: conservative DPO; robust: the assumed label-noise rate
     rpo_alpha: float = 0.0  # weight of the chosen response's per-token NLL (iterative RPO); 0 = off
     learning_rate: float = 5e-6
@@ -127,6 +132,10 @@ class DPOConfig:
     # "carry": keep them across rounds (saved with the checkpoint, so resume keeps them too).
     optimizer_state: Literal["fresh", "carry"] = "fresh"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+
+
+# Losses that need no reference model: the round skips the reference pass for them.
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
 
 @dataclass
@@ -298,6 +307,12 @@ def validate(cfg: CampaignConfig) -> None:
         (cfg.dpo.batch_size >= 1, "dpo.batch_size must be >= 1"),
         (0.0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
         (cfg.dpo.rpo_alpha >= 0.0, "dpo.rpo_alpha must be >= 0"),
+        (cfg.dpo.simpo_gamma >= 0.0, "dpo.simpo_gamma must be >= 0"),
+        (cfg.dpo.orpo_lambda >= 0.0, "dpo.orpo_lambda must be >= 0"),
+        (cfg.dpo.loss not in REFERENCE_FREE_LOSSES or cfg.dpo.reference == "refreshed",
+         (f"dpo.loss={cfg.dpo.loss} is reference-free, so dpo.reference=initial has nothing to apply to "
+          f"(and would keep a frozen copy for nothing); remove dpo.reference or use a reference-based loss "
+          f"(sigmoid, robust, ipo, hinge)")),
         (cfg.dpo.grad_accum_steps >= 1, "dpo.grad_accum_steps must be >= 1"),
         (cfg.data.train_prompts_per_round >= 1, "data.train_prompts_per_round must be >= 1"),
         (0.0 <= cfg.pairs.replay_fraction < 1.0, "pairs.replay_fraction must be in [0, 1)"),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from online_dpo.config import DPOConfig
+from online_dpo.config import REFERENCE_FREE_LOSSES, DPOConfig
 
 log = logging.getLogger("online_dpo")
 
@@ -123,9 +123,97 @@ def kl_to_reference(policy_chosen, policy_rejected, ref_chosen, ref_rejected) ->
     return torch.cat([ref_chosen - policy_chosen, ref_rejected - policy_rejected]).detach().mean()
 
 
+# --- reference-free and unpaired losses (take per-token average log-probs, not sums) ----
+
+def simpo_loss(policy_chosen_avg: torch.Tensor, policy_rejected_avg: torch.Tensor, beta: float, gamma: float):
+    """SimPO (Meng et al. 2024): -log σ(β·(avg_chosen - avg_rejected) - γ), reference-free.
+
+    The implicit reward is β × the per-token average log-prob (length-normalized, so longer
+    responses are not favoured); γ is the target reward margin. Because the log-probs are
+    averages, β is typically much larger than DPO's (the paper uses 2.0-2.5).
+    Args: per-token average response log-probs, each [B].
+    Returns: (loss [B], chosen_reward [B], rejected_reward [B]), rewards = β·avg log-prob, detached.
+    """
+    chosen_reward, rejected_reward = beta * policy_chosen_avg, beta * policy_rejected_avg
+    losses = -F.logsigmoid(chosen_reward - rejected_reward - gamma)
+    return losses, chosen_reward.detach(), rejected_reward.detach()
+
+
+def log_odds(avg_logp: torch.Tensor, max_logp: float = -1e-6) -> torch.Tensor:
+    """log(p / (1 - p)) for p = exp(avg_logp), computed in log space. [B] -> [B].
+
+    log(1 - p) = log(-expm1(x)), exact also for x near 0 where 1 - exp(x) would cancel;
+    x is clamped to <= `max_logp` so p = 1 (an average log-prob of 0) gives a large finite
+    value instead of inf (no gradient flows through the clamp there)."""
+    x = avg_logp.clamp(max=max_logp)
+    return x - torch.log(-torch.expm1(x))
+
+
+def orpo_loss(policy_chosen_avg: torch.Tensor, policy_rejected_avg: torch.Tensor, lam: float):
+    """ORPO (Hong et al. 2024): NLL of the chosen response + λ·(-log σ(log odds_chosen - log odds_rejected)),
+    with odds = p / (1 - p), p = exp(per-token average log-prob); reference-free, no β.
+
+    Args: per-token average response log-probs, each [B].
+    Returns: (loss [B], chosen_reward [B], rejected_reward [B]); the "rewards" are the log
+    odds, detached, so their difference is the log odds ratio the loss pushes up.
+    """
+    odds_chosen, odds_rejected = log_odds(policy_chosen_avg), log_odds(policy_rejected_avg)
+    losses = -policy_chosen_avg + lam * -F.logsigmoid(odds_chosen - odds_rejected)
+    return losses, odds_chosen.detach(), odds_rejected.detach()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024) on unpaired examples: each response is desirable or not.
+
+    r = policy - reference log-prob; z0 = the reference point, here the batch's KL estimate
+    mean(r) clamped at 0 and detached (the paper estimates it on mismatched prompt/response
+    pairs; the batch mean is the simple variant). The loss is
+    λ_D·(1 - σ(β(r - z0))) for a desirable response, λ_U·(1 - σ(β(z0 - r))) for an undesirable one.
+    Not wired into the campaign yet: it needs unpaired examples from a pointwise judge
+    (each candidate labelled by a threshold or its rank), which the pairing stage does not make.
+    Args: summed response log-probs policy_logps [N], ref_logps [N]; desirable [N] bool.
+    Returns: (loss [N], reward [N] = β·r detached, z0 0-dim).
+    """
+    r = policy_logps - ref_logps
+    z0 = r.detach().mean().clamp(min=0)
+    desirable = desirable.to(torch.bool)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    return losses, beta * r.detach(), z0
+
+
 LOSSES = {"sigmoid": sigmoid_dpo_loss, "robust": robust_dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss}
 SMOOTHED = {"sigmoid", "robust"}  # the losses that take label_smoothing
 SOFT_LABELLED = {"sigmoid"}  # the losses that take chosen_prob (kept ties)
+# Reference-free losses: called on per-token average log-probs, with no reference at all.
+REFERENCE_FREE = {"simpo": simpo_loss, "orpo": orpo_loss}
+assert set(REFERENCE_FREE) == set(REFERENCE_FREE_LOSSES)
+
+
+def needs_reference(loss: str) -> bool:
+    """Whether `dpo.loss=loss` compares the policy with a reference (so the round runs a reference pass)."""
+    if loss not in LOSSES and loss not in REFERENCE_FREE:
+        raise ValueError(f"unknown dpo.loss {loss!r}; choose one of {sorted(LOSSES) + sorted(REFERENCE_FREE)}")
+    return loss not in REFERENCE_FREE
+
+
+def make_loss_fn(cfg: DPOConfig):
+    """The configured loss with its hyper-parameters bound. Reference-based losses take
+    (policy_chosen, policy_rejected, ref_chosen, ref_rejected[, chosen_prob]) summed log-probs;
+    reference-free ones take (policy_chosen_avg, policy_rejected_avg) per-token averages."""
+    if cfg.loss == "simpo":
+        return functools.partial(simpo_loss, beta=cfg.beta, gamma=cfg.simpo_gamma)
+    if cfg.loss == "orpo":
+        return functools.partial(orpo_loss, lam=cfg.orpo_lambda)
+    smoothing = {"label_smoothing": cfg.label_smoothing} if cfg.loss in SMOOTHED else {}
+    return functools.partial(LOSSES[cfg.loss], beta=cfg.beta, **smoothing)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -222,6 +310,13 @@ def batch_logps(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return logps[: batch.num_pairs], logps[batch.num_pairs :]
 
 
+def response_token_counts(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [B], rejected [B]) number of scored response tokens, at least 1: the tokens
+    `sequence_logps` sums (the mask from position 1 on), so sum / count is the per-token average."""
+    counts = batch.response_mask[:, 1:].sum(-1).clamp(min=1)
+    return counts[: batch.num_pairs], counts[batch.num_pairs :]
+
+
 def batch_order(num_pairs: int, seed: int, num_processes: int = 1) -> list[int]:
     """The pair indices in the order `make_batches` puts them in batches: a seeded shuffle,
     less the last (num_pairs % num_processes) so every batch splits evenly over processes."""
@@ -316,11 +411,14 @@ METRICS = ("loss", "reward_margin", "pair_accuracy", "chosen_logps", "rejected_l
            "chosen_reward", "rejected_reward", "kl")
 
 
-def train_round(model, optimizer, batches: list[PairBatch], ref: list, cfg: DPOConfig, accelerator, progress=None) -> list[dict]:
+def train_round(model, optimizer, batches: list[PairBatch], ref: list | None, cfg: DPOConfig, accelerator,
+                progress=None) -> list[dict]:
     """Run the round's DPO update in place on `model`; returns one metrics dict per optimizer step.
 
     `batches` and `ref` are the global ones (the same on every process, see `make_batches`
-    and `reference_logps`); each process trains on its share of every batch. Each optimizer
+    and `reference_logps`); each process trains on its share of every batch. `ref` is
+    ignored, and may be None, for a reference-free loss (`needs_reference`), which is fed
+    per-token average log-probs instead of sums. Each optimizer
     step accumulates `cfg.grad_accum_steps` batches, each weighted by its share of the
     group's pairs, so accumulation gives the gradient of the mean loss over the group.
     The LR follows `make_scheduler`; the logged `lr` is the one that step used. The
@@ -330,14 +428,19 @@ def train_round(model, optimizer, batches: list[PairBatch], ref: list, cfg: DPOC
     reward_margin, pair_accuracy, chosen/rejected_logps, chosen/rejected_reward (beta·(policy - ref)),
     kl (see `kl_to_reference`), grad_norm (before clipping), lr, train_tokens_per_s (all
     processes together). They describe the policy before that step's update.
+    Reference-free losses: the rewards are the loss's own (SimPO β·average log-prob, ORPO log
+    odds), reward_margin their difference, and there is no kl (undefined without a reference).
     """
     if not batches:
         return []
     if cfg.loss not in SOFT_LABELLED and any(b.has_soft_labels for b in batches):
         raise ValueError(f"pairs with chosen_prob != 1 (ties kept by pairs.drop_ties=false) need dpo.loss=sigmoid, "
                          f"not {cfg.loss}; set dpo.loss=sigmoid or pairs.drop_ties=true")
-    smoothing = {"label_smoothing": cfg.label_smoothing} if cfg.loss in SMOOTHED else {}
-    loss_fn = functools.partial(LOSSES[cfg.loss], beta=cfg.beta, **smoothing)
+    reference_free = not needs_reference(cfg.loss)
+    if not reference_free and ref is None:
+        raise ValueError(f"dpo.loss={cfg.loss} needs reference log-probs (see reference_logps); got ref=None")
+    loss_fn = make_loss_fn(cfg)
+    names = METRICS[:-1] if reference_free else METRICS  # no kl without a reference
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     groups = accumulation_groups(len(batches), cfg.grad_accum_steps)
     total_steps = len(groups) * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
@@ -348,27 +451,34 @@ def train_round(model, optimizer, batches: list[PairBatch], ref: list, cfg: DPOC
     for step in range(total_steps):
         group = groups[step % len(groups)]
         group_pairs = sum(batches[i].num_pairs for i in group)
-        sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(names), dtype=torch.float64, device=device)
         for j, i in enumerate(group):
             batch = batches[i]
             local = batch.shard(rank, world)
             soft = local.chosen_prob if batch.has_soft_labels else None  # None: the hard-label code path
             local = local.to(device)
-            lo, hi = shard_range(batch.num_pairs, rank, world)
-            ref_c, ref_r = (r[lo:hi].to(device) for r in ref[i])
+            if not reference_free:
+                lo, hi = shard_range(batch.num_pairs, rank, world)
+                ref_c, ref_r = (r[lo:hi].to(device) for r in ref[i])
             with gradient_sync(accelerator, model, sync=j == len(group) - 1):
                 with accelerator.autocast():
                     pol_c, pol_r = batch_logps(model, local)
-                extra = {"chosen_prob": soft.to(device)} if soft is not None else {}
-                losses, rew_c, rew_r = loss_fn(pol_c, pol_r, ref_c, ref_r, **extra)
+                if reference_free:
+                    count_c, count_r = response_token_counts(local)
+                    losses, rew_c, rew_r = loss_fn(pol_c / count_c, pol_r / count_r)
+                else:
+                    extra = {"chosen_prob": soft.to(device)} if soft is not None else {}
+                    losses, rew_c, rew_r = loss_fn(pol_c, pol_r, ref_c, ref_r, **extra)
                 if cfg.rpo_alpha > 0:
                     losses = losses + cfg.rpo_alpha * chosen_nll(pol_c, local.response_mask[: local.num_pairs].sum(-1))
                 loss = losses.mean()
                 # this batch's share of the group's pairs (== 1/grad_accum_steps for equal batches)
                 accelerator.backward(loss / (group_pairs / batch.num_pairs))
-            values = torch.stack([loss.detach(), (rew_c - rew_r).mean(), (rew_c > rew_r).float().mean(),
-                                  pol_c.detach().mean(), pol_r.detach().mean(), rew_c.mean(), rew_r.mean(),
-                                  kl_to_reference(pol_c, pol_r, ref_c, ref_r)]).double()
+            values = [loss.detach(), (rew_c - rew_r).mean(), (rew_c > rew_r).float().mean(),
+                      pol_c.detach().mean(), pol_r.detach().mean(), rew_c.mean(), rew_r.mean()]
+            if not reference_free:
+                values.append(kl_to_reference(pol_c, pol_r, ref_c, ref_r))
+            values = torch.stack(values).double()
             sums += values * (batch.num_pairs / group_pairs)
             tokens += int(local.attention_mask.sum())
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -380,7 +490,7 @@ def train_round(model, optimizer, batches: list[PairBatch], ref: list, cfg: DPOC
         averaged = accelerator.reduce(sums, reduction="mean").tolist() if world > 1 else sums.tolist()
         all_tokens = accelerator.reduce(torch.tensor(float(tokens), dtype=torch.float64, device=device), reduction="sum").item() if world > 1 else tokens
         elapsed = time.perf_counter() - t0
-        metrics.append({"step": step, **dict(zip(METRICS, averaged)),
+        metrics.append({"step": step, **dict(zip(names, averaged, strict=True)),
                         "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": lr,
                         "train_tokens_per_s": all_tokens / elapsed if elapsed else 0.0})
         if progress is not None:

@@ -178,3 +178,18 @@ def test_lora_checkpoint_optimizer_and_schedule(jsonl_run):
         if len(m) > 2:
             assert m[-1]["lr"] < m[1]["lr"]  # cosine decay after warmup
         assert all("kl" in step and "chosen_reward" in step for step in m)
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_losses_run_a_round_without_a_reference_pass(tmp_path, loss):
+    words = ["cat", "dog", "tree", "sun", "moon", "star", "rain", "fish"]
+    src = tmp_path / "plain.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Give me a word that rhymes with {w}."}) + "\n" for w in words))
+    root = run_campaign(tmp_path / "runs", loss, str(src), ["rounds=1", f"dpo.loss={loss}", "dpo.beta=2.0"])
+    result = json.loads((root / "round_000" / "eval.json").read_text())
+    steps = read_jsonl(root / "round_000" / "train_metrics.jsonl")
+    assert result["pairs"] > 0 and steps, "no pairs formed: nothing was trained"
+    assert "reference" not in result["timings"] and "update" in result["timings"]
+    assert not (root / "round_000" / "reference_logps.jsonl").exists()
+    assert all("kl" not in s and s["loss"] > 0 for s in steps)  # no reference, so no KL to it
+    assert (root / "round_000" / "checkpoint" / "model.safetensors").exists()

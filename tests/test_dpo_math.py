@@ -82,3 +82,84 @@ def test_chosen_nll_is_per_token():
     from online_dpo.dpo import chosen_nll
 
     assert chosen_nll(torch.tensor([-6.0, -3.0]), torch.tensor([3, 0])).tolist() == [2.0, 3.0]  # 0 tokens -> 1
+
+
+def test_simpo_matches_hand_computed_values():
+    from online_dpo.dpo import simpo_loss
+
+    # per-token averages; beta 2, gamma 0.5: x = 2·(-1 - -2) - 0.5 = 1.5 and 2·(-2 - -1.5) - 0.5 = -1.5
+    losses, rew_c, rew_r = simpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.5]), beta=2.0, gamma=0.5)
+    assert torch.allclose(losses, torch.tensor([math.log1p(math.exp(-1.5)), math.log1p(math.exp(1.5))]), atol=1e-6)
+    assert abs(losses[0].item() - 0.201413) < 1e-6 and abs(losses[1].item() - 1.701413) < 1e-6
+    assert rew_c.tolist() == [-2.0, -4.0] and rew_r.tolist() == [-4.0, -3.0]  # beta · average log-prob
+    # gamma is a margin the rewards must clear: with it the loss at equal rewards exceeds log 2
+    at_tie, _, _ = simpo_loss(torch.tensor([-1.0]), torch.tensor([-1.0]), beta=2.0, gamma=0.5)
+    assert abs(at_tie.item() - math.log1p(math.exp(0.5))) < 1e-6
+
+
+def test_orpo_matches_hand_computed_values():
+    from online_dpo.dpo import orpo_loss
+
+    # p_chosen = 0.5 -> odds 1, log odds 0; p_rejected = 0.2 -> odds 0.25; log odds ratio = log 4
+    # -log σ(log 4) = log(1 + 1/4) = log 1.25; NLL = -log 0.5; loss = log 2 + 0.1·log 1.25
+    losses, odds_c, odds_r = orpo_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]), lam=0.1)
+    assert abs(losses.item() - (math.log(2) + 0.1 * math.log(1.25))) < 1e-6
+    assert abs(losses.item() - 0.715461) < 1e-6
+    assert abs(odds_c.item()) < 1e-6 and abs(odds_r.item() - math.log(0.25)) < 1e-6
+    # lam = 0 is the chosen response's per-token NLL alone
+    assert abs(orpo_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]), lam=0.0)[0].item()
+               - math.log(2)) < 1e-6
+
+
+def test_log_odds_is_stable_near_probability_one():
+    from online_dpo.dpo import log_odds
+
+    x = torch.tensor([-1e-3, -1e-5, 0.0], requires_grad=True)
+    lo = log_odds(x)
+    assert torch.isfinite(lo).all()
+    # float64 reference for x = -1e-3: log(p / (1 - p))
+    p = math.exp(-1e-3)
+    assert abs(lo[0].item() - math.log(p / (1 - p))) < 1e-4
+    assert lo[0] < lo[1] <= lo[2]  # monotone, the clamp caps p = 1 at a finite value
+    lo.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_kto_matches_hand_computed_values_and_detaches_the_reference_point():
+    from online_dpo.dpo import kto_loss
+
+    # r = policy - ref = [1, -1, 0]; mean 0 -> z0 = 0
+    pol = torch.tensor([-1.0, -3.0, -2.0], requires_grad=True)
+    ref = torch.tensor([-2.0, -2.0, -2.0])
+    desirable = torch.tensor([True, False, True])
+    losses, rewards, z0 = kto_loss(pol, ref, desirable, beta=1.0, desirable_weight=1.0, undesirable_weight=2.0)
+    s1 = 1 / (1 + math.exp(-1))  # σ(1)
+    assert z0.item() == 0.0
+    assert torch.allclose(losses, torch.tensor([1 - s1, 2 * (1 - s1), 0.5]), atol=1e-6)
+    assert abs(losses[0].item() - 0.268941) < 1e-6
+    assert rewards.tolist() == [1.0, -1.0, 0.0]
+    losses.sum().backward()
+    # with z0 detached each example's gradient is its own term only: d/dr λ(1 - σ(β(r - z0))) = -λβσ(1-σ)
+    assert torch.allclose(pol.grad, torch.tensor([-s1 * (1 - s1), 2 * s1 * (1 - s1), -0.25]), atol=1e-6)
+    # the reference point is the batch's mean reward, clamped at 0 from below
+    _, _, z_pos = kto_loss(torch.tensor([-1.0, -1.0]), torch.tensor([-2.0, -3.0]), torch.tensor([True, True]), beta=1.0)
+    assert z_pos.item() == 1.5
+    _, _, z_neg = kto_loss(torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([False]), beta=1.0)
+    assert z_neg.item() == 0.0
+
+
+def test_needs_reference_and_the_config_check():
+    import pytest
+
+    from online_dpo.config import ConfigError, load_config
+    from online_dpo.dpo import needs_reference
+
+    assert needs_reference("sigmoid") and needs_reference("ipo")
+    assert not needs_reference("simpo") and not needs_reference("orpo")
+    with pytest.raises(ValueError, match="unknown dpo.loss"):
+        needs_reference("kto")
+    assert load_config(None, ["dpo.loss=simpo", "dpo.simpo_gamma=1.0"]).dpo.simpo_gamma == 1.0
+    with pytest.raises(ConfigError, match="reference-free"):
+        load_config(None, ["dpo.loss=orpo", "dpo.reference=initial"])
+    with pytest.raises(ConfigError, match="dpo.orpo_lambda"):
+        load_config(None, ["dpo.loss=orpo", "dpo.orpo_lambda=-1"])
