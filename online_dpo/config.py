@@ -332,6 +332,15 @@ def validate(cfg: CampaignConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    # The resolved config is saved in the run directory: a secret written into it would land on disk.
+    secret = [k for k in cfg.judge.options if k.lower() in SECRET_OPTION_NAMES]
+    if secret:
+        raise ConfigError(
+            f"judge.options.{secret[0]}: secrets are never taken in the config (it is saved with the run); put the "
+            f"key in an environment variable and name it with judge.options.api_key_env=VARIABLE_NAME")
+
+
+SECRET_OPTION_NAMES = {"api_key", "key", "token", "secret", "password", "access_token"}
 
 
 def to_dict(cfg: CampaignConfig) -> dict:

@@ -73,3 +73,10 @@ def test_exponent_floats_without_a_dot_are_numbers():
     assert cfg.dpo.learning_rate == 1e-4 and cfg.dpo.beta == 0.05
     with pytest.raises(ConfigError, match="dpo.beta: expected float"):
         load_config(None, ["dpo.beta=high"])
+
+
+def test_a_secret_in_the_judge_options_is_refused_before_anything_is_saved():
+    with pytest.raises(ConfigError, match="api_key_env") as err:
+        load_config("configs/openai_judge.yaml", ["judge.options.api_key=sk-live-abc123"])
+    assert "sk-live-abc123" not in str(err.value)
+    assert load_config("configs/openai_judge.yaml", ["judge.options.api_key_env=MY_KEY"]).judge.options["api_key_env"] == "MY_KEY"
