@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from judges import as_pairwise, load_judge
 from judges.ranking import CandidateGroup, score_groups
-from online_dpo import dpo, evaluate, lora, report, training
+from online_dpo import diversity, dpo, evaluate, labels, lora, report, training
 from online_dpo.config import CampaignConfig
 from online_dpo.data import chat_prompt_ids, load_prompts
 from online_dpo.generate import Completion, HFGenerator, Sampling, VLLMGenerator
@@ -197,19 +197,44 @@ def generate_eval(c: Campaign, seed: int, save_to=None) -> tuple[list[str], list
     return texts, lengths
 
 
+def measure_diversity(c: Campaign, seed: int, save_to) -> dict | None:
+    """The diversity watch: eval.diversity_samples samples for each of the first
+    eval.diversity_prompts held-out prompts, with their log-probs -> `diversity.diversity_metrics`.
+    The samples are saved as JSONL to `save_to`. None when the watch is off."""
+    e = c.cfg.eval
+    prompts = c.split.eval[: e.diversity_prompts]
+    if not prompts:
+        return None
+    sampling = Sampling(e.diversity_samples, e.temperature, 1.0, e.max_new_tokens, seed, logprobs=True)
+    outs = c.generator.generate(prompts, sampling)
+    write_jsonl(save_to, [{"prompt_id": p.id, "index": i, "text": o.text, "token_ids": o.token_ids, "logprobs": o.logprobs}
+                          for p, samples in zip(prompts, outs) for i, o in enumerate(samples)])
+    return diversity.diversity_metrics([[o.text for o in samples] for samples in outs],
+                                       [[o.logprobs for o in samples] for samples in outs])
+
+
 def baseline(c: Campaign) -> dict:
-    """The round-0 policy's eval responses: generated once, reused by every round."""
-    path = c.run.root / "baseline" / "eval_responses.jsonl"
+    """The round-0 policy's eval responses and diversity: measured once, reused by every round."""
+    root = c.run.root / "baseline"
     if c.run.is_done("baseline", "eval"):
-        texts = [row["text"] for row in read_jsonl(path)]
-        return {"texts": texts, "accuracy": c.run.manifest["rounds"]["baseline"]["eval"]["accuracy"]}
-    texts, _ = generate_eval(c, derived_seed(c.cfg.seed, "baseline-eval"), save_to=path)
-    acc = evaluate.accuracy(c.split.eval, texts)
-    c.run.mark_done("baseline", "eval", accuracy=acc)
-    return {"texts": texts, "accuracy": acc}
+        texts = [row["text"] for row in read_jsonl(root / "eval_responses.jsonl")]
+        done = c.run.manifest["rounds"]["baseline"]
+        base = {"texts": texts, "accuracy": done["eval"]["accuracy"]}
+    else:
+        texts, _ = generate_eval(c, derived_seed(c.cfg.seed, "baseline-eval"), save_to=root / "eval_responses.jsonl")
+        acc = evaluate.accuracy(c.split.eval, texts)
+        c.run.mark_done("baseline", "eval", accuracy=acc)
+        base = {"texts": texts, "accuracy": acc}
+    # Its own marker: a campaign started before the diversity watch existed measures it on resume.
+    if c.cfg.eval.enabled and c.cfg.eval.diversity_prompts:
+        if not c.run.is_done("baseline", "diversity"):
+            metrics = measure_diversity(c, derived_seed(c.cfg.seed, "baseline-diversity"), root / "diversity_samples.jsonl")
+            c.run.mark_done("baseline", "diversity", metrics=metrics)
+        base["diversity"] = c.run.manifest["rounds"]["baseline"]["diversity"]["metrics"]
+    return base
 
 
-def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] | None) -> dict | None:
+def run_round(c: Campaign, r: int, base: dict, prev_texts: list[str] | None) -> dict | None:
     """One round, stage by stage; a stage whose marker is in the manifest is read back, not redone.
     Returns the round's result on the main process, None on the others."""
     timings: dict[str, float] = {}
@@ -231,10 +256,11 @@ def run_round(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] 
         c.barrier()  # while the main process evaluates
         return None
 
-    result = {"round": r, "pairs": funnel.pairs, "replayed": funnel.replayed, "funnel": funnel.as_dict()}
+    trained = {"examples": funnel.examples} if isinstance(funnel, labels.LabelFunnel) else {"pairs": funnel.pairs}
+    result = {"round": r, **trained, "replayed": funnel.replayed, "funnel": funnel.as_dict()}
     if c.cfg.eval.enabled:
         with timed("eval", timings):
-            result["eval"] = stage_eval(c, r, base_texts, prev_texts)
+            result["eval"] = stage_eval(c, r, base, prev_texts)
     if train_metrics:
         last = train_metrics[-1]
         result["train"] = {"steps": len(train_metrics), "final_loss": last["loss"],
@@ -292,42 +318,58 @@ def stage_judge(c: Campaign, r: int, prompts, candidates) -> list[list[float | N
     return [[score_of[(x.prompt_id, x.index)] for x in cs] for cs in candidates]
 
 
-def stage_pairs(c: Campaign, r: int, prompts, candidates, scores) -> Funnel:
-    """Fresh preference pairs -> pairs/ (an HF dataset, TRL's conversational format), the draw
-    from earlier rounds' pairs -> replay.jsonl, and the funnel of what was kept and dropped
-    -> funnel.json. Selection and replay are pure functions of saved inputs and seeds, so on
-    resume they are recomputed and equal what was saved.
+def stage_pairs(c: Campaign, r: int, prompts, candidates, scores) -> Funnel | labels.LabelFunnel:
+    """The round's training data: fresh preference pairs -> pairs/ (an HF dataset, TRL's
+    conversational format) or, for an unpaired loss (KTO), fresh labelled examples ->
+    examples/ (TRL's unpaired format); the draw from earlier rounds' -> replay.jsonl; and the
+    funnel of what was kept and dropped -> funnel.json. Selection, labelling and replay are
+    pure functions of saved inputs and seeds, so on resume they are recomputed and equal what
+    was saved.
     """
     rdir = c.run.round_dir(r)
-    fresh, funnel = select_pairs(prompts, candidates, scores, c.cfg.pairs, seed=derived_seed(c.cfg.seed, r, "pairs"))
+    if dpo.is_unpaired(c.cfg.dpo.loss):
+        fresh, funnel = labels.label_candidates(prompts, candidates, scores, c.cfg.kto)
+    else:
+        fresh, funnel = select_pairs(prompts, candidates, scores, c.cfg.pairs, seed=derived_seed(c.cfg.seed, r, "pairs"))
     replayed = replayed_pairs(c, r, len(fresh))
     funnel.replayed = len(replayed)
     if not c.run.is_done(r, "pairs"):
         from datasets import Dataset
 
-        with atomic_path(rdir / "pairs", is_dir=True) as tmp:
+        with atomic_path(rdir / data_dir_name(c), is_dir=True) as tmp:
             Dataset.from_list(fresh).save_to_disk(str(tmp))
-        write_jsonl(rdir / "replay.jsonl", [{k: p[k] for k in REPLAY_KEYS} for p in replayed])
+        write_jsonl(rdir / "replay.jsonl", [{k: p[k] for k in replay_keys(c)} for p in replayed])
         write_json(rdir / "funnel.json", funnel.as_dict())
         c.run.mark_done(r, "pairs", pairs=len(fresh), replayed=len(replayed))
-    log.info("round %d pairs: %s", r, funnel.summary())
+    log.info("round %d %s: %s", r, data_dir_name(c), funnel.summary())
     return funnel
+
+
+def data_dir_name(c: Campaign) -> str:
+    """Where a round's fresh training data lives: pairs/, or examples/ for an unpaired loss (KTO)."""
+    return "examples" if dpo.is_unpaired(c.cfg.dpo.loss) else "pairs"
+
+
+def replay_keys(c: Campaign) -> tuple[str, ...]:
+    """What replay.jsonl records of each replayed record: enough to find it in its round."""
+    return ("replay_from_round", "prompt_id", "index") if dpo.is_unpaired(c.cfg.dpo.loss) else REPLAY_KEYS
 
 
 REPLAY_KEYS = ("replay_from_round", "prompt_id", "chosen_index", "rejected_index")
 
 
 def round_pairs(c: Campaign, r: int) -> list[dict]:
-    """Round r's fresh pairs, read back from pairs/."""
+    """Round r's fresh pairs (or labelled examples, for KTO), read back from its run directory.
+    The manifest's "pairs" marker counts either."""
     from datasets import load_from_disk
 
     if c.run.manifest["rounds"][str(r)]["pairs"]["pairs"] == 0:
         return []  # `datasets` saves an empty dataset but cannot load one back
-    return load_from_disk(str(c.run.round_dir(r) / "pairs")).to_list()
+    return load_from_disk(str(c.run.round_dir(r) / data_dir_name(c))).to_list()
 
 
 def replayed_pairs(c: Campaign, r: int, fresh_count: int) -> list[dict]:
-    """With pairs.replay_fraction > 0: a seeded draw from earlier rounds' pairs for this update."""
+    """With pairs.replay_fraction > 0: a seeded draw from earlier rounds' pairs (examples) for this update."""
     if c.cfg.pairs.replay_fraction <= 0 or r == 0 or fresh_count == 0:
         return []
     earlier = [round_pairs(c, q) for q in range(r)]
@@ -335,7 +377,7 @@ def replayed_pairs(c: Campaign, r: int, fresh_count: int) -> list[dict]:
 
 
 def training_set(c: Campaign, r: int) -> list[dict]:
-    """The round's update data, read from the run directory: fresh pairs + replayed ones."""
+    """The round's update data, read from the run directory: fresh pairs (examples) + replayed ones."""
     fresh = round_pairs(c, r)
     return fresh + replayed_pairs(c, r, len(fresh))
 
@@ -351,20 +393,20 @@ def stage_update(c: Campaign, r: int, timings: dict) -> list[dict]:
         log.warning("round %d produced no pairs; the policy is unchanged", r)
         return []
     cfg, acc = c.cfg, c.accelerator
+    unpaired = dpo.is_unpaired(cfg.dpo.loss)
     prompt_ids = {p["prompt_id"]: chat_prompt_ids(c.tokenizer, p["prompt"]) for p in pairs}
-    batches = dpo.make_batches(pairs, prompt_ids, cfg.dpo, c.tokenizer.pad_token_id,
-                               derived_seed(cfg.seed, r, "batches"), num_processes=acc.num_processes)
+    make = dpo.make_example_batches if unpaired else dpo.make_batches
+    batches = make(pairs, prompt_ids, cfg.dpo, c.tokenizer.pad_token_id, derived_seed(cfg.seed, r, "batches"),
+                   num_processes=acc.num_processes)
+    if unpaired and c.is_main:
+        check_kto_balance(c, r, pairs)
     ref = None  # reference-free losses (simpo, orpo): no reference pass, no reference_logps.jsonl
     if dpo.needs_reference(cfg.dpo.loss):
         with timed("reference", timings):
             ref = reference_pass(c, batches)
     if c.is_main and ref is not None:  # which reference scored which pair, for people and for tests of dpo.reference
         order = dpo.batch_order(len(pairs), derived_seed(cfg.seed, r, "batches"), acc.num_processes)
-        ref_flat = [(float(rc), float(rr)) for chosen, rejected in ref for rc, rr in zip(chosen, rejected)]
-        write_jsonl(rdir / "reference_logps.jsonl", [
-            {"prompt_id": pairs[i]["prompt_id"], "chosen_index": pairs[i]["chosen_index"],
-             "rejected_index": pairs[i]["rejected_index"], "replay_from_round": pairs[i].get("replay_from_round"),
-             "ref_chosen": rc, "ref_rejected": rr} for i, (rc, rr) in zip(order, ref_flat, strict=True)])
+        write_jsonl(rdir / "reference_logps.jsonl", reference_rows(pairs, order, ref, unpaired))
     with timed("update", timings):
         if cfg.dpo.optimizer_state == "fresh":
             training.reset_optimizer_state(c.optimizer)  # new moments each round: the pairs are new data
@@ -377,7 +419,7 @@ def stage_update(c: Campaign, r: int, timings: dict) -> list[dict]:
                 log.info("round %d update: step %d loss %.4f margin %.4f kl %.4f", r, m["step"] + 1, m["loss"],
                          m["reward_margin"], m.get("kl", float("nan")))
 
-        train_metrics = dpo.train_round(c.policy, c.optimizer, batches, ref, cfg.dpo, acc, progress=progress)
+        train_metrics = dpo.train_round(c.policy, c.optimizer, batches, ref, cfg.dpo, acc, progress=progress, kto=cfg.kto)
         bar.close()
     if c.is_main:
         write_jsonl(rdir / "train_metrics.jsonl", train_metrics)
@@ -386,6 +428,34 @@ def stage_update(c: Campaign, r: int, timings: dict) -> list[dict]:
         if c.is_main and cfg.generation.backend == "vllm":
             c.generator.update_weights(weights)
     return train_metrics
+
+
+def reference_rows(records: list[dict], order: list[int], ref: list, unpaired: bool) -> list[dict]:
+    """One row per trained pair (example) in batch order: which record, and its reference log-prob(s)."""
+    flat = [tuple(float(x) for x in values) for batch in ref for values in zip(*batch)]
+    rows = []
+    for i, values in zip(order, flat, strict=True):
+        rec = records[i]
+        if unpaired:
+            rows.append({"prompt_id": rec["prompt_id"], "index": rec["index"], "label": rec["label"],
+                         "replay_from_round": rec.get("replay_from_round"), "ref_logp": values[0]})
+        else:
+            rows.append({"prompt_id": rec["prompt_id"], "chosen_index": rec["chosen_index"],
+                         "rejected_index": rec["rejected_index"], "replay_from_round": rec.get("replay_from_round"),
+                         "ref_chosen": values[0], "ref_rejected": values[1]})
+    return rows
+
+
+def check_kto_balance(c: Campaign, r: int, examples: list[dict]) -> None:
+    """Warn when λ_D·n_D / (λ_U·n_U) is outside the KTO paper's advised [1, 4/3], with the weight that fixes it."""
+    good = sum(bool(e["label"]) for e in examples)
+    bad = len(examples) - good
+    k = c.cfg.kto
+    ratio = labels.weight_balance(good, bad, k.desirable_weight, k.undesirable_weight)
+    if ratio is not None and good and not 1.0 <= ratio <= 4 / 3:
+        log.warning("round %d: %d desirable vs %d undesirable examples; λ_D·n_D / (λ_U·n_U) = %.2f is outside the "
+                    "KTO paper's advised [1, 4/3]; kto.desirable_weight=%.2f would make it 1",
+                    r, good, bad, ratio, k.undesirable_weight * bad / good)
 
 
 def reference_pass(c: Campaign, batches) -> list:
@@ -398,12 +468,21 @@ def reference_pass(c: Campaign, batches) -> list:
     return dpo.reference_logps(model, batches, c.accelerator)
 
 
-def stage_eval(c: Campaign, r: int, base_texts: list[str], prev_texts: list[str] | None) -> dict:
-    """Held-out responses of the updated policy, judged against the round-0 and previous policies."""
+def stage_eval(c: Campaign, r: int, base: dict, prev_texts: list[str] | None) -> dict:
+    """Held-out responses of the updated policy, judged against the round-0 and previous
+    policies, and its diversity (with a warning where it fell well below the initial policy's)."""
     log.info("round %d eval: %d held-out prompts", r, len(c.split.eval))
     texts, lengths = generate_eval(c, derived_seed(c.cfg.seed, r, "eval"), save_to=c.run.round_dir(r) / "eval_responses.jsonl")
-    return evaluate.evaluate_round(as_pairwise(c.judge), c.split.eval, texts, lengths, base_texts,
-                                   prev_texts if c.cfg.eval.compare_previous else None)
+    result = evaluate.evaluate_round(as_pairwise(c.judge), c.split.eval, texts, lengths, base["texts"],
+                                     prev_texts if c.cfg.eval.compare_previous else None)
+    if base.get("diversity"):
+        result["diversity"] = measure_diversity(c, derived_seed(c.cfg.seed, r, "diversity"),
+                                                c.run.round_dir(r) / "diversity_samples.jsonl")
+        result["diversity_warnings"] = diversity.collapse_warnings(
+            result["diversity"], base["diversity"], c.cfg.eval.diversity_warn_fraction, "the initial policy")
+        for warning in result["diversity_warnings"]:
+            log.warning("round %d: %s", r, warning)
+    return result
 
 
 def save_checkpoint(c: Campaign, r: int) -> None:
@@ -444,13 +523,14 @@ def run_campaign(cfg: CampaignConfig, run: RunDir) -> list[dict]:
                 prev_texts = [row["text"] for row in read_jsonl(rdir / "eval_responses.jsonl")]
             continue
         log.info("round %d / %d", r, cfg.rounds - 1)
-        result = run_round(c, r, base["texts"], prev_texts if r > 0 else None)
+        result = run_round(c, r, base, prev_texts if r > 0 else None)
         if not c.is_main:
             continue
         results.append(result)
         if cfg.eval.enabled:
             prev_texts = [row["text"] for row in read_jsonl(rdir / "eval_responses.jsonl")]
-            report.print_rounds(results, base["accuracy"])
+            report.print_rounds(results, base["accuracy"], baseline_diversity=base.get("diversity"))
     if c.is_main:
-        write_json(run.root / "summary.json", {"baseline_accuracy": base["accuracy"], "rounds": results})
+        write_json(run.root / "summary.json", {"baseline_accuracy": base["accuracy"],
+                                               "baseline_diversity": base.get("diversity"), "rounds": results})
     return results

@@ -105,7 +105,9 @@ class PairsConfig:
 @dataclass
 class DPOConfig:
     # simpo and orpo are reference-free (REFERENCE_FREE_LOSSES): no reference pass at all.
-    loss: Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"] = "sigmoid"
+    # kto trains on unpaired desirable / undesirable examples (labelled per the kto section)
+    # instead of pairs; dpo.batch_size then counts examples.
+    loss: Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto"] = "sigmoid"
     # The loss's inverse temperature. SimPO applies it to per-token averages, not sums, so it
     # wants a larger value (the SimPO paper uses 2.0-2.5); ORPO does not use it (see orpo_lambda).
     beta: float = 0.1
@@ -136,6 +138,24 @@ class DPOConfig:
 
 # Losses that need no reference model: the round skips the reference pass for them.
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+# Losses trained on unpaired examples (one response each, labelled desirable or not).
+UNPAIRED_LOSSES = ("kto",)
+
+
+@dataclass
+class KTOConfig:
+    """dpo.loss=kto: how judged candidates become desirable / undesirable examples, and the loss weights."""
+
+    # threshold: desirable when score >= threshold (an absolute standard; suits verifiers and
+    # rubric scores); rank: the top desirable_fraction of each prompt's K candidates (relative;
+    # suits reward models whose scale means nothing on its own). See online_dpo/labels.py.
+    label_by: Literal["threshold", "rank"] = "threshold"
+    threshold: float = 0.5
+    desirable_fraction: float = 0.5
+    # λ_D and λ_U of the KTO loss. The paper advises λ_D·n_D / (λ_U·n_U) in [1, 4/3]; the round
+    # logs that ratio and warns outside it (a verifier on a hard task makes few desirable examples).
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
 
 @dataclass
@@ -156,6 +176,13 @@ class EvalConfig:
     temperature: float = 1.0
     max_new_tokens: int = 48
     compare_previous: bool = True  # also judge round r against round r-1
+    # Diversity watch (online_dpo/diversity.py): K samples for each of the first
+    # diversity_prompts held-out prompts, every round and once for the initial policy;
+    # 0 prompts turns it off. A round warns when a measure falls below
+    # diversity_warn_fraction of the initial policy's.
+    diversity_prompts: int = 32
+    diversity_samples: int = 4
+    diversity_warn_fraction: float = 0.5
 
 
 @dataclass
@@ -171,6 +198,7 @@ class CampaignConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -313,6 +341,12 @@ def validate(cfg: CampaignConfig) -> None:
          (f"dpo.loss={cfg.dpo.loss} is reference-free, so dpo.reference=initial has nothing to apply to "
           f"(and would keep a frozen copy for nothing); remove dpo.reference or use a reference-based loss "
           f"(sigmoid, robust, ipo, hinge)")),
+        (0.0 < cfg.kto.desirable_fraction < 1.0, "kto.desirable_fraction must be between 0 and 1"),
+        (cfg.kto.desirable_weight > 0 and cfg.kto.undesirable_weight > 0,
+         "kto.desirable_weight and kto.undesirable_weight must be > 0"),
+        (cfg.dpo.loss not in UNPAIRED_LOSSES or cfg.dpo.rpo_alpha == 0,
+         f"dpo.rpo_alpha adds the NLL of a chosen response; dpo.loss={cfg.dpo.loss} has no chosen responses "
+         f"(it trains on unpaired examples); set dpo.rpo_alpha=0"),
         (cfg.dpo.grad_accum_steps >= 1, "dpo.grad_accum_steps must be >= 1"),
         (cfg.data.train_prompts_per_round >= 1, "data.train_prompts_per_round must be >= 1"),
         (0.0 <= cfg.pairs.replay_fraction < 1.0, "pairs.replay_fraction must be in [0, 1)"),
@@ -325,6 +359,10 @@ def validate(cfg: CampaignConfig) -> None:
          "pairs.drop_ties=false trains ties toward a 0.5 preference, which only dpo.loss=sigmoid defines; "
          "use dpo.loss=sigmoid or pairs.drop_ties=true"),
         (cfg.lora.r >= 1, "lora.r must be >= 1"),
+        (cfg.eval.diversity_prompts >= 0, "eval.diversity_prompts must be >= 0 (0 turns the diversity watch off)"),
+        (cfg.eval.diversity_prompts == 0 or cfg.eval.diversity_samples >= 2,
+         "eval.diversity_samples must be >= 2: diversity is measured across a prompt's samples"),
+        (0.0 <= cfg.eval.diversity_warn_fraction <= 1.0, "eval.diversity_warn_fraction must be in [0, 1]"),
         (0.0 < cfg.data.eval_fraction < 1.0, "data.eval_fraction must be between 0 and 1"),
         (0.0 < cfg.generation.gpu_memory_utilization <= 1.0, "generation.gpu_memory_utilization must be in (0, 1]"),
         (bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty directory name without '/'"),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from online_dpo.config import REFERENCE_FREE_LOSSES, DPOConfig
+from online_dpo.config import REFERENCE_FREE_LOSSES, UNPAIRED_LOSSES, DPOConfig, KTOConfig
 
 log = logging.getLogger("online_dpo")
 
@@ -162,6 +162,16 @@ def orpo_loss(policy_chosen_avg: torch.Tensor, policy_rejected_avg: torch.Tensor
     return losses, odds_chosen.detach(), odds_rejected.detach()
 
 
+def kto_reference_point(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0: the batch's estimate of KL(π_θ ‖ π_ref), mean(policy - reference)
+    log-prob, clamped at 0 and detached (no gradient flows through it). [N], [N] -> 0-dim.
+
+    The paper estimates it on mismatched prompt/response pairs; the batch mean over the
+    matched examples is the simpler variant (the samples come from the round-start policy,
+    so it is near 0 at the start of the update and grows as the policy moves)."""
+    return (policy_logps - ref_logps).detach().mean().clamp(min=0)
+
+
 def kto_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -169,20 +179,19 @@ def kto_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    z0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KTO (Ethayarajh et al. 2024) on unpaired examples: each response is desirable or not.
 
-    r = policy - reference log-prob; z0 = the reference point, here the batch's KL estimate
-    mean(r) clamped at 0 and detached (the paper estimates it on mismatched prompt/response
-    pairs; the batch mean is the simple variant). The loss is
+    r = policy - reference log-prob; z0 = the reference point (`kto_reference_point` of this
+    batch unless given, e.g. averaged over processes). The loss is
     λ_D·(1 - σ(β(r - z0))) for a desirable response, λ_U·(1 - σ(β(z0 - r))) for an undesirable one.
-    Not wired into the campaign yet: it needs unpaired examples from a pointwise judge
-    (each candidate labelled by a threshold or its rank), which the pairing stage does not make.
     Args: summed response log-probs policy_logps [N], ref_logps [N]; desirable [N] bool.
     Returns: (loss [N], reward [N] = β·r detached, z0 0-dim).
     """
     r = policy_logps - ref_logps
-    z0 = r.detach().mean().clamp(min=0)
+    if z0 is None:
+        z0 = kto_reference_point(policy_logps, ref_logps)
     desirable = desirable.to(torch.bool)
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
@@ -197,17 +206,33 @@ REFERENCE_FREE = {"simpo": simpo_loss, "orpo": orpo_loss}
 assert set(REFERENCE_FREE) == set(REFERENCE_FREE_LOSSES)
 
 
+UNPAIRED = {"kto": kto_loss}  # trained on ExampleBatch (one response each), not PairBatch
+assert set(UNPAIRED) == set(UNPAIRED_LOSSES)
+ALL_LOSSES = sorted(LOSSES) + sorted(REFERENCE_FREE) + sorted(UNPAIRED)
+
+
 def needs_reference(loss: str) -> bool:
     """Whether `dpo.loss=loss` compares the policy with a reference (so the round runs a reference pass)."""
-    if loss not in LOSSES and loss not in REFERENCE_FREE:
-        raise ValueError(f"unknown dpo.loss {loss!r}; choose one of {sorted(LOSSES) + sorted(REFERENCE_FREE)}")
+    if loss not in ALL_LOSSES:
+        raise ValueError(f"unknown dpo.loss {loss!r}; choose one of {ALL_LOSSES}")
     return loss not in REFERENCE_FREE
 
 
-def make_loss_fn(cfg: DPOConfig):
+def is_unpaired(loss: str) -> bool:
+    """Whether `dpo.loss=loss` trains on unpaired, labelled examples (KTO) instead of pairs."""
+    needs_reference(loss)  # validates the name
+    return loss in UNPAIRED
+
+
+def make_loss_fn(cfg: DPOConfig, kto: KTOConfig | None = None):
     """The configured loss with its hyper-parameters bound. Reference-based losses take
     (policy_chosen, policy_rejected, ref_chosen, ref_rejected[, chosen_prob]) summed log-probs;
-    reference-free ones take (policy_chosen_avg, policy_rejected_avg) per-token averages."""
+    reference-free ones take (policy_chosen_avg, policy_rejected_avg) per-token averages;
+    kto takes (policy_logps, ref_logps, desirable, z0=...)."""
+    if cfg.loss == "kto":
+        kto = kto or KTOConfig()
+        return functools.partial(kto_loss, beta=cfg.beta, desirable_weight=kto.desirable_weight,
+                                 undesirable_weight=kto.undesirable_weight)
     if cfg.loss == "simpo":
         return functools.partial(simpo_loss, beta=cfg.beta, gamma=cfg.simpo_gamma)
     if cfg.loss == "orpo":
@@ -251,6 +276,12 @@ class PairBatch:
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
+    num_items = num_pairs  # what the update counts, weights and shards by
+
+    def split(self, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row values [2B] -> (chosen [B], rejected [B])."""
+        return logps[: self.num_pairs], logps[self.num_pairs :]
+
     @property
     def has_soft_labels(self) -> bool:
         return bool((self.chosen_prob != 1).any())
@@ -286,10 +317,8 @@ def encode_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list
     return [(prompt_ids, ids[:room]) for ids in (chosen_ids, rejected_ids)]
 
 
-def collate_pairs(encoded: list, pad_id: int, chosen_prob: list[float] | None = None) -> PairBatch:
-    """`encoded`: list of [(prompt_ids, chosen_ids), (prompt_ids, rejected_ids)] -> right-padded PairBatch.
-    `chosen_prob`: one label per pair (default 1.0 each)."""
-    rows = [e[0] for e in encoded] + [e[1] for e in encoded]
+def collate_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt_ids, response_ids) rows -> right-padded (input_ids, attention_mask, response_mask), each [N, T]."""
     width = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
@@ -299,15 +328,71 @@ def collate_pairs(encoded: list, pad_id: int, chosen_prob: list[float] | None = 
         ids[i, :n] = torch.tensor(p + r)
         attn[i, :n] = 1
         resp[i, len(p):n] = 1
+    return ids, attn, resp
+
+
+def collate_pairs(encoded: list, pad_id: int, chosen_prob: list[float] | None = None) -> PairBatch:
+    """`encoded`: list of [(prompt_ids, chosen_ids), (prompt_ids, rejected_ids)] -> right-padded PairBatch.
+    `chosen_prob`: one label per pair (default 1.0 each)."""
+    rows = [e[0] for e in encoded] + [e[1] for e in encoded]
     probs = torch.tensor(chosen_prob, dtype=torch.float32) if chosen_prob is not None else None
-    return PairBatch(ids, attn, resp, probs)
+    return PairBatch(*collate_rows(rows, pad_id), probs)
 
 
-def batch_logps(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen [B], rejected [B]) summed response log-probs under `model`."""
+@dataclass
+class ExampleBatch:
+    """Unpaired examples (KTO): one row per response, input_ids/attention_mask/response_mask
+    [N, T]; desirable [N] bool (the judge's label)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    desirable: torch.Tensor
+
+    @property
+    def num_items(self) -> int:
+        return self.input_ids.shape[0]
+
+    def split(self, logps: torch.Tensor) -> tuple[torch.Tensor]:
+        return (logps,)
+
+    def to(self, device) -> ExampleBatch:
+        return ExampleBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+                            self.desirable.to(device))
+
+    def shard(self, index: int, count: int) -> ExampleBatch:
+        """Process `index` of `count`'s equal, contiguous share of the examples (padded width kept)."""
+        lo, hi = shard_range(self.num_items, index, count)
+        return ExampleBatch(self.input_ids[lo:hi], self.attention_mask[lo:hi], self.response_mask[lo:hi],
+                            self.desirable[lo:hi])
+
+
+def make_example_batches(examples: list[dict], prompt_ids: dict[str, list[int]], cfg: DPOConfig, pad_id: int,
+                         seed: int, num_processes: int = 1) -> list[ExampleBatch]:
+    """Shuffle labelled examples with `seed` and cut them into batches of `cfg.batch_size`
+    examples (the same order and the same even-split rule as `make_batches`)."""
+    if cfg.batch_size % num_processes:
+        raise ValueError(f"dpo.batch_size={cfg.batch_size} examples cannot be split evenly over {num_processes} "
+                         f"processes; set dpo.batch_size to a multiple of {num_processes}")
+    order = batch_order(len(examples), seed, num_processes)
+    rows, labels = [], []
+    for i in order:
+        prompt = prompt_ids[examples[i]["prompt_id"]]
+        room = cfg.max_length - len(prompt)
+        if room < 1:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under dpo.max_length={cfg.max_length}")
+        rows.append((prompt, list(examples[i]["completion_token_ids"])[:room]))
+        labels.append(bool(examples[i]["label"]))
+    return [ExampleBatch(*collate_rows(rows[i : i + cfg.batch_size], pad_id),
+                         torch.tensor(labels[i : i + cfg.batch_size], dtype=torch.bool))
+            for i in range(0, len(rows), cfg.batch_size)]
+
+
+def batch_logps(model, batch: PairBatch | ExampleBatch) -> tuple[torch.Tensor, ...]:
+    """Summed response log-probs under `model`: (chosen [B], rejected [B]) for a PairBatch,
+    (logps [N],) for an ExampleBatch."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    logps = sequence_logps(logits, batch.input_ids, batch.response_mask)
-    return logps[: batch.num_pairs], logps[batch.num_pairs :]
+    return batch.split(sequence_logps(logits, batch.input_ids, batch.response_mask))
 
 
 def response_token_counts(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,20 +434,20 @@ def make_batches(pairs: list[dict], prompt_ids: dict[str, list[int]], cfg: DPOCo
 # --- the passes -----------------------------------------------------------------------
 
 @torch.no_grad()
-def reference_logps(model, batches: list[PairBatch], accelerator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def reference_logps(model, batches: list[PairBatch] | list[ExampleBatch], accelerator) -> list[tuple[torch.Tensor, ...]]:
     """Reference log-probs for every batch, under `model` as it stands (before the update).
 
     Each process scores its share of every batch; the shares are gathered, so every
-    process gets the full (chosen [B], rejected [B]) per batch, on the CPU."""
+    process gets the full (chosen [B], rejected [B]) per pair batch, (logps [N],) per
+    example batch, on the CPU."""
     model.eval()
     out = []
     for batch in batches:
         local = batch.shard(accelerator.process_index, accelerator.num_processes).to(accelerator.device)
         with accelerator.autocast():
-            chosen, rejected = batch_logps(model, local)
-        # gather concatenates in process order, which is the pairs' order (shards are contiguous).
-        chosen, rejected = accelerator.gather(chosen.float().contiguous()), accelerator.gather(rejected.float().contiguous())
-        out.append((chosen.cpu(), rejected.cpu()))
+            parts = batch_logps(model, local)
+        # gather concatenates in process order, which is the rows' order (shards are contiguous).
+        out.append(tuple(accelerator.gather(x.float().contiguous()).cpu() for x in parts))
     return out
 
 
@@ -407,40 +492,94 @@ def gradient_sync(accelerator, model, sync: bool):
         accelerator.gradient_state._set_sync_gradients(True)
 
 
-METRICS = ("loss", "reward_margin", "pair_accuracy", "chosen_logps", "rejected_logps",
-           "chosen_reward", "rejected_reward", "kl")
+PAIR_METRICS = ("loss", "reward_margin", "pair_accuracy", "chosen_logps", "rejected_logps",
+                "chosen_reward", "rejected_reward", "kl")
+KTO_METRICS = ("loss", "desirable_reward", "undesirable_reward", "desirable_logps", "undesirable_logps",
+               "kl", "kto_z0")  # + reward_margin = desirable_reward - undesirable_reward
 
 
-def train_round(model, optimizer, batches: list[PairBatch], ref: list | None, cfg: DPOConfig, accelerator,
-                progress=None) -> list[dict]:
-    """Run the round's DPO update in place on `model`; returns one metrics dict per optimizer step.
+def metric_names(loss: str) -> tuple[str, ...]:
+    """The per-step metrics `train_round` accumulates for `loss` (reference-free: no kl)."""
+    if is_unpaired(loss):
+        return KTO_METRICS
+    return PAIR_METRICS if needs_reference(loss) else PAIR_METRICS[:-1]
+
+
+def pair_step_sums(loss_fn, cfg: DPOConfig, local: PairBatch, policy: tuple, ref: tuple | None, soft):
+    """One pair micro-batch: (mean loss 0-dim, {metric: (sum, count)} over its pairs)."""
+    pol_c, pol_r = policy
+    if ref is None:  # reference-free: per-token averages
+        count_c, count_r = response_token_counts(local)
+        losses, rew_c, rew_r = loss_fn(pol_c / count_c, pol_r / count_r)
+    else:
+        extra = {"chosen_prob": soft} if soft is not None else {}
+        losses, rew_c, rew_r = loss_fn(pol_c, pol_r, *ref, **extra)
+    if cfg.rpo_alpha > 0:
+        losses = losses + cfg.rpo_alpha * chosen_nll(pol_c, local.response_mask[: local.num_pairs].sum(-1))
+    n = local.num_pairs
+    sums = {"loss": losses.detach().sum(), "reward_margin": (rew_c - rew_r).sum(),
+            "pair_accuracy": (rew_c > rew_r).float().sum(), "chosen_logps": pol_c.detach().sum(),
+            "rejected_logps": pol_r.detach().sum(), "chosen_reward": rew_c.sum(), "rejected_reward": rew_r.sum()}
+    if ref is not None:
+        sums["kl"] = kl_to_reference(pol_c, pol_r, *ref) * n
+    return losses.mean(), {k: (v, n) for k, v in sums.items()}
+
+
+def kto_step_sums(loss_fn, local: ExampleBatch, policy: tuple, ref: tuple, accelerator):
+    """One example micro-batch: (mean loss 0-dim, {metric: (sum, count)}). z0 is estimated over
+    the whole global batch (the processes' estimates averaged), so it does not depend on how
+    many processes share the batch."""
+    (pol,), (ref_logps,) = policy, ref
+    z0 = kto_reference_point(pol, ref_logps)
+    if accelerator.num_processes > 1:  # equal shares: the mean of the means is the batch mean
+        z0 = accelerator.reduce((pol - ref_logps).detach().mean(), reduction="mean").clamp(min=0)
+    losses, reward, z0 = loss_fn(pol, ref_logps, local.desirable, z0=z0)
+    good = local.desirable.to(torch.bool)
+    n, n_good = local.num_items, int(good.sum())
+    sums = {"loss": (losses.detach().sum(), n),
+            "desirable_reward": (reward[good].sum(), n_good), "undesirable_reward": (reward[~good].sum(), n - n_good),
+            "desirable_logps": (pol.detach()[good].sum(), n_good), "undesirable_logps": (pol.detach()[~good].sum(), n - n_good),
+            "kl": ((ref_logps - pol).detach().sum(), n), "kto_z0": (z0 * n, n)}
+    return losses.mean(), sums
+
+
+def train_round(model, optimizer, batches: list[PairBatch] | list[ExampleBatch], ref: list | None, cfg: DPOConfig,
+                accelerator, progress=None, kto: KTOConfig | None = None) -> list[dict]:
+    """Run the round's update in place on `model`; returns one metrics dict per optimizer step.
 
     `batches` and `ref` are the global ones (the same on every process, see `make_batches`
-    and `reference_logps`); each process trains on its share of every batch. `ref` is
-    ignored, and may be None, for a reference-free loss (`needs_reference`), which is fed
-    per-token average log-probs instead of sums. Each optimizer
-    step accumulates `cfg.grad_accum_steps` batches, each weighted by its share of the
-    group's pairs, so accumulation gives the gradient of the mean loss over the group.
+    and `reference_logps`); each process trains on its share of every batch. Pair losses
+    take PairBatch; dpo.loss=kto takes ExampleBatch (`make_example_batches`) and `kto`'s
+    weights. `ref` is ignored, and may be None, for a reference-free loss (`needs_reference`),
+    which is fed per-token average log-probs instead of sums. Each optimizer step accumulates
+    `cfg.grad_accum_steps` batches, each weighted by its share of the group's pairs
+    (examples), so accumulation gives the gradient of the mean loss over the group.
     The LR follows `make_scheduler`; the logged `lr` is the one that step used. The
     optimizer's state is left as it is: clearing it between rounds is the caller's choice.
 
-    Metrics (averaged over the step's pairs, kept ties included, all processes): loss,
-    reward_margin, pair_accuracy, chosen/rejected_logps, chosen/rejected_reward (beta·(policy - ref)),
-    kl (see `kl_to_reference`), grad_norm (before clipping), lr, train_tokens_per_s (all
-    processes together). They describe the policy before that step's update.
-    Reference-free losses: the rewards are the loss's own (SimPO β·average log-prob, ORPO log
-    odds), reward_margin their difference, and there is no kl (undefined without a reference).
+    Metrics (averaged over the step's pairs or examples, all processes; `metric_names`):
+    pairs: loss, reward_margin, pair_accuracy, chosen/rejected_logps, chosen/rejected_reward
+    (beta·(policy - ref)), kl (see `kl_to_reference`); reference-free losses: the rewards are
+    the loss's own (SimPO β·average log-prob, ORPO log odds), reward_margin their difference,
+    and no kl. KTO: loss, desirable/undesirable_reward and _logps (means over each kind),
+    reward_margin (their difference), kl (mean reference - policy log-prob), kto_z0. All: grad_norm
+    (before clipping), lr, train_tokens_per_s (all processes together). They describe the
+    policy before that step's update.
     """
     if not batches:
         return []
-    if cfg.loss not in SOFT_LABELLED and any(b.has_soft_labels for b in batches):
+    unpaired = is_unpaired(cfg.loss)
+    if unpaired != isinstance(batches[0], ExampleBatch):
+        raise ValueError(f"dpo.loss={cfg.loss} trains on {'ExampleBatch' if unpaired else 'PairBatch'}es "
+                         f"(make_{'example_' if unpaired else ''}batches), got {type(batches[0]).__name__}")
+    if not unpaired and cfg.loss not in SOFT_LABELLED and any(b.has_soft_labels for b in batches):
         raise ValueError(f"pairs with chosen_prob != 1 (ties kept by pairs.drop_ties=false) need dpo.loss=sigmoid, "
                          f"not {cfg.loss}; set dpo.loss=sigmoid or pairs.drop_ties=true")
     reference_free = not needs_reference(cfg.loss)
     if not reference_free and ref is None:
         raise ValueError(f"dpo.loss={cfg.loss} needs reference log-probs (see reference_logps); got ref=None")
-    loss_fn = make_loss_fn(cfg)
-    names = METRICS[:-1] if reference_free else METRICS  # no kl without a reference
+    loss_fn = make_loss_fn(cfg, kto)
+    names = metric_names(cfg.loss)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     groups = accumulation_groups(len(batches), cfg.grad_accum_steps)
     total_steps = len(groups) * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
@@ -450,47 +589,43 @@ def train_round(model, optimizer, batches: list[PairBatch], ref: list | None, cf
     t0, tokens = time.perf_counter(), 0
     for step in range(total_steps):
         group = groups[step % len(groups)]
-        group_pairs = sum(batches[i].num_pairs for i in group)
-        sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+        group_items = sum(batches[i].num_items for i in group)
+        # per metric: [sum, count] over this step's local pairs/examples; reduced over processes below
+        totals = torch.zeros(2, len(names), dtype=torch.float64, device=device)
         for j, i in enumerate(group):
             batch = batches[i]
             local = batch.shard(rank, world)
-            soft = local.chosen_prob if batch.has_soft_labels else None  # None: the hard-label code path
+            soft = local.chosen_prob.to(device) if not unpaired and batch.has_soft_labels else None  # None: hard labels
             local = local.to(device)
-            if not reference_free:
-                lo, hi = shard_range(batch.num_pairs, rank, world)
-                ref_c, ref_r = (r[lo:hi].to(device) for r in ref[i])
+            lo, hi = shard_range(batch.num_items, rank, world)
+            local_ref = None if reference_free else tuple(r[lo:hi].to(device) for r in ref[i])
             with gradient_sync(accelerator, model, sync=j == len(group) - 1):
                 with accelerator.autocast():
-                    pol_c, pol_r = batch_logps(model, local)
-                if reference_free:
-                    count_c, count_r = response_token_counts(local)
-                    losses, rew_c, rew_r = loss_fn(pol_c / count_c, pol_r / count_r)
+                    policy = batch_logps(model, local)
+                if unpaired:
+                    loss, sums = kto_step_sums(loss_fn, local, policy, local_ref, accelerator)
                 else:
-                    extra = {"chosen_prob": soft.to(device)} if soft is not None else {}
-                    losses, rew_c, rew_r = loss_fn(pol_c, pol_r, ref_c, ref_r, **extra)
-                if cfg.rpo_alpha > 0:
-                    losses = losses + cfg.rpo_alpha * chosen_nll(pol_c, local.response_mask[: local.num_pairs].sum(-1))
-                loss = losses.mean()
-                # this batch's share of the group's pairs (== 1/grad_accum_steps for equal batches)
-                accelerator.backward(loss / (group_pairs / batch.num_pairs))
-            values = [loss.detach(), (rew_c - rew_r).mean(), (rew_c > rew_r).float().mean(),
-                      pol_c.detach().mean(), pol_r.detach().mean(), rew_c.mean(), rew_r.mean()]
-            if not reference_free:
-                values.append(kl_to_reference(pol_c, pol_r, ref_c, ref_r))
-            values = torch.stack(values).double()
-            sums += values * (batch.num_pairs / group_pairs)
+                    loss, sums = pair_step_sums(loss_fn, cfg, local, policy, local_ref, soft)
+                # this batch's share of the group's items (== 1/grad_accum_steps for equal batches)
+                accelerator.backward(loss / (group_items / batch.num_items))
+            for k, name in enumerate(names):
+                value, count = sums[name]
+                totals[0, k] += float(value)
+                totals[1, k] += count
             tokens += int(local.attention_mask.sum())
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        # every process holds an equal share, so the mean of the processes' means is the step's mean
-        averaged = accelerator.reduce(sums, reduction="mean").tolist() if world > 1 else sums.tolist()
+        if world > 1:
+            totals = accelerator.reduce(totals, reduction="sum")
         all_tokens = accelerator.reduce(torch.tensor(float(tokens), dtype=torch.float64, device=device), reduction="sum").item() if world > 1 else tokens
+        means = {name: (s / n if n else float("nan")) for name, s, n in zip(names, *totals.tolist(), strict=True)}
+        if unpaired:
+            means["reward_margin"] = means["desirable_reward"] - means["undesirable_reward"]
         elapsed = time.perf_counter() - t0
-        metrics.append({"step": step, **dict(zip(names, averaged, strict=True)),
+        metrics.append({"step": step, **means,
                         "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": lr,
                         "train_tokens_per_s": all_tokens / elapsed if elapsed else 0.0})
         if progress is not None:

@@ -23,6 +23,8 @@ class Completion:
     text: str
     token_ids: list[int]  # includes the EOS token when generation stopped on it
     finish_reason: str  # "stop" or "length"
+    # With Sampling.logprobs: each token's log-prob under the policy's untempered distribution.
+    logprobs: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Sampling:
     top_p: float
     max_new_tokens: int
     seed: int
+    logprobs: bool = False  # also return each sampled token's log-prob (Completion.logprobs)
 
 
 class Generator(Protocol):
@@ -83,12 +86,19 @@ class VLLMGenerator:
         # An empty prefix cache makes the call's numerics independent of what ran before, so
         # a campaign resumed in a fresh engine samples exactly what the crashed one would have.
         self.llm.reset_prefix_cache()
+        # logprobs=0: the sampled token's own log-prob only (vLLM's default mode: from the raw logits).
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_new_tokens)
+                                max_tokens=sampling.max_new_tokens, logprobs=0 if sampling.logprobs else None)
         inputs = [{"prompt_token_ids": ids} for ids in prompt_token_ids(self.tokenizer, prompts)]
         outputs = self.llm.generate(inputs, params, use_tqdm=True)
+
+        def token_logprobs(o) -> list[float] | None:
+            if not sampling.logprobs:
+                return None
+            return [step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids, strict=True)]
+
         return [
-            [Completion(o.text, list(o.token_ids), o.finish_reason or "length") for o in out.outputs]
+            [Completion(o.text, list(o.token_ids), o.finish_reason or "length", token_logprobs(o)) for o in out.outputs]
             for out in outputs
         ]
 
@@ -138,9 +148,14 @@ class HFGenerator:
                     input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=sampling.temperature > 0,
                     temperature=sampling.temperature if sampling.temperature > 0 else None, top_p=sampling.top_p,
                     max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n, pad_token_id=pad,
+                    return_dict_in_generate=True, output_logits=sampling.logprobs,
                 )
+                new_tokens = out.sequences[:, len(ids):]
+                if sampling.logprobs:  # raw logits per step [n, V] -> the sampled tokens' log-probs [n, steps]
+                    logits = torch.stack(out.logits, dim=1).float()
+                    token_lps = torch.gather(logits.log_softmax(-1), 2, new_tokens.unsqueeze(-1)).squeeze(-1).tolist()
                 samples = []
-                for row in out[:, len(ids):].tolist():
+                for k, row in enumerate(new_tokens.tolist()):
                     if eos in row:
                         row = row[: row.index(eos) + 1]
                         reason = "stop"
@@ -148,7 +163,8 @@ class HFGenerator:
                         row = [t for t in row if t != pad] if pad != eos else row
                         reason = "length"
                     text = self.tokenizer.decode(row, skip_special_tokens=True)
-                    samples.append(Completion(text, row, reason))
+                    lps = token_lps[k][: len(row)] if sampling.logprobs else None
+                    samples.append(Completion(text, row, reason, lps))
                 results.append(samples)
         finally:
             self.model.config.use_cache = was_cached

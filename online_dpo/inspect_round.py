@@ -107,6 +107,9 @@ def pair_rows(root: Path, r: int) -> list[dict]:
     from datasets import load_from_disk
 
     rdir = _round_dir(root, r)
+    if (rdir / "examples").exists():
+        raise ReportError(f"{rdir} holds KTO examples (dpo.loss=kto), not pairs; see each candidate's score "
+                          f"with --what candidates, or load {rdir / 'examples'} with datasets.load_from_disk")
     pairs = load_from_disk(str(_need(rdir / "pairs", "pair selection")))
     return [{"prompt_id": row.get("prompt_id"), "prompt": _messages_text(row["prompt"]),
              "chosen": _messages_text(row["chosen"]), "rejected": _messages_text(row["rejected"]),

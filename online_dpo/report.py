@@ -63,6 +63,7 @@ class RunView:
     baseline_accuracy: float | None = None
     baseline_tokens: list[int] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    baseline_diversity: dict | None = None  # the initial policy's (manifest: baseline/diversity)
 
 
 def read_json_or_none(path: Path) -> dict | None:
@@ -115,7 +116,7 @@ def load_run(root: str | Path, length_factor: float = DEFAULT_LENGTH_FACTOR) -> 
     base = manifest.get("rounds", {}).get("baseline", {}).get("eval", {})
     run = RunView(root, config.get("name", root.name), rounds, base.get("accuracy"),
                   [row["tokens"] for row in read_jsonl_tolerant(root / "baseline" / "eval_responses.jsonl") if "tokens" in row],
-                  config)
+                  config, manifest.get("rounds", {}).get("baseline", {}).get("diversity", {}).get("metrics"))
     add_warnings(run.rounds, length_factor, run.baseline_tokens)
     return run
 
@@ -190,7 +191,9 @@ def add_warnings(rounds: list[RoundView], length_factor: float = DEFAULT_LENGTH_
     - longer but not better: mean response length grew more than `length_factor` x the
       baseline's while the length-controlled win rate vs the baseline is not above 50%;
     - worse than the previous round: win rate vs round r-1 below 50% by more than its CI
-      (the whole interval lies under 0.5).
+      (the whole interval lies under 0.5);
+    - diversity collapsing: the round's eval recorded a diversity measure below
+      eval.diversity_warn_fraction of the initial policy's (`diversity.collapse_warnings`).
     """
     for view in rounds:
         view.warnings = []
@@ -206,6 +209,7 @@ def add_warnings(rounds: list[RoundView], length_factor: float = DEFAULT_LENGTH_
         if high is not None and high < 0.5:
             view.warnings.append(f"worse than round {view.round - 1}: win rate vs previous "
                                  f"{100 * prev['win_rate']:.1f}% (95% CI up to {100 * high:.1f}%) is below 50%")
+        view.warnings += view.eval.get("diversity_warnings") or []
 
 
 # --- the table ------------------------------------------------------------------------
@@ -248,6 +252,8 @@ def table_rows(rounds: list[RoundView]) -> list[list[str]]:
         cost_cell = "-" if cost is None and requests is None else f"${cost or 0:.4f} / {requests or 0} req"
         mean, p90 = mean_tokens(v), p90_tokens(v)
         pairs = res.get("pairs", (res.get("funnel") or {}).get("pairs"))
+        if pairs is None and res.get("examples") is not None:  # KTO: unpaired examples
+            pairs = f"{res['examples']} ex"
         rows.append([
             str(v.round), _with_ci(base), pct((base or {}).get("lc_win_rate")), pct((base or {}).get("tie_rate")),
             pct((base or {}).get("error_rate")), _with_ci(ev.get("vs_previous")), pct(ev.get("accuracy")),
@@ -274,6 +280,38 @@ def round_table(rows: list[dict] | list[RoundView], title: str | None = None) ->
     return table
 
 
+DIVERSITY_COLUMNS = ("round", "distinct-1", "distinct-2", "pairwise overlap", "token entropy", "samples")
+
+
+def diversity_rows(rounds: list[RoundView], baseline: dict | None) -> list[list[str]]:
+    """The diversity watch, one row per round with a measurement (the initial policy first):
+    each value with its share of the initial policy's in brackets."""
+    def cells(label: str, d: dict) -> list[str]:
+        out = [label]
+        for key, fmt in (("distinct_1", ".3f"), ("distinct_2", ".3f"), ("pairwise_overlap", ".3f"), ("token_entropy", ".3f")):
+            value, ref = finite(d.get(key)), finite((baseline or {}).get(key))
+            share = f" ({value / ref:.0%})" if value is not None and ref and d is not baseline else ""
+            out.append(_num(value, fmt) + share)
+        out.append(f"{d.get('prompts', '-')} x {d.get('samples_per_prompt', '-')}")
+        return out
+
+    rows = [cells("initial", baseline)] if baseline else []
+    return rows + [cells(str(v.round), v.eval["diversity"]) for v in rounds if v.eval.get("diversity")]
+
+
+def diversity_table(rounds: list[RoundView], baseline: dict | None) -> Table | None:
+    rows = diversity_rows(rounds, baseline)
+    if not rows:
+        return None
+    table = Table(title="diversity of K samples per held-out prompt (share of the initial policy's); "
+                        "overlap: lower is more diverse; entropy in nats/token")
+    for col in DIVERSITY_COLUMNS:
+        table.add_column(col, justify="right")
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
 def wide_console() -> Console:
     # Logs and CI are not terminals (rich would fold the table to 80 columns there); a real
     # terminal keeps its own width (rich folds the cells to fit).
@@ -281,11 +319,15 @@ def wide_console() -> Console:
     return console if console.is_terminal else Console(width=220)
 
 
-def print_rounds(rows: list[dict], baseline_accuracy: float | None = None, console: Console | None = None) -> None:
+def print_rounds(rows: list[dict], baseline_accuracy: float | None = None, console: Console | None = None,
+                 baseline_diversity: dict | None = None) -> None:
     console = console or wide_console()
     if baseline_accuracy is not None:
         console.print(f"baseline (initial policy) accuracy on held-out prompts: {pct(baseline_accuracy)}")
     console.print(round_table(rows))
+    div = diversity_table([round_from_result(r) for r in rows], baseline_diversity)
+    if div is not None:
+        console.print(div)
 
 
 # --- the whole report -----------------------------------------------------------------
@@ -306,6 +348,9 @@ def build_report(root: str | Path, length_factor: float = DEFAULT_LENGTH_FACTOR,
     if run.baseline_accuracy is not None:
         console.print(f"baseline (initial policy) accuracy on held-out prompts: {pct(run.baseline_accuracy)}")
     console.print(round_table(run.rounds, title=f"online-dpo report: {run.name}"))
+    div = diversity_table(run.rounds, run.baseline_diversity)
+    if div is not None:
+        console.print(div)
     done = sum(v.complete for v in run.rounds)
     if done < len(run.rounds):
         console.print(f"[yellow]{done} of {len(run.rounds)} rounds finished; the others are shown as incomplete[/]")

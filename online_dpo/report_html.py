@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jinja2
 
-from online_dpo.report import COLUMNS, RunView, pct, read_jsonl_tolerant, table_rows
+from online_dpo.report import COLUMNS, DIVERSITY_COLUMNS, RunView, diversity_rows, pct, read_jsonl_tolerant, table_rows
 from online_dpo.rundir import write_text
 
 TEMPLATE = jinja2.Template("""<!doctype html>
@@ -54,6 +54,17 @@ length difference, as in AlpacaEval 2): the win rate at equal response length.</
 {% for r in rounds %}<tr class="round {{ r.css }}" data-round="{{ r.round }}">{% for cell in r.cells %}<td{% if loop.last %} class="warnings"{% endif %}>{{ cell }}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table>
 {% for r in rounds if r.warnings %}{% for w in r.warnings %}<p class="warning">&#9888; round {{ r.round }}: {{ w }}</p>{% endfor %}{% endfor %}
+{% if diversity %}
+<h2>Diversity</h2>
+<p>Across K samples of each of a fixed set of held-out prompts: distinct n-grams over all n-grams
+(higher = more varied), the mean pairwise n-gram overlap of the samples (lower = more varied), and the
+policy's mean token entropy on its own samples; in brackets, the share of the initial policy's.</p>
+<table class="rounds" id="diversity">
+<thead><tr>{% for c in diversity_columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
+<tbody>
+{% for row in diversity %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table>
+{% endif %}
 
 <h2>Plots</h2>
 <div class="plots">{% for p in plots %}<img class="plot{% if p.wide %} wide{% endif %}" alt="{{ p.name }}" title="{{ p.name }}" src="data:image/png;base64,{{ p.data }}">{% endfor %}</div>
@@ -145,6 +156,7 @@ def render_html(run: RunView, plots: dict[str, Path], examples: int = 3) -> str:
         name=run.name, root=str(run.root), generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         complete=sum(v.complete for v in run.rounds), baseline_accuracy=pct(run.baseline_accuracy)
         if run.baseline_accuracy is not None else "", columns=COLUMNS, rounds=rounds, plots=images,
+        diversity=diversity_rows(run.rounds, run.baseline_diversity), diversity_columns=DIVERSITY_COLUMNS,
     )
 
 

@@ -2,9 +2,10 @@
 
 Run as one process (`python tests/ddp_probe.py OUT`) or several
 (`python -m torch.distributed.run --nproc_per_node 2 tests/ddp_probe.py OUT`): the same
-seeded model, pairs and config either way. Two scenarios, one after the other (imports
+seeded model, pairs and config either way. Three scenarios, one after the other (imports
 are the slow part): "full" trains every weight, "lora" trains LoRA adapters with gradient
-checkpointing. For each, every process writes its metrics to OUT/<scenario>/metrics_rank<i>.json
+checkpointing, "kto" trains every weight with the KTO loss on unpaired labelled examples
+(its reference point z0 is averaged over the processes). For each, every process writes its metrics to OUT/<scenario>/metrics_rank<i>.json
 and the main process the final merged weights and reference log-probs to OUT/<scenario>/weights.pt.
 """
 
@@ -35,13 +36,23 @@ def synthetic_pairs(n: int) -> tuple[list[dict], dict[str, list[int]]]:
     return pairs, prompt_ids
 
 
-def run_scenario(accelerator: Accelerator, use_lora: bool, out: Path) -> None:
+def synthetic_examples(n: int) -> tuple[list[dict], dict[str, list[int]]]:
+    """The chosen and rejected responses of `synthetic_pairs`, unpaired: desirable and undesirable."""
+    pairs, prompt_ids = synthetic_pairs(n // 2)
+    examples = [{"prompt_id": p["prompt_id"], "completion_token_ids": p[key], "label": key == "chosen_token_ids"}
+                for p in pairs for key in ("chosen_token_ids", "rejected_token_ids")]
+    return examples, prompt_ids
+
+
+def run_scenario(accelerator: Accelerator, scenario: str, out: Path) -> None:
+    use_lora, kto = scenario == "lora", scenario == "kto"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=1))
     cfg = DPOConfig(beta=0.5, learning_rate=1e-3, epochs=2, batch_size=4, grad_accum_steps=2, warmup_steps=1,
-                    lr_schedule="cosine", rpo_alpha=0.2, mixed_precision="no", gradient_checkpointing=use_lora)
+                    lr_schedule="cosine", rpo_alpha=0.0 if kto else 0.2, mixed_precision="no",
+                    gradient_checkpointing=use_lora, loss="kto" if kto else "sigmoid")
     if use_lora:
         model = lora.wrap_lora(model, LoRAConfig(r=4, alpha=8))
         with torch.no_grad():  # B starts at 0; make the adapter do something from step 0
@@ -50,8 +61,13 @@ def run_scenario(accelerator: Accelerator, use_lora: bool, out: Path) -> None:
                     p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     if cfg.gradient_checkpointing:
         training.enable_gradient_checkpointing(model)
-    pairs, prompt_ids = synthetic_pairs(NUM_PAIRS)
-    batches = dpo.make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=5, num_processes=accelerator.num_processes)
+    if kto:
+        examples, prompt_ids = synthetic_examples(NUM_PAIRS)
+        batches = dpo.make_example_batches(examples, prompt_ids, cfg, pad_id=0, seed=5,
+                                           num_processes=accelerator.num_processes)
+    else:
+        pairs, prompt_ids = synthetic_pairs(NUM_PAIRS)
+        batches = dpo.make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=5, num_processes=accelerator.num_processes)
     optimizer = training.build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     ref = dpo.reference_logps(model, batches, accelerator)
@@ -70,8 +86,8 @@ def main() -> None:
     parser.add_argument("out")
     args = parser.parse_args()
     accelerator = Accelerator(cpu=True)
-    for name in ("full", "lora"):
-        run_scenario(accelerator, name == "lora", Path(args.out) / name)
+    for name in ("full", "lora", "kto"):
+        run_scenario(accelerator, name, Path(args.out) / name)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.vllm
 OVERRIDES = [
     "rounds=2", "name=two-rounds", "data.train_prompts_per_round=6", "data.eval_prompts=24",
     "generation.samples_per_prompt=4", "generation.max_new_tokens=24", "eval.max_new_tokens=24",
-    "dpo.epochs=1", "dpo.batch_size=4", "save_checkpoints=last",
+    "dpo.epochs=1", "dpo.batch_size=4", "save_checkpoints=last", "eval.diversity_prompts=6",
 ]
 
 
@@ -71,3 +71,33 @@ def test_resolved_config_is_saved(finished_run):
     root, _ = finished_run
     saved = yaml.safe_load((root / "config.yaml").read_text())
     assert saved["rounds"] == 2 and saved["data"]["train_prompts_per_round"] == 6
+
+
+def test_diversity_uses_the_policys_own_token_logprobs(finished_run):
+    """The diversity watch's entropy is the mean -log p of vLLM's sampled tokens: those log-probs
+    must be the round's policy's, so recompute a few with HF on the round-1 checkpoint."""
+    import torch
+
+    from online_dpo.config import load_config
+    from online_dpo.data import chat_prompt_ids, load_prompts
+    from online_dpo.models import load_policy, load_tokenizer
+
+    root, proc = finished_run
+    ev = json.loads((root / "round_001" / "eval.json").read_text())["eval"]
+    div = ev["diversity"]
+    assert (div["prompts"], div["samples_per_prompt"]) == (6, 4) and div["token_entropy"] > 0
+    assert "distinct-2" in proc.stdout  # the diversity table was printed after the round table
+    rows = [json.loads(line) for line in (root / "round_001" / "diversity_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 24
+    cfg = load_config(root / "config.yaml")
+    ckpt = str(root / "round_001" / "checkpoint")
+    tokenizer, model = load_tokenizer(ckpt), load_policy(ckpt).eval()
+    prompts = {p.id: p for p in load_prompts(cfg.data, tokenizer, cfg.policy.max_prompt_tokens).eval}
+    for row in rows[:3]:
+        prompt_ids = chat_prompt_ids(tokenizer, prompts[row["prompt_id"]].messages)
+        ids = torch.tensor([prompt_ids + row["token_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+        hf = logits.log_softmax(-1).gather(1, torch.tensor(row["token_ids"]).unsqueeze(1)).squeeze(1)
+        assert len(row["logprobs"]) == len(row["token_ids"])
+        assert torch.allclose(hf, torch.tensor(row["logprobs"]), atol=2e-2), (hf, row["logprobs"])

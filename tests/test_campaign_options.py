@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from online_dpo import dpo
 from online_dpo.data import chat_prompt_ids
@@ -193,3 +194,65 @@ def test_reference_free_losses_run_a_round_without_a_reference_pass(tmp_path, lo
     assert not (root / "round_000" / "reference_logps.jsonl").exists()
     assert all("kl" not in s and s["loss"] > 0 for s in steps)  # no reference, so no KL to it
     assert (root / "round_000" / "checkpoint" / "model.safetensors").exists()
+
+
+def test_kto_round_of_the_quickstart_labels_every_candidate_by_the_verifier(tmp_path):
+    """dpo.loss=kto on the quickstart (arithmetic verifier, a pointwise judge): every judged
+    candidate becomes an example labelled by the threshold, the reference pass scores each
+    example under the initial model, and the eval measures diversity next to the initial policy's."""
+    import pandas as pd
+    from datasets import load_from_disk
+
+    from online_dpo.models import load_policy, load_tokenizer, resolve_model_path
+
+    out = tmp_path / "runs"
+    proc = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", "name=kto",
+                       "rounds=1", "generation.backend=hf", "data.train_prompts_per_round=4",
+                       "generation.samples_per_prompt=4", "generation.max_new_tokens=12", "eval.max_new_tokens=8",
+                       "data.eval_prompts=3", "dpo.loss=kto", "dpo.batch_size=4", "dpo.learning_rate=1e-4",
+                       "eval.diversity_prompts=2", "eval.diversity_samples=3"], timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    root, rdir = out / "kto", out / "kto" / "round_000"
+    judged = pd.read_parquet(rdir / "judgments.parquet")
+    examples = load_from_disk(str(rdir / "examples")).to_list()
+    assert not (rdir / "pairs").exists()
+    # every candidate the verifier scored is an example, labelled by score >= kto.threshold (0.5)
+    expected = {(j.prompt_id, j.index): j.score >= 0.5 for j in judged.itertuples() if j.error is None}
+    assert {(e["prompt_id"], e["index"]): e["label"] for e in examples} == expected and len(expected) == 16
+    funnel = json.loads((rdir / "funnel.json").read_text())
+    assert funnel["examples"] == 16 and funnel["desirable"] == sum(expected.values())
+    result = json.loads((rdir / "eval.json").read_text())
+    assert result["examples"] == 16 and "pairs" not in result and "reference" in result["timings"]
+
+    # the reference pass of round 0 scored each example under the initial model (refreshed reference)
+    rows = read_jsonl(rdir / "reference_logps.jsonl")
+    assert sorted((r["prompt_id"], r["index"]) for r in rows) == sorted(expected)
+    model_dir = str(resolve_model_path("embedded"))
+    tokenizer, model = load_tokenizer(model_dir), load_policy(model_dir).eval()
+    by_key = {(e["prompt_id"], e["index"]): e for e in examples}
+    for row in rows[:3]:
+        e = by_key[(row["prompt_id"], row["index"])]
+        batch = dpo.make_example_batches([e], {e["prompt_id"]: chat_prompt_ids(tokenizer, e["prompt"])},
+                                         dpo.DPOConfig(batch_size=1), tokenizer.pad_token_id, seed=0)[0]
+        with torch.no_grad():
+            (logp,) = dpo.batch_logps(model, batch)
+        assert row["ref_logp"] == pytest.approx(float(logp), abs=2e-3) and row["label"] == e["label"]
+
+    steps = read_jsonl(rdir / "train_metrics.jsonl")
+    epochs = yaml.safe_load((root / "config.yaml").read_text())["dpo"]["epochs"]
+    assert len(steps) == 4 * epochs  # 16 examples in batches of 4, per epoch
+    assert all({"desirable_reward", "undesirable_reward", "kl", "kto_z0"} <= set(s) for s in steps)
+    assert steps[0]["kl"] == pytest.approx(0, abs=1e-3)  # the policy is its reference before the first step
+
+    # the diversity watch: the initial policy's and round 0's, from 2 prompts x 3 samples each
+    manifest = json.loads((root / "manifest.json").read_text())
+    base = manifest["rounds"]["baseline"]["diversity"]["metrics"]
+    div = result["eval"]["diversity"]
+    for d in (base, div):
+        assert (d["prompts"], d["samples_per_prompt"]) == (2, 3)
+        assert 0 < d["distinct_1"] <= 1 and 0 <= d["pairwise_overlap"] <= 1 and d["token_entropy"] > 0
+    samples = read_jsonl(rdir / "diversity_samples.jsonl")
+    assert len(samples) == 6 and all(len(s["logprobs"]) >= 1 and max(s["logprobs"]) <= 0 for s in samples)
+    assert isinstance(result["eval"]["diversity_warnings"], list)
+    report = run_python(["-m", "online_dpo.cli", "report", str(root)], timeout=300)
+    assert report.returncode == 0 and "16 ex" in report.stdout and "distinct-2" in report.stdout, report.stdout[-3000:]

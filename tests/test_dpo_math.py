@@ -156,8 +156,9 @@ def test_needs_reference_and_the_config_check():
 
     assert needs_reference("sigmoid") and needs_reference("ipo")
     assert not needs_reference("simpo") and not needs_reference("orpo")
+    assert needs_reference("kto")  # KTO compares with a reference, on unpaired examples
     with pytest.raises(ValueError, match="unknown dpo.loss"):
-        needs_reference("kto")
+        needs_reference("cpo")
     assert load_config(None, ["dpo.loss=simpo", "dpo.simpo_gamma=1.0"]).dpo.simpo_gamma == 1.0
     with pytest.raises(ConfigError, match="reference-free"):
         load_config(None, ["dpo.loss=orpo", "dpo.reference=initial"])

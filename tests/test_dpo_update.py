@@ -81,3 +81,53 @@ def test_reference_based_loss_without_reference_is_an_error(tiny_policy):
     with pytest.raises(ValueError, match="needs reference log-probs"):
         dpo.train_round(tiny_policy, optimizer, batches, None, DPOConfig(loss="sigmoid", mixed_precision="no"),
                         Accelerator(cpu=True))
+
+
+def test_kto_raises_desirable_and_lowers_undesirable_examples(tiny_policy):
+    from accelerate import Accelerator
+
+    from online_dpo.config import KTOConfig
+
+    accelerator = Accelerator(cpu=True)
+    cfg = DPOConfig(loss="kto", beta=0.5, learning_rate=1e-2, epochs=1, max_steps=8, batch_size=4, mixed_precision="no")
+    examples = [{"prompt_id": "p", "completion_token_ids": [10, 11, 12, 2], "label": True},
+                {"prompt_id": "p", "completion_token_ids": [20, 21, 2], "label": False},
+                {"prompt_id": "q", "completion_token_ids": [13, 14, 2], "label": True},
+                {"prompt_id": "q", "completion_token_ids": [22, 23, 24, 2], "label": False}]
+    batches = dpo.make_example_batches(examples, {"p": [1, 2, 3], "q": [4, 5]}, cfg, pad_id=0, seed=3)
+    assert len(batches) == 1 and batches[0].input_ids.shape[0] == 4
+    batch = batches[0]
+    # each row is its example: the prompt then the response, the response mask on the response only
+    desirable = batch.desirable.tolist()
+    assert sorted(desirable) == [False, False, True, True]
+    ref = dpo.reference_logps(tiny_policy, batches, accelerator)
+    assert len(ref[0]) == 1 and ref[0][0].shape == (4,)
+    with pytest.raises(ValueError, match="ExampleBatch"):
+        dpo.train_round(tiny_policy, torch.optim.SGD(tiny_policy.parameters(), lr=0.0), batches, ref,
+                        DPOConfig(loss="sigmoid"), accelerator)
+    optimizer = torch.optim.AdamW(tiny_policy.parameters(), lr=cfg.learning_rate)
+    metrics = dpo.train_round(tiny_policy, optimizer, batches, ref, cfg, accelerator,
+                              kto=KTOConfig(desirable_weight=1.0, undesirable_weight=1.0))
+    assert len(metrics) == 8
+    first = metrics[0]
+    assert set(dpo.KTO_METRICS) | {"reward_margin", "grad_norm", "lr"} <= set(first)
+    # before the first step the policy is the reference: every reward and the KL are 0
+    assert first["desirable_reward"] == pytest.approx(0, abs=1e-5) and first["kl"] == pytest.approx(0, abs=1e-5)
+    # the loss at r = z0 = 0 is 1 - σ(0) = 0.5 for every example
+    assert first["loss"] == pytest.approx(0.5, abs=1e-5)
+    assert metrics[-1]["reward_margin"] > 0 and metrics[-1]["loss"] < first["loss"]
+    with torch.no_grad():
+        (after,) = dpo.batch_logps(tiny_policy, batch)
+    moved = after - ref[0][0]
+    good = batch.desirable
+    assert (moved[good] > 0).all() and (moved[~good] < 0).all()
+
+
+def test_kto_loss_with_a_given_reference_point():
+    pol, ref = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0])
+    desirable = torch.tensor([True, False])
+    losses, rewards, z0 = dpo.kto_loss(pol, ref, desirable, beta=2.0, z0=torch.tensor(0.25))
+    # r = [1, -1]; desirable: 1 - σ(2·(1 - 0.25)) ; undesirable: 1 - σ(2·(0.25 - (-1)))
+    expected = [1 - 1 / (1 + torch.exp(torch.tensor(-1.5))), 1 - 1 / (1 + torch.exp(torch.tensor(-2.5)))]
+    assert torch.allclose(losses, torch.stack(expected))
+    assert rewards.tolist() == [2.0, -2.0] and float(z0) == 0.25

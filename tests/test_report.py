@@ -40,10 +40,12 @@ def report(root, *args):
 
 
 def table_cells(stdout: str) -> dict[int, list[str]]:
-    """round -> its cells in the rich table, with cells folded over several lines joined."""
+    """round -> its cells in the (first) rich table, with cells folded over several lines joined."""
     lines: dict[int, list[str]] = {}
     current = None
     for line in stdout.splitlines():
+        if line.startswith("└"):
+            break  # the per-round table ends; the diversity table follows
         if m := re.match(r"^│\s+(\d+)\s+│", line):
             current = int(m.group(1))
             lines[current] = [line]
