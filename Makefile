@@ -33,8 +33,15 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Benchmarks (not tests; see bench/README.md): per-stage round times, generation and training
+# tokens/s against the bf16/fp32 matmul roofline, and online-dpo vs TRL's OnlineDPOTrainer.
+# About 25 minutes on a quiet 2-core CPU; the JSON goes to runs/bench/.
 bench: install
-	$(BIN)/python bench/stages.py
+	$(BIN)/pip install --quiet -e ".[bench]"
+	mkdir -p runs/bench
+	$(BIN)/python bench/stages.py --json runs/bench/stages.json
+	$(BIN)/python bench/throughput.py --json runs/bench/throughput.json
+	$(BIN)/python bench/vs_trl.py --json runs/bench/vs_trl.json
 
 clean-venv:
 	rm -rf $(VENV)
