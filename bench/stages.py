@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))  # before torch: v
 import argparse
 import json
 import math
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -45,31 +46,8 @@ from online_dpo.generate import Sampling
 from online_dpo.pairs import select_pairs
 from online_dpo.rundir import RunDir
 
-
-def matmul_tflops(dtype: torch.dtype, max_n: int = 2048, reps: int = 5, budget_s: float = 5.0) -> float:
-    """Best-of-`reps` TFLOP/s of a square matmul in `dtype`.
-
-    The size doubles from 256 up to `max_n` while one matmul takes under 0.1 s, so a dtype
-    that falls back to a slow path on this CPU (bf16 without AVX512-BF16/AMX) is still
-    measured in seconds; the repetitions stop early once `budget_s` is spent.
-    """
-    n = 256
-    while True:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warmup
-        t0 = time.perf_counter()
-        a @ b
-        if n >= max_n or time.perf_counter() - t0 > 0.1:
-            break
-        n *= 2
-    best, start = math.inf, time.perf_counter()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s:
-            break
-    return 2 * n**3 / best / 1e12
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import matmul_tflops  # noqa: E402
 
 
 @contextmanager

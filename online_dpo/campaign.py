@@ -410,7 +410,7 @@ def stage_update(c: Campaign, r: int, timings: dict) -> list[dict]:
     with timed("update", timings):
         if cfg.dpo.optimizer_state == "fresh":
             training.reset_optimizer_state(c.optimizer)  # new moments each round: the pairs are new data
-        bar = tqdm(desc=f"round {r} DPO", unit="step", leave=False, disable=not c.is_main)
+        bar = tqdm(desc=f"round {r} update ({cfg.dpo.loss})", unit="step", leave=False, disable=not c.is_main)
 
         def progress(m: dict) -> None:
             bar.update(1)

@@ -391,8 +391,14 @@ def make_example_batches(examples: list[dict], prompt_ids: dict[str, list[int]],
 def batch_logps(model, batch: PairBatch | ExampleBatch) -> tuple[torch.Tensor, ...]:
     """Summed response log-probs under `model`: (chosen [B], rejected [B]) for a PairBatch,
     (logps [N],) for an ExampleBatch."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    return batch.split(sequence_logps(logits, batch.input_ids, batch.response_mask))
+    # Logits only from the position before the earliest response token on: the LM head and the
+    # [rows, T, V] log-softmax over prompt positions would be thrown away (the profile's largest
+    # avoidable cost; bench/README.md). Position t predicts token t+1, hence the -1.
+    first_response = int(batch.response_mask.float().argmax(dim=1).min())
+    start = max(first_response - 1, 0)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                   logits_to_keep=batch.input_ids.shape[1] - start).logits
+    return batch.split(sequence_logps(logits, batch.input_ids[:, start:], batch.response_mask[:, start:]))
 
 
 def response_token_counts(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,12 +19,11 @@ Everything here is a pure function of its inputs, so a resumed campaign labels t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from online_dpo.config import KTOConfig
 from online_dpo.data import Prompt
-from online_dpo.pairs import Candidate
+from online_dpo.pairs import Candidate, judged_candidates
 
 
 @dataclass
@@ -70,11 +69,6 @@ class LabelFunnel:
         return line
 
 
-def usable(score: float | None) -> bool:
-    # NaN would compare false both ways and slip into "undesirable"; treat it as a judge error.
-    return score is not None and math.isfinite(score)
-
-
 def rank_labels(scores: list[float], desirable_fraction: float) -> list[bool | None]:
     """Labels by rank within one prompt's judged candidates: True (desirable) / False, or
     None for all of them when every score is equal (no rank to learn from). [n] -> [n].
@@ -104,12 +98,7 @@ def label_candidates(prompts: list[Prompt], candidates: list[list[Candidate]], s
     funnel = LabelFunnel(prompts=len(prompts))
     examples = []
     for prompt, cands, cand_scores in zip(prompts, candidates, scores, strict=True):
-        if len(cands) != len(cand_scores):
-            raise ValueError(f"prompt {prompt.id}: {len(cands)} candidates but {len(cand_scores)} scores")
-        funnel.candidates += len(cands)
-        judged = [(s, c) for s, c in zip(cand_scores, cands) if usable(s)]
-        funnel.judged += len(judged)
-        funnel.judge_errors += len(cands) - len(judged)
+        judged = judged_candidates(prompt, cands, cand_scores, funnel)
         if cfg.label_by == "threshold":
             labels = [s >= cfg.threshold for s, _ in judged]
         else:

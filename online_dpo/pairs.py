@@ -117,12 +117,7 @@ def select_pairs(
     funnel = Funnel(prompts=len(prompts))
     pairs = []
     for prompt, cands, cand_scores in zip(prompts, candidates, scores, strict=True):
-        if len(cands) != len(cand_scores):
-            raise ValueError(f"prompt {prompt.id}: {len(cands)} candidates but {len(cand_scores)} scores")
-        funnel.candidates += len(cands)
-        usable = [(s, c) for s, c in zip(cand_scores, cands) if _is_usable(s)]
-        funnel.judged += len(usable)
-        funnel.judge_errors += len(cands) - len(usable)
+        usable = judged_candidates(prompt, cands, cand_scores, funnel)
         if len(usable) < 2:
             funnel.dropped[TOO_FEW_JUDGED] += 1
             continue
@@ -150,6 +145,18 @@ def select_pairs(
         funnel.prompts_paired += 1
     funnel.pairs = len(pairs)
     return pairs, funnel
+
+
+def judged_candidates(prompt: Prompt, cands: list[Candidate], scores: list[float | None], funnel) -> list[Scored]:
+    """One prompt's candidates with a usable score, in sample order; counts candidates, judged
+    and judge errors on `funnel` (a Funnel or a labels.LabelFunnel)."""
+    if len(cands) != len(scores):
+        raise ValueError(f"prompt {prompt.id}: {len(cands)} candidates but {len(scores)} scores")
+    usable = [(s, c) for s, c in zip(scores, cands) if _is_usable(s)]
+    funnel.candidates += len(cands)
+    funnel.judged += len(usable)
+    funnel.judge_errors += len(cands) - len(usable)
+    return usable
 
 
 def _check(cfg: PairsConfig) -> None:

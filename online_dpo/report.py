@@ -285,12 +285,15 @@ DIVERSITY_COLUMNS = ("round", "distinct-1", "distinct-2", "pairwise overlap", "t
 
 def diversity_rows(rounds: list[RoundView], baseline: dict | None) -> list[list[str]]:
     """The diversity watch, one row per round with a measurement (the initial policy first):
-    each value with its share of the initial policy's in brackets."""
+    each value with its share of the initial policy's in brackets (the overlap as a multiple)."""
     def cells(label: str, d: dict) -> list[str]:
         out = [label]
         for key, fmt in (("distinct_1", ".3f"), ("distinct_2", ".3f"), ("pairwise_overlap", ".3f"), ("token_entropy", ".3f")):
             value, ref = finite(d.get(key)), finite((baseline or {}).get(key))
-            share = f" ({value / ref:.0%})" if value is not None and ref and d is not baseline else ""
+            share = ""
+            if value is not None and ref and d is not baseline:
+                # overlap grows as diversity falls: a multiple reads better than "548%"
+                share = f" ({value / ref:.1f}x)" if key == "pairwise_overlap" else f" ({value / ref:.0%})"
             out.append(_num(value, fmt) + share)
         out.append(f"{d.get('prompts', '-')} x {d.get('samples_per_prompt', '-')}")
         return out

@@ -31,13 +31,28 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def build_optimizer(model, cfg: DPOConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only; the LR is set each round by `dpo.make_scheduler`."""
-    return torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    """AdamW over the trainable parameters only; the LR is set each round by `dpo.make_scheduler`.
+
+    The fused implementation (one kernel over all parameters; CPU and CUDA) where torch has
+    it for these parameters: the per-tensor loop was 18% of the update's time in the profile
+    (bench/README.md). Same math, different rounding order."""
+    params = trainable_parameters(model)
+    try:
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    except RuntimeError:  # a device or dtype the fused kernel does not support
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def reset_optimizer_state(optimizer) -> None:
-    """dpo.optimizer_state=fresh: forget the AdamW moments (and step counts) before a round."""
-    getattr(optimizer, "optimizer", optimizer).state.clear()
+    """dpo.optimizer_state=fresh: forget the AdamW moments and step counts before a round.
+
+    Zeroed in place rather than dropped: AdamW starting from zero moments at step 0 is what a
+    new optimizer does, and reusing the buffers keeps a second copy of the moments (2x the
+    trainable weights) from being allocated while the old one is still held by the allocator."""
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                value.zero_()
 
 
 def _check_not_sharded(accelerator, what: str) -> None:

@@ -356,5 +356,11 @@ def test_optimizer_state_save_and_load_continue_identically(accelerator, tmp_pat
     assert max_param_diff(model, resumed) == 0.0  # carried moments: the very same steps
     assert max_param_diff(model, fresh) > 1e-6  # and the moments matter
 
-    training.reset_optimizer_state(optimizer)  # optimizer_state=fresh
-    assert not optimizer.state
+    training.reset_optimizer_state(optimizer)  # optimizer_state=fresh: zeroed in place
+    assert optimizer.state and all(float(t.abs().max()) == 0 for st in optimizer.state.values() for t in st.values())
+    # a reset optimizer takes the very steps a brand-new one takes
+    again = copy.deepcopy(model)
+    again_opt = training.build_optimizer(again, cfg)
+    run_update(model, pairs, prompt_ids, cfg, accelerator, optimizer=optimizer, seed=6)
+    run_update(again, pairs, prompt_ids, cfg, accelerator, optimizer=again_opt, seed=6)
+    assert max_param_diff(model, again) == 0.0
