@@ -225,9 +225,14 @@ def baseline(c: Campaign) -> dict:
         acc = evaluate.accuracy(c.split.eval, texts)
         c.run.mark_done("baseline", "eval", accuracy=acc)
         base = {"texts": texts, "accuracy": acc}
-    # Its own marker: a campaign started before the diversity watch existed measures it on resume.
     if c.cfg.eval.enabled and c.cfg.eval.diversity_prompts:
         if not c.run.is_done("baseline", "diversity"):
+            if last_checkpoint(c.run, c.cfg.rounds) is not None:
+                # A run started before the diversity watch existed: the generator now holds a later
+                # round's weights, so measuring "the initial policy" here would measure the wrong one.
+                log.warning("this run has no diversity measurement of its initial policy (it was started before "
+                            "the diversity watch existed); the diversity watch is off for it")
+                return base
             metrics = measure_diversity(c, derived_seed(c.cfg.seed, "baseline-diversity"), root / "diversity_samples.jsonl")
             c.run.mark_done("baseline", "diversity", metrics=metrics)
         base["diversity"] = c.run.manifest["rounds"]["baseline"]["diversity"]["metrics"]

@@ -25,6 +25,10 @@ def round_metrics(view: RoundView) -> dict[str, float]:
     values["eval/accuracy"] = ev.get("accuracy")
     values["eval/mean_response_tokens"] = mean_tokens(view)
     values["pairs/count"] = (view.result or {}).get("pairs")
+    values["examples/count"] = (view.result or {}).get("examples")  # dpo.loss=kto
+    for name, value in (ev.get("diversity") or {}).items():
+        if name not in ("prompts", "samples_per_prompt"):
+            values[f"diversity/{name}"] = value
     for name, value in train_summary(view).items():
         if name != "steps":
             values[f"train/{name}"] = value

@@ -25,6 +25,7 @@ from tests.conftest import run_python
 SMALL = ["rounds=2", "generation.backend=hf", "data.train_prompts_per_round=4", "generation.samples_per_prompt=3",
          "generation.max_new_tokens=12", "eval.max_new_tokens=8", "data.eval_prompts=2", "dpo.batch_size=2",
          "dpo.epochs=1", "dpo.learning_rate=1e-4",
+         "eval.diversity_prompts=0",  # the diversity watch is tested by the KTO round below and tests/test_campaign.py
          # scores fall with length past 20 characters, so candidates of different lengths form pairs
          "judge.name=length", "judge.options={max_chars: 20, slack: 200}"]
 

@@ -316,6 +316,8 @@ def test_rounds_go_to_an_accelerate_tracker(run_copy):
     for step, values in recorder.logged:
         assert values["vs_baseline/win_rate"] == run.rounds[step].eval["vs_baseline"]["win_rate"]
         assert "train/loss" in values and all(isinstance(v, float) for v in values.values())
+        div = run.rounds[step].eval["diversity"]
+        assert values["diversity/distinct_2"] == div["distinct_2"] and values["diversity/token_entropy"] == div["token_entropy"]
     assert "vs_previous/win_rate" in recorder.logged[1][1] and "vs_previous/win_rate" not in recorder.logged[0][1]
 
 
