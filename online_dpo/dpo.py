@@ -309,11 +309,17 @@ def shard_range(num_pairs: int, index: int, count: int) -> tuple[int, int]:
     return index * share, (index + 1) * share
 
 
-def encode_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int):
-    """Token rows for one pair; responses are cut so prompt + response fits `max_length`."""
+def response_room(prompt_ids: list[int], max_length: int) -> int:
+    """How many response tokens fit after the prompt under `max_length` (at least 1, or an error)."""
     room = max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room under dpo.max_length={max_length}")
+    return room
+
+
+def encode_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int):
+    """Token rows for one pair; responses are cut so prompt + response fits `max_length`."""
+    room = response_room(prompt_ids, max_length)
     return [(prompt_ids, ids[:room]) for ids in (chosen_ids, rejected_ids)]
 
 
@@ -371,17 +377,11 @@ def make_example_batches(examples: list[dict], prompt_ids: dict[str, list[int]],
                          seed: int, num_processes: int = 1) -> list[ExampleBatch]:
     """Shuffle labelled examples with `seed` and cut them into batches of `cfg.batch_size`
     examples (the same order and the same even-split rule as `make_batches`)."""
-    if cfg.batch_size % num_processes:
-        raise ValueError(f"dpo.batch_size={cfg.batch_size} examples cannot be split evenly over {num_processes} "
-                         f"processes; set dpo.batch_size to a multiple of {num_processes}")
-    order = batch_order(len(examples), seed, num_processes)
+    order = even_order(len(examples), cfg, seed, num_processes, "examples")
     rows, labels = [], []
     for i in order:
         prompt = prompt_ids[examples[i]["prompt_id"]]
-        room = cfg.max_length - len(prompt)
-        if room < 1:
-            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under dpo.max_length={cfg.max_length}")
-        rows.append((prompt, list(examples[i]["completion_token_ids"])[:room]))
+        rows.append((prompt, list(examples[i]["completion_token_ids"])[: response_room(prompt, cfg.max_length)]))
         labels.append(bool(examples[i]["label"]))
     return [ExampleBatch(*collate_rows(rows[i : i + cfg.batch_size], pad_id),
                          torch.tensor(labels[i : i + cfg.batch_size], dtype=torch.bool))
@@ -415,6 +415,19 @@ def batch_order(num_pairs: int, seed: int, num_processes: int = 1) -> list[int]:
     return order[: num_pairs - num_pairs % num_processes]
 
 
+def even_order(count: int, cfg: DPOConfig, seed: int, num_processes: int, unit: str) -> list[int]:
+    """`batch_order` after checking that dpo.batch_size splits over the processes; warns about
+    the items (`unit`: "pairs" or "examples") left out so every batch splits evenly."""
+    if cfg.batch_size % num_processes:
+        raise ValueError(f"dpo.batch_size={cfg.batch_size} {unit} cannot be split evenly over {num_processes} "
+                         f"processes; set dpo.batch_size to a multiple of {num_processes}")
+    order = batch_order(count, seed, num_processes)
+    if len(order) < count:
+        log.warning("%d of %d %s left out of this update so they split evenly over %d processes",
+                    count - len(order), count, unit, num_processes)
+    return order
+
+
 def make_batches(pairs: list[dict], prompt_ids: dict[str, list[int]], cfg: DPOConfig, pad_id: int, seed: int,
                  num_processes: int = 1) -> list[PairBatch]:
     """Shuffle pairs with `seed` and cut them into batches of `cfg.batch_size` pairs.
@@ -423,13 +436,7 @@ def make_batches(pairs: list[dict], prompt_ids: dict[str, list[int]], cfg: DPOCo
     With several processes every batch must split evenly: `cfg.batch_size` must be a
     multiple of `num_processes`, and the last (num_pairs % num_processes) shuffled pairs
     are left out of this round, so the last, smaller batch splits too."""
-    if cfg.batch_size % num_processes:
-        raise ValueError(f"dpo.batch_size={cfg.batch_size} pairs cannot be split evenly over {num_processes} "
-                         f"processes; set dpo.batch_size to a multiple of {num_processes}")
-    order = batch_order(len(pairs), seed, num_processes)
-    if len(order) < len(pairs):
-        log.warning("%d of %d pairs left out of this update so they split evenly over %d processes",
-                    len(pairs) - len(order), len(pairs), num_processes)
+    order = even_order(len(pairs), cfg, seed, num_processes, "pairs")
     encoded = [encode_pair(prompt_ids[pairs[i]["prompt_id"]], pairs[i]["chosen_token_ids"],
                            pairs[i]["rejected_token_ids"], cfg.max_length) for i in order]
     probs = [float(pairs[i].get("chosen_prob", 1.0)) for i in order]
