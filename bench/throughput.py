@@ -4,7 +4,7 @@ It measures, in one process:
   1. the bf16 and fp32 square-matmul peak of the device (CPU or CUDA);
   2. generation tokens/s on the same prompts and sampling settings with
      - the vLLM backend (`VLLMGenerator`, what campaigns use),
-     - the HF backend (`HFGenerator`: one `generate` call per prompt, its K samples together),
+     - the HF backend (`HFGenerator`: left-padded `generate` calls of up to 64 sequences),
      - plain HF `generate` over all prompts in one left-padded call (the way TRL calls it),
      held to 2·N FLOPs per generated token (N = parameters) at the peak of the dtype they ran in;
   3. training tokens/s of the real update (`dpo.reference_logps` then `dpo.train_round`,
@@ -103,7 +103,7 @@ def bench_hf(model, tokenizer, prompts, sampling, dtype: str, device: str) -> tu
     completions = gen.generate(prompts, sampling)
     sync(device)
     return gen_row("HF backend (HFGenerator)", dtype, time.perf_counter() - t0, completions, len(prompts),
-                   f"{len(prompts)} prompts x {sampling.n}, one generate call per prompt"), completions
+                   f"{len(prompts)} prompts x {sampling.n}, left-padded batches of <= {gen.max_batch_sequences} sequences"), completions
 
 
 @torch.no_grad()

@@ -149,7 +149,7 @@ def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
         max_len = cfg.policy.max_prompt_tokens + max(gen_cfg.max_new_tokens, cfg.eval.max_new_tokens)
         c.generator = VLLMGenerator(model_path, tokenizer, gen_cfg, max_model_len=max_len, seed=cfg.seed)
     elif main:
-        c.generator = HFGenerator(accelerator.unwrap_model(policy), tokenizer)
+        c.generator = HFGenerator(accelerator.unwrap_model(policy), tokenizer, cfg.generation.hf_batch_sequences)
     if last and cfg.generation.backend == "vllm":
         weights = policy_weights(c)  # a collective under FSDP/ZeRO-3: every process calls it
         if main:

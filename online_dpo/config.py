@@ -74,6 +74,9 @@ class GenerationConfig:
     # machine: 27 vs 142 tokens/s measured), bfloat16 on GPUs.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     enforce_eager: bool = True
+    # HF backend: the most sequences (prompts x K) in one left-padded `generate` call; lower it
+    # if a GPU runs out of memory during generation.
+    hf_batch_sequences: int = 64
 
 
 @dataclass
@@ -331,6 +334,7 @@ def validate(cfg: CampaignConfig) -> None:
         (cfg.rounds >= 1, "rounds must be >= 1"),
         (cfg.generation.samples_per_prompt >= 2, "generation.samples_per_prompt must be >= 2 to form pairs"),
         (cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1"),
+        (cfg.generation.hf_batch_sequences >= 1, "generation.hf_batch_sequences must be >= 1"),
         (cfg.dpo.beta > 0, "dpo.beta must be > 0"),
         (cfg.dpo.batch_size >= 1, "dpo.batch_size must be >= 1"),
         (0.0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),

@@ -26,3 +26,41 @@ def test_missing_local_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="config.json"):
         resolve_model_path(str(tmp_path / "empty"))
+
+
+def test_hf_backend_batches_prompts_of_different_lengths_reproducibly(embedded_model_path):
+    """Left-padded batches: the sampled tokens' log-probs equal an unpadded teacher-forced pass,
+    a repeated call samples the same tokens, and splitting into smaller batches keeps the
+    per-prompt grouping (K samples per prompt, in prompt order)."""
+    import torch
+
+    from online_dpo.data import Prompt, chat_prompt_ids
+    from online_dpo.generate import HFGenerator, Sampling
+    from online_dpo.models import load_policy
+
+    tokenizer, model = load_tokenizer(embedded_model_path), load_policy(embedded_model_path)
+    prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": f"Add {i} and {i + 3}." + " Please." * (3 * i)}])
+               for i in range(3)]
+    lengths = [len(chat_prompt_ids(tokenizer, p.messages)) for p in prompts]
+    assert len(set(lengths)) == 3, "the prompts must differ in length so that the batch is padded"
+    sampling = Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=5, logprobs=True)
+
+    whole = HFGenerator(model, tokenizer).generate(prompts, sampling)
+    again = HFGenerator(model, tokenizer).generate(prompts, sampling)
+    assert [[c.token_ids for c in cs] for cs in whole] == [[c.token_ids for c in cs] for cs in again]
+    assert [len(cs) for cs in whole] == [2, 2, 2]
+
+    with torch.no_grad():
+        for prompt, cs in zip(prompts, whole):
+            ids = chat_prompt_ids(tokenizer, prompt.messages)
+            for c in cs:
+                assert c.token_ids and len(c.logprobs) == len(c.token_ids)
+                assert c.finish_reason == ("stop" if c.token_ids[-1] == tokenizer.eos_token_id else "length")
+                logits = model(torch.tensor([ids + c.token_ids])).logits[0, len(ids) - 1:-1]
+                forced = logits.log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+                assert torch.allclose(forced, torch.tensor(c.logprobs), atol=1e-4)
+
+    # One prompt per call (2 sequences): the same shape, each batch seeded by its position.
+    split = HFGenerator(model, tokenizer, max_batch_sequences=2).generate(prompts, sampling)
+    assert [len(cs) for cs in split] == [2, 2, 2]
+    assert all(len(c.token_ids) <= 6 for cs in split for c in cs)
