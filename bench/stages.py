@@ -88,7 +88,7 @@ def bench_round(c, rows: list[dict], n_params: int) -> None:
         prompt_ids = {p.id: chat_prompt_ids(c.tokenizer, p.messages) for p in prompts}
         batches = dpo.make_batches(pairs, prompt_ids, cfg.dpo, c.tokenizer.pad_token_id,
                                    derived_seed(cfg.seed, 0, "batches"))
-        pass_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+        pass_tokens = sum(b.rows.num_tokens for b in batches)  # the prompt once per pair
 
         with stage(rows, "reference", 2 * n_params, train_dtype, f"{len(batches)} batch(es)") as row:
             ref = dpo.reference_logps(c.policy, batches, c.accelerator)

