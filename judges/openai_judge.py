@@ -156,6 +156,7 @@ class OpenAIJudge:
     """Pairwise LLM-as-judge over an OpenAI-compatible API, both orders by default."""
 
     name = "openai"
+    remote = True  # waits on an API: the campaign judges while it generates (judge.overlap_generation)
 
     def __init__(self, model: str, template: str | None = None, both_orders: bool = True,
                  on_disagreement: Literal["tie", "drop"] = "tie", **client_options):
@@ -175,6 +176,7 @@ class OpenAIRubricScorer:
     """Pointwise 1-10 rubric over an OpenAI-compatible API; a reply without a rating is an error."""
 
     name = "openai_rubric"
+    remote = True  # waits on an API: the campaign judges while it generates (judge.overlap_generation)
 
     def __init__(self, model: str, template: str = "pointwise", max_tokens: int = 3, **client_options):
         self.client = OpenAIClient(model, judge_name=self.name, max_tokens=max_tokens, **client_options)

@@ -254,10 +254,13 @@ def run_round(c: Campaign, r: int, base: dict, prev_texts: list[str] | None) -> 
         stats_before = copy.deepcopy(getattr(c.judge, "stats", None))
         prompts = c.split.round_prompts(r, c.cfg.data.train_prompts_per_round)
         write_jsonl(c.run.round_dir(r) / "prompts.jsonl", [p.to_record() for p in prompts])
-        with timed("generate", timings):
-            candidates = stage_generate(c, r, prompts)
-        with timed("judge", timings):
-            scores = stage_judge(c, r, prompts, candidates)
+        if overlaps_judging(c) and not c.run.is_done(r, "generate"):
+            candidates, scores = stage_generate_while_judging(c, r, prompts, timings)
+        else:
+            with timed("generate", timings):
+                candidates = stage_generate(c, r, prompts)
+            with timed("judge", timings):
+                scores = stage_judge(c, r, prompts, candidates)
         funnel = stage_pairs(c, r, prompts, candidates, scores)
     c.barrier()
     train_metrics = stage_update(c, r, timings)
@@ -315,19 +318,77 @@ def stage_judge(c: Campaign, r: int, prompts, candidates) -> list[list[float | N
     if c.run.is_done(r, "judge"):
         judged = read_parquet(path)
     else:
-        groups = [CandidateGroup(p.text, [x.text for x in cs], p.reference) for p, cs in zip(prompts, candidates)]
-        scores = []
-        chunks = range(0, len(groups), JUDGE_CHUNK)
-        # Chunks, so a slow judge (an API, a local LLM) shows progress as it goes.
-        for n, i in enumerate(tqdm(chunks, desc=f"round {r} judging", unit="chunk", leave=False)):
-            log.info("round %d judge: chunk %d/%d", r, n + 1, len(chunks))
-            scores += score_groups(c.judge, groups[i : i + JUDGE_CHUNK])[0]
-        judged = [{"prompt_id": p.id, "index": x.index, "score": s.value, "error": s.error, "raw": s.raw}
-                  for p, cs, ss in zip(prompts, candidates, scores) for x, s in zip(cs, ss)]
-        write_parquet(path, judged)
-        c.run.mark_done(r, "judge", errors=sum(j["error"] is not None for j in judged))
+        judged = save_judgments(c, r, prompts, candidates, judge_candidates(c, r, prompts, candidates))
+    return scores_of(judged, candidates)
+
+
+def judge_candidates(c: Campaign, r: int, prompts, candidates, part: str = "") -> list[list]:
+    """The judge's `Score` for every candidate, in chunks of JUDGE_CHUNK prompts, so a slow
+    judge (an API, a local LLM) shows progress as it goes."""
+    groups = [CandidateGroup(p.text, [x.text for x in cs], p.reference) for p, cs in zip(prompts, candidates)]
+    scores = []
+    chunks = range(0, len(groups), JUDGE_CHUNK)
+    for n, i in enumerate(tqdm(chunks, desc=f"round {r} judging{part}", unit="chunk", leave=False)):
+        log.info("round %d judge%s: chunk %d/%d", r, part, n + 1, len(chunks))
+        scores += score_groups(c.judge, groups[i : i + JUDGE_CHUNK])[0]
+    return scores
+
+
+def save_judgments(c: Campaign, r: int, prompts, candidates, scores) -> list[dict]:
+    judged = [{"prompt_id": p.id, "index": x.index, "score": s.value, "error": s.error, "raw": s.raw}
+              for p, cs, ss in zip(prompts, candidates, scores) for x, s in zip(cs, ss)]
+    write_parquet(c.run.round_dir(r) / "judgments.parquet", judged)
+    c.run.mark_done(r, "judge", errors=sum(j["error"] is not None for j in judged))
+    return judged
+
+
+def scores_of(judged: list[dict], candidates) -> list[list[float | None]]:
     score_of = {(j["prompt_id"], j["index"]): j["score"] for j in judged}
     return [[score_of[(x.prompt_id, x.index)] for x in cs] for cs in candidates]
+
+
+def overlaps_judging(c: Campaign) -> bool:
+    """judge.overlap_generation: auto = for judges that wait on a remote API (`remote = True`)."""
+    choice = c.cfg.judge.overlap_generation
+    return bool(getattr(c.judge, "remote", False)) if choice == "auto" else bool(choice)
+
+
+def stage_generate_while_judging(c: Campaign, r: int, prompts, timings: dict):
+    """Generate and judge at once: the round's prompts go to the generator in
+    judge.overlap_chunks slices, and each slice is judged in a background thread while the
+    next one generates, so a remote judge's latency hides behind generation. Writes the
+    same candidates.parquet and judgments.parquet, with the same markers, as the two stages
+    one after the other. Each slice has its own seed, so a resumed round regenerates the same
+    candidates and a caching judge answers them from its cache. timings: "generate" is the
+    generation wall time, "judge" the wait for the judge after the last slice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = c.cfg.generation
+    size = -(-len(prompts) // c.cfg.judge.overlap_chunks)
+    slices = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    log.info("round %d generate: %d prompts x %d samples in %d slices, each judged while the next generates",
+             r, len(prompts), g.samples_per_prompt, len(slices))
+    rows, futures = [], []
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge") as pool:
+        for k, part in enumerate(slices):
+            sampling = Sampling(g.samples_per_prompt, g.temperature, g.top_p, g.max_new_tokens,
+                                derived_seed(c.cfg.seed, r, "train-generate", k))
+            part_rows = completion_rows(part, c.generator.generate(part, sampling))
+            rows += part_rows
+            futures.append(pool.submit(judge_candidates, c, r, part, rows_to_candidates(part, part_rows),
+                                       f" (slice {k + 1}/{len(slices)})"))
+        write_parquet(c.run.round_dir(r) / "candidates.parquet", rows)
+        c.run.mark_done(r, "generate", candidates=len(rows))
+        timings["generate"] = time.perf_counter() - t0
+        log.info("%-10s %.1fs", "generate", timings["generate"])
+        t1 = time.perf_counter()
+        scores = [s for f in futures for s in f.result()]  # re-raises a judge error (e.g. its budget)
+    candidates = rows_to_candidates(prompts, rows)
+    judged = save_judgments(c, r, prompts, candidates, scores)
+    timings["judge"] = time.perf_counter() - t1
+    log.info("%-10s %.1fs (after generation; the rest overlapped it)", "judge", timings["judge"])
+    return candidates, scores_of(judged, candidates)
 
 
 def stage_pairs(c: Campaign, r: int, prompts, candidates, scores) -> Funnel | labels.LabelFunnel:

@@ -86,6 +86,11 @@ class GenerationConfig:
 class JudgeConfig:
     name: str = "arithmetic"  # registry name, see `judges.registry`
     options: dict[str, Any] = field(default_factory=dict)  # passed to the judge's constructor
+    # Judge each slice of a round's candidates while the generator samples the next slice, so
+    # the latency of a judge behind an API hides behind generation. auto: for remote judges
+    # (openai, openai_rubric); the round then generates in `overlap_chunks` calls.
+    overlap_generation: bool | Literal["auto"] = "auto"
+    overlap_chunks: int = 4
 
 
 @dataclass
@@ -338,6 +343,7 @@ def validate(cfg: CampaignConfig) -> None:
         (cfg.generation.samples_per_prompt >= 2, "generation.samples_per_prompt must be >= 2 to form pairs"),
         (cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1"),
         (cfg.generation.hf_batch_sequences >= 1, "generation.hf_batch_sequences must be >= 1"),
+        (cfg.judge.overlap_chunks >= 1, "judge.overlap_chunks must be >= 1"),
         (cfg.generation.kv_cache_gb == "auto" or cfg.generation.kv_cache_gb >= 0,
          "generation.kv_cache_gb must be auto, 0 (vLLM's own sizing) or a size in GiB"),
         (cfg.dpo.beta > 0, "dpo.beta must be > 0"),

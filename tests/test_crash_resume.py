@@ -117,13 +117,15 @@ def test_killed_five_times_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_
                  logs / "1.log", kill_on="round 0 generate:", delay=0.5)
         assert rc == -signal.SIGKILL and "generate" not in stages(root, 0)
 
-        # 2. mid-judging: the server kills the client when the 8th request arrives, before answering it
+        # 2. mid-judging: the server kills the client when the 8th request arrives, before answering it.
+        # The API judge works while later slices generate (judge.overlap_generation=auto), so the
+        # generate marker may or may not be on record yet; the judge marker is not.
         proc_args = resume
         proc = start(proc_args, logs / "2.log")
         server.kill_on_request(8, proc.pid)
         (logs / "2.log").write_text(proc.stderr.read())
         assert proc.wait() == -signal.SIGKILL
-        assert "generate" in stages(root, 0) and "judge" not in stages(root, 0)
+        assert "judge" not in stages(root, 0)
         assert len(server.answered) == 7
 
         # 3. finish the 1-round campaign
