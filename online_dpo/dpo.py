@@ -472,7 +472,8 @@ def batch_logps(model, batch: PairBatch | ExampleBatch) -> tuple[torch.Tensor, .
     rows = batch.rows
     # Logits only from the earliest predicting position on (the shortest prompt's last token):
     # the LM head and the [N, T, V] softmax over prompt positions would be thrown away.
-    start = int(rows.predictor[rows.segment > PROMPT].min())
+    responses = rows.segment > PROMPT
+    start = int(rows.predictor[responses].min()) if responses.any() else rows.input_ids.shape[1] - 1
     logits = model(input_ids=rows.input_ids, position_ids=rows.position_ids,
                    attention_mask=model_attention_mask(model, rows.segment), use_cache=False,
                    logits_to_keep=rows.input_ids.shape[1] - start).logits

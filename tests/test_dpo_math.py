@@ -88,6 +88,12 @@ def test_shared_prompt_rows_give_the_log_probs_of_separate_sequences():
     for n, p in model.named_parameters():
         assert torch.allclose(shared_grad[n], p.grad, atol=1e-5), n
 
+    # an empty response scores 0 (nothing to sum) and leaves the rest of its batch alone
+    with torch.no_grad():
+        empty = dpo.batch_logps(model, collate_pairs([([1, 2, 3], [10, 2], []), ([4], [], [])], pad_id=0))
+        assert empty[1].tolist() == [0.0, 0.0] and empty[0][1].item() == 0.0
+        assert torch.allclose(empty[0][0], alone([1, 2, 3], [10, 2]), atol=1e-5)
+
     # eager attention takes the same mask in additive form
     model.config._attn_implementation = "eager"
     with torch.no_grad():
