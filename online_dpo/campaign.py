@@ -300,13 +300,21 @@ def stage_generate(c: Campaign, r: int, prompts) -> list[list[Candidate]]:
     if c.run.is_done(r, "generate"):
         return rows_to_candidates(prompts, read_parquet(path))
     log.info("round %d generate: %d prompts x %d samples", r, len(prompts), c.cfg.generation.samples_per_prompt)
-    g = c.cfg.generation
-    sampling = Sampling(g.samples_per_prompt, g.temperature, g.top_p, g.max_new_tokens,
-                        derived_seed(c.cfg.seed, r, "train-generate"))
-    rows = completion_rows(prompts, c.generator.generate(prompts, sampling))
-    write_parquet(path, rows)
-    c.run.mark_done(r, "generate", candidates=len(rows))
+    rows = completion_rows(prompts, c.generator.generate(prompts, train_sampling(c, r)))
+    save_candidates(c, r, rows)
     return rows_to_candidates(prompts, rows)
+
+
+def train_sampling(c: Campaign, r: int, *slice_index: int) -> Sampling:
+    """The K-candidate sampling of round r (of one slice of it, when judging overlaps generation)."""
+    g = c.cfg.generation
+    return Sampling(g.samples_per_prompt, g.temperature, g.top_p, g.max_new_tokens,
+                    derived_seed(c.cfg.seed, r, "train-generate", *slice_index))
+
+
+def save_candidates(c: Campaign, r: int, rows: list[dict]) -> None:
+    write_parquet(c.run.round_dir(r) / "candidates.parquet", rows)
+    c.run.mark_done(r, "generate", candidates=len(rows))
 
 
 def stage_judge(c: Campaign, r: int, prompts, candidates) -> list[list[float | None]]:
@@ -372,14 +380,11 @@ def stage_generate_while_judging(c: Campaign, r: int, prompts, timings: dict):
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge") as pool:
         for k, part in enumerate(slices):
-            sampling = Sampling(g.samples_per_prompt, g.temperature, g.top_p, g.max_new_tokens,
-                                derived_seed(c.cfg.seed, r, "train-generate", k))
-            part_rows = completion_rows(part, c.generator.generate(part, sampling))
+            part_rows = completion_rows(part, c.generator.generate(part, train_sampling(c, r, k)))
             rows += part_rows
             futures.append(pool.submit(judge_candidates, c, r, part, rows_to_candidates(part, part_rows),
                                        f" (slice {k + 1}/{len(slices)})"))
-        write_parquet(c.run.round_dir(r) / "candidates.parquet", rows)
-        c.run.mark_done(r, "generate", candidates=len(rows))
+        save_candidates(c, r, rows)
         timings["generate"] = time.perf_counter() - t0
         log.info("%-10s %.1fs", "generate", timings["generate"])
         t1 = time.perf_counter()
