@@ -35,6 +35,7 @@ import argparse
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -106,41 +107,18 @@ def bench_hf(model, tokenizer, prompts, sampling, dtype: str, device: str) -> tu
                    f"{len(prompts)} prompts x {sampling.n}, left-padded batches of <= {gen.max_batch_sequences} sequences"), completions
 
 
-@torch.no_grad()
 def bench_hf_batched(model, tokenizer, prompts, sampling, dtype: str, device: str) -> dict:
-    """All prompts x K samples in one left-padded `generate` call, as TRL calls it."""
-    from online_dpo.generate import Completion, prompt_token_ids
+    """All prompts x K samples in one left-padded `generate` call, as TRL calls it: the HF
+    backend with a batch large enough for everything."""
+    from online_dpo.generate import HFGenerator
 
-    ids = prompt_token_ids(tokenizer, prompts)
-    width = max(map(len, ids))
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-    was_cached = model.config.use_cache
-    model.config.use_cache = True
-    model.eval()
-
-    def run(max_new: int):
-        torch.manual_seed(sampling.seed)
-        return model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=sampling.temperature,
-                              top_p=1.0, top_k=0, max_new_tokens=max_new, num_return_sequences=sampling.n,
-                              pad_token_id=pad)
-
-    try:
-        run(2)  # warmup
-        sync(device)
-        t0 = time.perf_counter()
-        out = run(sampling.max_new_tokens)
-        sync(device)
-        wall = time.perf_counter() - t0
-    finally:
-        model.config.use_cache = was_cached
-    completions = []
-    for row in out[:, width:].tolist():
-        row = row[: row.index(eos) + 1] if eos in row else row
-        completions.append(Completion("", row, "stop"))
-    grouped = [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(prompts))]
-    return gen_row("HF generate, one batched call", dtype, wall, grouped, len(prompts),
+    gen = HFGenerator(model, tokenizer, max_batch_sequences=len(prompts) * sampling.n)
+    gen.generate(prompts, replace(sampling, max_new_tokens=2))  # warmup at the full batch shape
+    sync(device)
+    t0 = time.perf_counter()
+    completions = gen.generate(prompts, sampling)
+    sync(device)
+    return gen_row("HF generate, one batched call", dtype, time.perf_counter() - t0, completions, len(prompts),
                    f"{len(prompts)} prompts x {sampling.n}, left-padded, one call (TRL's way)")
 
 

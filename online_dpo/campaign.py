@@ -377,22 +377,18 @@ def stage_generate_while_judging(c: Campaign, r: int, prompts, timings: dict):
     log.info("round %d generate: %d prompts x %d samples in %d slices, each judged while the next generates",
              r, len(prompts), g.samples_per_prompt, len(slices))
     rows, futures = [], []
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge") as pool:
-        for k, part in enumerate(slices):
-            part_rows = completion_rows(part, c.generator.generate(part, train_sampling(c, r, k)))
-            rows += part_rows
-            futures.append(pool.submit(judge_candidates, c, r, part, rows_to_candidates(part, part_rows),
-                                       f" (slice {k + 1}/{len(slices)})"))
-        save_candidates(c, r, rows)
-        timings["generate"] = time.perf_counter() - t0
-        log.info("%-10s %.1fs", "generate", timings["generate"])
-        t1 = time.perf_counter()
-        scores = [s for f in futures for s in f.result()]  # re-raises a judge error (e.g. its budget)
-    candidates = rows_to_candidates(prompts, rows)
-    judged = save_judgments(c, r, prompts, candidates, scores)
-    timings["judge"] = time.perf_counter() - t1
-    log.info("%-10s %.1fs (after generation; the rest overlapped it)", "judge", timings["judge"])
+        with timed("generate", timings):
+            for k, part in enumerate(slices):
+                part_rows = completion_rows(part, c.generator.generate(part, train_sampling(c, r, k)))
+                rows += part_rows
+                futures.append(pool.submit(judge_candidates, c, r, part, rows_to_candidates(part, part_rows),
+                                           f" (slice {k + 1}/{len(slices)})"))
+            save_candidates(c, r, rows)
+        with timed("judge", timings):  # only the wait after the last slice: the rest overlapped generation
+            scores = [s for f in futures for s in f.result()]  # re-raises a judge error (e.g. its budget)
+            candidates = rows_to_candidates(prompts, rows)
+            judged = save_judgments(c, r, prompts, candidates, scores)
     return candidates, scores_of(judged, candidates)
 
 
