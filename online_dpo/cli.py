@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,8 +26,52 @@ def _process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def _run(args) -> int:
+class OutOfDiskSpace(RuntimeError):
+    """The disk under the run directory filled up mid-campaign."""
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    # safetensors reports a full disk as its own SafetensorError ("... (os error 28)"), not an
+    # OSError, so look at the message too, and down the chain of causes.
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+def _checkpoint_size(root: Path) -> int:
+    sizes = [sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) for ckpt in root.glob("round_*/checkpoint")]
+    return max(sizes, default=0)
+
+
+def _campaign(cfg, root: Path) -> None:
+    """run_campaign, with a full disk turned into what to do about it: every finished stage
+    is already on disk (each is written to a temp name and renamed), so nothing is lost."""
     from online_dpo.campaign import run_campaign
+    from online_dpo.rundir import RunDir
+
+    try:
+        run_campaign(cfg, RunDir(root))
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        checkpoint = _checkpoint_size(root)
+        per_round = f" A round's checkpoint here takes {_size(checkpoint)}." if checkpoint else ""
+        raise OutOfDiskSpace(
+            f"no space left on the disk that holds {root} ({_size(shutil.disk_usage(root).free)} free): {e}.{per_round} "
+            f"Every finished stage is saved and the partial write was removed. Free some space "
+            f"(save_checkpoints=last keeps only the newest round's checkpoint), then continue with "
+            f"`online-dpo resume {root}`.") from e
+
+
+def _run(args) -> int:
     from online_dpo.config import load_config, to_dict
     from online_dpo.rundir import RunDir
 
@@ -39,12 +85,11 @@ def _run(args) -> int:
         RunDir.create(cfg.run_dir, to_dict(cfg), seeds={"campaign": cfg.seed, "data": cfg.data.seed})
         print(f"run directory: {cfg.run_dir}")
     state.wait_for_everyone()
-    run_campaign(cfg, RunDir(cfg.run_dir))
+    _campaign(cfg, cfg.run_dir)
     return 0
 
 
 def _resume(args) -> int:
-    from online_dpo.campaign import run_campaign
     from online_dpo.config import ConfigError, load_config, to_dict
     from online_dpo.rundir import RunDir
 
@@ -60,7 +105,7 @@ def _resume(args) -> int:
         run.record_resume(to_dict(cfg), args.overrides)  # e.g. rounds=5 extends a finished campaign
         print(f"resuming {run.root}")
     state.wait_for_everyone()
-    run_campaign(cfg, RunDir(root))
+    _campaign(cfg, root)
     return 0
 
 
@@ -205,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
               f"raise judge.options.max_cost / max_calls and continue with `online-dpo resume <run dir> "
               f"judge.options.max_calls=...`.", file=sys.stderr)
         return 3
+    except OutOfDiskSpace as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,15 @@ def embedded_model_path() -> str:
     from online_dpo.models import embedded_model_dir
 
     return str(embedded_model_dir())
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request) -> Path:
+    """A folder for one test module's campaigns, deleted when the module's tests are done unless
+    one of them failed. A campaign writes ~0.5 GB of checkpoint a round; kept to the session's
+    end (pytest's default), a whole suite's worth (~6 GB) once filled the CI machine's disk."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    failed_before = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)

@@ -18,8 +18,8 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
+def finished_run(module_tmp):
+    out = module_tmp / "runs"
     proc = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", *OVERRIDES],
                       timeout=900)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])

@@ -82,8 +82,9 @@ def close(a, b, atol=2e-3) -> bool:
 
 
 @pytest.fixture(scope="module")
-def parquet_run(tmp_path_factory, embedded_model_path):
-    tmp = tmp_path_factory.mktemp("parquet")
+def parquet_run(module_tmp, embedded_model_path):
+    tmp = module_tmp / "parquet"
+    tmp.mkdir()
     path = tmp / "chat.parquet"
     pd.DataFrame({"messages": [chat(i) for i in range(12)]}).to_parquet(path)
     root = run_campaign(tmp / "runs", "chat-parquet", str(path),
@@ -92,8 +93,9 @@ def parquet_run(tmp_path_factory, embedded_model_path):
 
 
 @pytest.fixture(scope="module")
-def jsonl_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("jsonl")
+def jsonl_run(module_tmp):
+    tmp = module_tmp / "jsonl"
+    tmp.mkdir()
     words = ["cat", "dog", "tree", "sun", "moon", "star", "rain", "fish", "bird", "cake", "cat"]
     src = tmp / "plain.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"Give me a word that rhymes with {w}."}) + "\n" for w in words))

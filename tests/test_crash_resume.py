@@ -95,8 +95,8 @@ def artifacts(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("straight")
+def uninterrupted(module_tmp):
+    tmp = module_tmp
     with FakeOpenAI("shorter") as server:
         rc = run(["run", "configs/quickstart.yaml", f"output_dir={tmp}", "name=c", "rounds=2", *CONFIG,
                   *judge_options(server, tmp / "cache.sqlite")], tmp / "run.log")

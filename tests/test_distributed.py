@@ -23,9 +23,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def probe_runs(tmp_path_factory):
+def probe_runs(module_tmp):
     """(one-process output dir, two-process output dir)."""
-    one, two = tmp_path_factory.mktemp("one_process"), tmp_path_factory.mktemp("two_processes")
+    one, two = module_tmp / "one_process", module_tmp / "two_processes"
     env = {"OMP_NUM_THREADS": "1"}  # two processes on two cores; also the same kernels in both runs
     done = run_python([PROBE, str(one)], timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
