@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from contextlib import contextmanager
@@ -69,6 +70,21 @@ def vllm_dtype(choice: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+def reference_source(cfg: CampaignConfig, update_precision: str) -> str:
+    """dpo.reference_logps resolved: "none" (reference-free loss), "generation" or "forward".
+    auto takes the generator's log-probs only where they equal a forward pass of the reference
+    to float32 rounding: the refreshed reference (the policy the generator holds), vLLM
+    computing in float32 and an update without mixed precision (bf16 on either side would
+    make step 0's log-ratio bf16 noise instead of zero)."""
+    if not dpo.needs_reference(cfg.dpo.loss):
+        return "none"
+    if cfg.dpo.reference_logps != "auto":
+        return cfg.dpo.reference_logps
+    exact = (cfg.dpo.reference == "refreshed" and cfg.generation.backend == "vllm"
+             and vllm_dtype(cfg.generation.dtype) == "float32" and update_precision == "no")
+    return "generation" if exact else "forward"
+
+
 @dataclass
 class Campaign:
     """What the loop holds between rounds (built once by `setup`).
@@ -89,6 +105,9 @@ class Campaign:
     optimizer: torch.optim.Optimizer
     generator: object | None
     reference_model: torch.nn.Module | None  # dpo.reference=initial without LoRA: the frozen round-0 model
+    # Where the reference log-probs come from: "forward" (a pass of the reference model),
+    # "generation" (the candidates' own token log-probs; see dpo.reference_logps) or "none".
+    reference_source: str = "forward"
 
     @property
     def is_main(self) -> bool:
@@ -142,7 +161,9 @@ def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
         # the reference pass runs on the policy itself before it is updated.
         reference_model = load_policy(model_path).to(accelerator.device).eval().requires_grad_(False)
 
-    c = Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, None, reference_model)
+    c = Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, None, reference_model,
+                 reference_source=reference_source(cfg, str(accelerator.mixed_precision)))
+    log.info("reference log-probs: %s (dpo.reference_logps=%s)", c.reference_source, cfg.dpo.reference_logps)
     if cfg.generation.backend == "vllm" and main:
         gen_cfg = cfg.generation
         gen_cfg.dtype = vllm_dtype(gen_cfg.dtype)  # resolved in place: the bench and logs read it back
@@ -182,15 +203,18 @@ def last_checkpoint(run: RunDir, rounds: int):
 # --- stages ---------------------------------------------------------------------------
 
 def completion_rows(prompts, completions: list[list[Completion]]) -> list[dict]:
-    return [{"prompt_id": p.id, "index": i, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+    return [{"prompt_id": p.id, "index": i, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+             "token_logprobs": c.logprobs}
             for p, cs in zip(prompts, completions) for i, c in enumerate(cs)]
 
 
 def rows_to_candidates(prompts, rows: list[dict]) -> list[list[Candidate]]:
     by_prompt: dict[str, list[Candidate]] = {p.id: [] for p in prompts}
     for row in rows:
+        logprobs = row.get("token_logprobs")  # absent in runs saved before they were kept
         by_prompt[row["prompt_id"]].append(Candidate(row["prompt_id"], row["index"], row["text"],
-                                                     list(row["token_ids"]), row["finish_reason"]))
+                                                     list(row["token_ids"]), row["finish_reason"],
+                                                     list(logprobs) if logprobs is not None else None))
     return [sorted(by_prompt[p.id], key=lambda c: c.index) for p in prompts]
 
 
@@ -309,7 +333,8 @@ def train_sampling(c: Campaign, r: int, *slice_index: int) -> Sampling:
     """The K-candidate sampling of round r (of one slice of it, when judging overlaps generation)."""
     g = c.cfg.generation
     return Sampling(g.samples_per_prompt, g.temperature, g.top_p, g.max_new_tokens,
-                    derived_seed(c.cfg.seed, r, "train-generate", *slice_index))
+                    derived_seed(c.cfg.seed, r, "train-generate", *slice_index),
+                    logprobs=c.reference_source == "generation")
 
 
 def save_candidates(c: Campaign, r: int, rows: list[dict]) -> None:
@@ -474,12 +499,12 @@ def stage_update(c: Campaign, r: int, timings: dict) -> list[dict]:
                    num_processes=acc.num_processes)
     if unpaired and c.is_main:
         check_kto_balance(c, r, pairs)
+    order = dpo.batch_order(len(pairs), derived_seed(cfg.seed, r, "batches"), acc.num_processes)  # make's order
     ref = None  # reference-free losses (simpo, orpo): no reference pass, no reference_logps.jsonl
     if dpo.needs_reference(cfg.dpo.loss):
         with timed("reference", timings):
-            ref = reference_pass(c, batches)
+            ref = generation_reference(c, r, pairs, prompt_ids, order) or reference_pass(c, batches)
     if c.is_main and ref is not None:  # which reference scored which pair, for people and for tests of dpo.reference
-        order = dpo.batch_order(len(pairs), derived_seed(cfg.seed, r, "batches"), acc.num_processes)
         write_jsonl(rdir / "reference_logps.jsonl", reference_rows(pairs, order, ref, unpaired))
     with timed("update", timings):
         if cfg.dpo.optimizer_state == "fresh":
@@ -530,6 +555,32 @@ def check_kto_balance(c: Campaign, r: int, examples: list[dict]) -> None:
         log.warning("round %d: %d desirable vs %d undesirable examples; λ_D·n_D / (λ_U·n_U) = %.2f is outside the "
                     "KTO paper's advised [1, 4/3]; kto.desirable_weight=%.2f would make it 1",
                     r, good, bad, ratio, k.undesirable_weight * bad / good)
+
+
+def generation_reference(c: Campaign, r: int, records: list[dict], prompt_ids: dict, order: list[int]) -> list | None:
+    """The round's reference log-probs from its candidates' own token log-probs, in the layout
+    of `reference_pass` (c.reference_source == "generation"), or None where some record has
+    none from this round's generation (replayed from an earlier round, generated without them,
+    or not finite): those need the forward pass."""
+    if c.reference_source != "generation":
+        return None
+    keys = ("completion_token_logprobs",) if dpo.is_unpaired(c.cfg.dpo.loss) else \
+        ("chosen_token_logprobs", "rejected_token_logprobs")
+    ids = ("completion_token_ids",) if len(keys) == 1 else ("chosen_token_ids", "rejected_token_ids")
+
+    def usable(rec: dict) -> bool:
+        return rec.get("replay_from_round") is None and all(
+            rec.get(k) is not None and len(rec[k]) == len(rec[i]) and all(map(math.isfinite, rec[k]))
+            for k, i in zip(keys, ids))
+
+    missing = sum(not usable(records[i]) for i in order)
+    if missing:
+        log.info("round %d reference: %d of %d records have no log-probs from this round's generation "
+                 "(replayed, or generated without them); a forward pass scores the round", r, missing, len(order))
+        return None
+    rooms = [dpo.response_room(prompt_ids[records[i]["prompt_id"]], c.cfg.dpo.max_length) for i in order]
+    return dpo.reference_from_generation([tuple(records[i][k] for k in keys) for i in order], rooms,
+                                         c.cfg.dpo.batch_size)
 
 
 def reference_pass(c: Campaign, batches) -> list:

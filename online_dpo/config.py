@@ -139,6 +139,13 @@ class DPOConfig:
     # The reference of the DPO loss: "refreshed" = the policy as it was at the start of the
     # round (iterative DPO), "initial" = the round-0 model throughout.
     reference: Literal["refreshed", "initial"] = "refreshed"
+    # Where the reference log-probs come from. "forward": a forward pass of the reference over
+    # the round's pairs. "generation": the per-token log-probs the generator returned with the
+    # candidates it sampled; with reference=refreshed the generator held exactly the round-start
+    # policy, so this is the same quantity with no extra pass (replayed pairs still get one).
+    # auto: "generation" where it matches the forward pass to float32 precision (vLLM in
+    # float32, an update without mixed precision, reference=refreshed), else "forward".
+    reference_logps: Literal["auto", "forward", "generation"] = "auto"
     # LR schedule within a round's update, after `warmup_steps` of linear warmup.
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     # "fresh": new AdamW moments each round (the pairs are new data; the default);
@@ -356,6 +363,10 @@ def validate(cfg: CampaignConfig) -> None:
          (f"dpo.loss={cfg.dpo.loss} is reference-free, so dpo.reference=initial has nothing to apply to "
           f"(and would keep a frozen copy for nothing); remove dpo.reference or use a reference-based loss "
           f"(sigmoid, robust, ipo, hinge)")),
+        (cfg.dpo.reference_logps != "generation" or cfg.dpo.reference == "refreshed",
+         "dpo.reference_logps=generation takes the reference from the policy that generated the round's "
+         "candidates, which is the refreshed reference only; with dpo.reference=initial use "
+         "dpo.reference_logps=forward (or auto)"),
         (0.0 < cfg.kto.desirable_fraction < 1.0, "kto.desirable_fraction must be between 0 and 1"),
         (cfg.kto.desirable_weight > 0 and cfg.kto.undesirable_weight > 0,
          "kto.desirable_weight and kto.undesirable_weight must be > 0"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -541,6 +542,20 @@ def reference_logps(model, batches: list[PairBatch] | list[ExampleBatch], accele
         # gather concatenates in process order, which is the rows' order (shards are contiguous).
         out.append(tuple(accelerator.gather(x.float().contiguous()).cpu() for x in parts))
     return out
+
+
+def reference_from_generation(responses: list[tuple[list[float], ...]], rooms: list[int],
+                               batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """Reference log-probs from the generator's per-token log-probs, in `reference_logps`' layout.
+
+    responses[i]: for the i-th pair (example) in batch order, each response's per-token
+    log-probs under the policy that sampled it: (chosen, rejected), or (completion,).
+    rooms[i]: how many of its leading tokens the update scores (`response_room`; the rest are cut).
+    Returns, per batch of `batch_size` items, one [B] float32 tensor per response: the sums
+    log π(response[:room] | prompt) that a forward pass of that policy would give."""
+    sums = [tuple(math.fsum(lps[:room]) for lps in item) for item, room in zip(responses, rooms, strict=True)]
+    return [tuple(torch.tensor(column, dtype=torch.float32) for column in zip(*sums[i : i + batch_size]))
+            for i in range(0, len(sums), batch_size)]
 
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}

@@ -100,6 +100,9 @@ class VLLMGenerator:
             max_model_len=max_model_len,
             enforce_eager=cfg.enforce_eager,
             seed=seed,
+            # Sampled tokens' log-probs from the raw logits (before temperature / top-p): the
+            # policy's own log π(token | prefix), which the DPO reference can use as is.
+            logprobs_mode="raw_logprobs",
         )
 
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]:
@@ -112,7 +115,7 @@ class VLLMGenerator:
         # An empty prefix cache makes the call's numerics independent of what ran before, so
         # a campaign resumed in a fresh engine samples exactly what the crashed one would have.
         self.llm.reset_prefix_cache()
-        # logprobs=0: the sampled token's own log-prob only (vLLM's default mode: from the raw logits).
+        # logprobs=0: the sampled token's own log-prob only (from the raw logits: logprobs_mode above).
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_new_tokens, logprobs=0 if sampling.logprobs else None)
         inputs = [{"prompt_token_ids": ids} for ids in prompt_token_ids(self.tokenizer, prompts)]

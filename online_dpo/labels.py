@@ -121,6 +121,7 @@ def example_record(prompt: Prompt, candidate: Candidate, score: float, desirable
         "prompt_id": prompt.id,
         "index": candidate.index,
         "completion_token_ids": candidate.token_ids,
+        "completion_token_logprobs": candidate.token_logprobs,
         "score": float(score),
         "replay_from_round": None,  # set on replayed copies (see pairs.replay_pairs)
     }

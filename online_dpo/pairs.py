@@ -45,6 +45,9 @@ class Candidate:
     text: str
     token_ids: list[int]
     finish_reason: str
+    # Each token's log-prob under the policy that sampled it (untempered), where the round
+    # asked the generator for them (dpo.reference_logps=generation); else None.
+    token_logprobs: list[float] | None = None
 
 
 # A candidate with its usable score; the unit every selection rule works on.
@@ -251,6 +254,8 @@ def pair_record(prompt: Prompt, chosen: Candidate, rejected: Candidate, s_chosen
         "rejected_index": rejected.index,
         "chosen_token_ids": chosen.token_ids,
         "rejected_token_ids": rejected.token_ids,
+        "chosen_token_logprobs": chosen.token_logprobs,
+        "rejected_token_logprobs": rejected.token_logprobs,
         "score_chosen": float(s_chosen),
         "score_rejected": float(s_rejected),
         "margin": float(s_chosen - s_rejected),  # may be <= 0 for a kept tie

@@ -101,3 +101,36 @@ def test_diversity_uses_the_policys_own_token_logprobs(finished_run):
         hf = logits.log_softmax(-1).gather(1, torch.tensor(row["token_ids"]).unsqueeze(1)).squeeze(1)
         assert len(row["logprobs"]) == len(row["token_ids"])
         assert torch.allclose(hf, torch.tensor(row["logprobs"]), atol=2e-2), (hf, row["logprobs"])
+
+
+def test_the_reference_comes_from_generation_and_equals_a_forward_pass(finished_run, embedded_model_path):
+    """vLLM in float32, a float32 update and the refreshed reference: the round's reference
+    log-probs are the sums of vLLM's own token log-probs (no reference pass), and must equal
+    what a forward pass of the round-start policy (round 0: the embedded model) gives."""
+    import torch
+    from datasets import load_from_disk
+
+    from online_dpo.data import chat_prompt_ids
+    from online_dpo.models import load_policy, load_tokenizer
+
+    root, proc = finished_run
+    assert "reference log-probs: generation (dpo.reference_logps=auto)" in proc.stderr
+    rdir = root / "round_000"
+    pairs = {(p["prompt_id"], p["chosen_index"], p["rejected_index"]): p for p in load_from_disk(str(rdir / "pairs"))}
+    rows = [json.loads(line) for line in (rdir / "reference_logps.jsonl").read_text().splitlines()]
+    assert len(rows) == len(pairs) > 0
+    tokenizer, model = load_tokenizer(embedded_model_path), load_policy(embedded_model_path).eval()
+    gaps = []
+    for row in rows[:3]:
+        pair = pairs[(row["prompt_id"], row["chosen_index"], row["rejected_index"])]
+        prompt_ids = chat_prompt_ids(tokenizer, pair["prompt"])
+        for side in ("chosen", "rejected"):
+            ids, logprobs = pair[f"{side}_token_ids"], pair[f"{side}_token_logprobs"]
+            assert len(logprobs) == len(ids) > 0
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1].float()
+            forward = logits.log_softmax(-1).gather(1, torch.tensor(ids).unsqueeze(1)).sum().item()
+            assert row[f"ref_{side}"] == pytest.approx(sum(logprobs), abs=1e-4)  # what was trained against
+            gaps.append(abs(forward - row[f"ref_{side}"]))
+    print(f"max |forward - generation| over {len(gaps)} responses: {max(gaps):.2e}")
+    assert max(gaps) < 1e-3  # measured 5e-5 here: vLLM and torch float32 kernels agree closely

@@ -211,3 +211,37 @@ def test_needs_reference_and_the_config_check():
         load_config(None, ["dpo.loss=orpo", "dpo.reference=initial"])
     with pytest.raises(ConfigError, match="dpo.orpo_lambda"):
         load_config(None, ["dpo.loss=orpo", "dpo.orpo_lambda=-1"])
+
+
+def test_reference_from_generation_sums_the_scored_tokens_in_batch_order():
+    # three pairs in batch order; pair 1's responses were cut to 2 tokens (room 2), as the update cuts them
+    responses = [([-0.5, -0.25], [-1.0]), ([-0.125, -0.5, -4.0], [-2.0, -0.75, -9.0]), ([-3.0], [-0.0625, -0.0625])]
+    ref = dpo.reference_from_generation(responses, rooms=[10, 2, 10], batch_size=2)
+    assert len(ref) == 2 and all(len(parts) == 2 for parts in ref)  # (chosen [B], rejected [B]) per batch
+    assert ref[0][0].tolist() == [-0.75, -0.625] and ref[0][1].tolist() == [-1.0, -2.75]
+    assert ref[1][0].tolist() == [-3.0] and ref[1][1].tolist() == [-0.125]
+    assert ref[0][0].dtype == torch.float32
+    kto = dpo.reference_from_generation([([-1.0, -1.0],), ([-0.5],)], rooms=[1, 5], batch_size=4)
+    assert len(kto) == 1 and len(kto[0]) == 1 and kto[0][0].tolist() == [-1.0, -0.5]
+
+
+def test_reference_source_takes_generation_log_probs_only_where_they_equal_a_forward_pass():
+    import pytest
+
+    from online_dpo.campaign import reference_source
+    from online_dpo.config import ConfigError, load_config
+
+    def source(overrides, precision="no"):
+        return reference_source(load_config(None, ["generation.dtype=float32", *overrides]), precision)
+
+    assert source([]) == "generation"  # refreshed reference, float32 vLLM, float32 update
+    assert source(["dpo.loss=kto"]) == "generation"
+    assert source([], precision="bf16") == "forward"  # bf16 on one side: step 0's log-ratio would be noise
+    assert source(["generation.dtype=bfloat16"]) == "forward"
+    assert source(["dpo.reference=initial"]) == "forward"  # the generator does not hold the round-0 model
+    assert source(["generation.backend=hf"]) == "forward"
+    assert source(["generation.backend=hf", "dpo.reference_logps=generation"]) == "generation"
+    assert source(["dpo.reference_logps=forward"]) == "forward"
+    assert source(["dpo.loss=simpo"]) == "none"
+    with pytest.raises(ConfigError, match="refreshed reference only"):
+        load_config(None, ["dpo.reference=initial", "dpo.reference_logps=generation"])
