@@ -405,6 +405,8 @@ def print_table(s: Settings, trl: dict, ours: dict) -> dict:
         a, b = get(trl, dt, key), get(ours, do, key)
         if not a or not b:
             return None
+        if key in STAGES and min(a, b) < 0.05:  # a stage one side all but skips: a ratio of ~0 s says nothing
+            return None
         return b / a if higher_is_better else a / b
 
     rows = [  # (label, key, format, ratio orientation: None = no ratio, True = online-dpo / TRL, False = TRL / online-dpo)
