@@ -145,6 +145,8 @@ class DPOConfig:
     # policy, so this is the same quantity with no extra pass (replayed pairs still get one).
     # auto: "generation" where it matches the forward pass to float32 precision (vLLM in
     # float32, an update without mixed precision, reference=refreshed), else "forward".
+    # Forced with the HF backend, `generate` holds every step's logits until it returns
+    # (steps x generation.hf_batch_sequences x vocabulary floats).
     reference_logps: Literal["auto", "forward", "generation"] = "auto"
     # LR schedule within a round's update, after `warmup_steps` of linear warmup.
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
