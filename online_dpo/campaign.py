@@ -564,14 +564,15 @@ def generation_reference(c: Campaign, r: int, records: list[dict], prompt_ids: d
     or not finite): those need the forward pass."""
     if c.reference_source != "generation":
         return None
-    keys = ("completion_token_logprobs",) if dpo.is_unpaired(c.cfg.dpo.loss) else \
-        ("chosen_token_logprobs", "rejected_token_logprobs")
-    ids = ("completion_token_ids",) if len(keys) == 1 else ("chosen_token_ids", "rejected_token_ids")
+    responses = ("completion",) if dpo.is_unpaired(c.cfg.dpo.loss) else ("chosen", "rejected")
+
+    def logprobs(rec: dict) -> tuple:
+        return tuple(rec.get(f"{name}_token_logprobs") for name in responses)
 
     def usable(rec: dict) -> bool:
         return rec.get("replay_from_round") is None and all(
-            rec.get(k) is not None and len(rec[k]) == len(rec[i]) and all(map(math.isfinite, rec[k]))
-            for k, i in zip(keys, ids))
+            lps is not None and len(lps) == len(rec[f"{name}_token_ids"]) and all(map(math.isfinite, lps))
+            for name, lps in zip(responses, logprobs(rec)))
 
     missing = sum(not usable(records[i]) for i in order)
     if missing:
@@ -579,8 +580,7 @@ def generation_reference(c: Campaign, r: int, records: list[dict], prompt_ids: d
                  "(replayed, or generated without them); a forward pass scores the round", r, missing, len(order))
         return None
     rooms = [dpo.response_room(prompt_ids[records[i]["prompt_id"]], c.cfg.dpo.max_length) for i in order]
-    return dpo.reference_from_generation([tuple(records[i][k] for k in keys) for i in order], rooms,
-                                         c.cfg.dpo.batch_size)
+    return dpo.reference_from_generation([logprobs(records[i]) for i in order], rooms, c.cfg.dpo.batch_size)
 
 
 def reference_pass(c: Campaign, batches) -> list:

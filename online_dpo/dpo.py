@@ -2,7 +2,8 @@
 
 Shapes: B = pairs in a batch, N = rows, T = row length, V = vocabulary.
 The reference log-probs are computed once per round, before the update, with the
-policy as it stands; so no second model is held in memory while training.
+policy as it stands (or summed from the generator's own token log-probs, which are the
+same numbers: `reference_from_generation`); so no second model is held in memory while training.
 
 Several processes (accelerate: DDP, FSDP, DeepSpeed): every process builds the same
 global batches from the same pairs; process i of n takes the i-th equal share of each
