@@ -63,7 +63,7 @@ def stage(rows: list[dict], name: str, flops_per_token: float | None = None, dty
 def bench_round(c, rows: list[dict], n_params: int) -> None:
     """One round (r = 0) of `campaign.run_round`, stage by stage, without writing artifacts."""
     cfg, g = c.cfg, c.cfg.generation
-    gen_dtype = "fp32" if g.dtype == "float32" else "bf16"  # setup() resolved "auto"
+    gen_dtype = "fp32" if c.resolved.generation_dtype.value == "float32" else "bf16"
     train_dtype = "bf16" if c.accelerator.mixed_precision == "bf16" else "fp32"
     prompts = c.split.round_prompts(0, cfg.data.train_prompts_per_round)
 
@@ -163,7 +163,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"peaks": peaks, "n_params": n_params, "overrides": args.overrides,
                                          "mixed_precision": c.accelerator.mixed_precision,
-                                         "vllm_dtype": cfg.generation.dtype, "stages": rows}, indent=2) + "\n")
+                                         "vllm_dtype": c.resolved.generation_dtype.value, "stages": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -48,20 +48,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "no": "fp32", "bf16": "bf16"}
 
 
-def resolve_mixed_precision(choice: str, device: str) -> str:
-    """As `online_dpo.campaign.mixed_precision` (kept apart so this runs without the campaign's imports)."""
-    if choice != "auto":
-        return choice
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+def resolve_mixed_precision(choice: str) -> str:
+    """As a campaign resolves dpo.mixed_precision on this machine (`online_dpo.hardware`)."""
+    from online_dpo.hardware import Hardware, resolve_mixed_precision
+
+    return resolve_mixed_precision(choice, Hardware.detect()).value
 
 
-def resolve_gen_dtype(choice: str, device: str) -> str:
-    """As `online_dpo.campaign.vllm_dtype`: float32 on CPU, bfloat16 on GPUs."""
-    if choice != "auto":
-        return choice
-    return "bfloat16" if device.startswith("cuda") else "float32"
+def resolve_gen_dtype(choice: str) -> str:
+    """As a campaign resolves generation.dtype for vLLM on this machine (`online_dpo.hardware`)."""
+    from online_dpo.hardware import Hardware, resolve_generation_dtype
+
+    return resolve_generation_dtype(choice, "vllm", Hardware.detect()).value
 
 
 def load_model(path: str, dtype: str, device: str, random_init: bool):
@@ -176,7 +174,7 @@ def bench_train(path: str, args, prompts, tokenizer, completions, device: str) -
     from online_dpo import dpo, training
     from online_dpo.config import DPOConfig
 
-    mp = resolve_mixed_precision(args.precision, device)
+    mp = resolve_mixed_precision(args.precision)
     cfg = DPOConfig(batch_size=args.batch_size, epochs=1, max_steps=args.train_steps, learning_rate=1e-6,
                     mixed_precision=mp, gradient_checkpointing=args.gradient_checkpointing, max_length=args.max_length)
     accelerator = Accelerator(mixed_precision=mp, cpu=not device.startswith("cuda"))
@@ -320,7 +318,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--gen-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="generation dtype for both backends (auto: float32 on CPU, bfloat16 on GPU)")
+                        help="generation dtype for both backends (auto: as a campaign resolves it here: bfloat16 where bf16 is native, else float32)")
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM KV cache size")
     parser.add_argument("--train-steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
@@ -349,7 +347,7 @@ def main() -> None:
     tokenizer = load_tokenizer(path)
     prompts = arithmetic_prompts(tokenizer, args.prompts)
     sampling = Sampling(args.samples, args.temperature, 1.0, args.max_new_tokens, seed=0)
-    gen_dtype = resolve_gen_dtype(args.gen_dtype, device)
+    gen_dtype = resolve_gen_dtype(args.gen_dtype)
     rows: list[dict] = []
     completions = None
     n_params = None

@@ -220,9 +220,10 @@ def child_online_dpo(s: Settings, out: Path, workdir: Path) -> None:
         per_round.append({"round": r, "wall_s": round_walls[r], "timings": result["timings"], "pairs": funnel["pairs"],
                           "ties_kept": funnel.get("ties_kept", 0), "steps": len(metrics)})
 
+    resolved = json.loads((cfg.run_dir / "manifest.json").read_text())["resolved"]  # what setup() chose here
     write_json(out, {
-        "side": "online-dpo", "backend": cfg.generation.backend, "generation_dtype": cfg.generation.dtype,
-        "mixed_precision": mixed_precision_of(cfg.dpo.mixed_precision),
+        "side": "online-dpo", "backend": cfg.generation.backend, "generation_dtype": resolved["generation_dtype"]["value"],
+        "mixed_precision": resolved["mixed_precision"]["value"],
         "import_s": t_start - T_PROCESS, "run_campaign_s": total, "setup_s": walls["setup"],
         "baseline_s": walls["baseline"], "loop_s": sum(round_walls), "stages": dict(stages),
         "prompts": cfg.rounds * cfg.data.train_prompts_per_round, "completions": completions,
@@ -232,9 +233,9 @@ def child_online_dpo(s: Settings, out: Path, workdir: Path) -> None:
 
 
 def mixed_precision_of(choice: str) -> str:
-    from online_dpo.campaign import mixed_precision
+    from online_dpo.hardware import Hardware, resolve_mixed_precision
 
-    return mixed_precision(choice)
+    return resolve_mixed_precision(choice, Hardware.detect()).value
 
 
 # --- TRL side -----------------------------------------------------------------------

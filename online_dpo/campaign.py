@@ -17,6 +17,7 @@ Each stage's outputs go to runs/<name>/round_XXX/ and its marker to the manifest
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,14 +26,15 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from judges import as_pairwise, load_judge
 from judges.ranking import CandidateGroup, score_groups
-from online_dpo import diversity, dpo, evaluate, labels, lora, report, training
-from online_dpo.config import CampaignConfig
+from online_dpo import diversity, dpo, evaluate, hardware, labels, lora, report, training
+from online_dpo.config import CampaignConfig, ConfigError
 from online_dpo.data import chat_prompt_ids, load_prompts
 from online_dpo.generate import Completion, HFGenerator, Sampling, VLLMGenerator
 from online_dpo.models import load_policy, load_tokenizer, resolve_model_path
@@ -56,35 +58,6 @@ def timed(stage: str, timings: dict):
     log.info("%-10s %.1fs", stage, timings[stage])
 
 
-def mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
-
-
-def vllm_dtype(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "bfloat16" if torch.cuda.is_available() else "float32"
-
-
-def reference_source(cfg: CampaignConfig, update_precision: str) -> str:
-    """dpo.reference_logps resolved: "none" (reference-free loss), "generation" or "forward".
-    auto takes the generator's log-probs only where they equal a forward pass of the reference
-    to float32 rounding: the refreshed reference (the policy the generator holds), vLLM
-    computing in float32 and an update without mixed precision (bf16 on either side would
-    make step 0's log-ratio bf16 noise instead of zero)."""
-    if not dpo.needs_reference(cfg.dpo.loss):
-        return "none"
-    if cfg.dpo.reference_logps != "auto":
-        return cfg.dpo.reference_logps
-    exact = (cfg.dpo.reference == "refreshed" and cfg.generation.backend == "vllm"
-             and vllm_dtype(cfg.generation.dtype) == "float32" and update_precision == "no")
-    return "generation" if exact else "forward"
-
-
 @dataclass
 class Campaign:
     """What the loop holds between rounds (built once by `setup`).
@@ -105,9 +78,14 @@ class Campaign:
     optimizer: torch.optim.Optimizer
     generator: object | None
     reference_model: torch.nn.Module | None  # dpo.reference=initial without LoRA: the frozen round-0 model
-    # Where the reference log-probs come from: "forward" (a pass of the reference model),
-    # "generation" (the candidates' own token log-probs; see dpo.reference_logps) or "none".
-    reference_source: str = "forward"
+    resolved: hardware.Resolution  # every hardware-dependent `auto`, as resolved for this machine
+    model_path: str  # the initial model's folder
+
+    @property
+    def reference_source(self) -> str:
+        """Where the reference log-probs come from: "forward" (a pass of the reference model),
+        "generation" (the candidates' own token log-probs; see dpo.reference_logps) or "none"."""
+        return self.resolved.reference_logps.value
 
     @property
     def is_main(self) -> bool:
@@ -123,10 +101,16 @@ class Campaign:
 def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.dpo.mixed_precision), cpu=not torch.cuda.is_available())
+    resolved = hardware.resolve(cfg)
+    accelerator = Accelerator(mixed_precision=resolved.mixed_precision.value, cpu=resolved.hardware.device == "cpu")
     main = accelerator.is_main_process
     if not main:
         log.setLevel(logging.WARNING)  # one copy of the progress log, from the main process
+    for line in resolved.lines():
+        log.info("%s", line)
+    if resolved.mixed_precision.value == "bf16" and not resolved.hardware.fast_bf16:
+        log.warning("dpo.mixed_precision=bf16 on a machine without native bf16: the update is emulated and runs "
+                    "far slower than float32 (dpo.mixed_precision=auto picks float32 here)")
     model_path = resolve_model_path(cfg.policy.model)
     tokenizer = load_tokenizer(model_path)
     # Over-long prompts (after the chat template) are skipped or rejected here, per data.on_too_long.
@@ -140,17 +124,16 @@ def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
     last = last_checkpoint(run, cfg.rounds)
     if last:
         log.info("resuming from %s", last)
-    # With LoRA the checkpoint's adapter goes back on the initial weights (the checkpoint's
-    # model.safetensors holds the merged weights, for vLLM and for people).
-    policy = load_policy(str(last) if last and not cfg.lora.enabled else model_path)
-    if cfg.lora.enabled:
-        torch.manual_seed(derived_seed(cfg.seed, "lora-init"))  # LoRA's A matrices start random: same run, same start
-        policy = lora.wrap_lora(policy, cfg.lora, adapter_dir=last / lora.ADAPTER_DIR if last else None)
+    policy = build_policy(cfg, model_path, last)
     if cfg.dpo.gradient_checkpointing:
         training.enable_gradient_checkpointing(policy)
     optimizer = training.build_optimizer(policy, cfg.dpo)
     training.configure_deepspeed(accelerator, cfg.dpo)
     policy, optimizer = accelerator.prepare(policy, optimizer)
+    if cfg.guard.on_loss != "off" and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(f"guard.on_loss={cfg.guard.on_loss} rolls a rejected round back by loading the previous "
+                          f"policy's full weights, which a sharded ({accelerator.distributed_type.value}) policy cannot "
+                          f"take here; use guard.on_loss=off, or DDP / one process")
     if cfg.dpo.optimizer_state == "carry" and last:
         training.load_optimizer_state(optimizer, last, accelerator)
 
@@ -161,12 +144,12 @@ def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
         # the reference pass runs on the policy itself before it is updated.
         reference_model = load_policy(model_path).to(accelerator.device).eval().requires_grad_(False)
 
-    c = Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, None, reference_model,
-                 reference_source=reference_source(cfg, str(accelerator.mixed_precision)))
+    c = Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, None, reference_model, resolved,
+                 model_path)
     log.info("reference log-probs: %s (dpo.reference_logps=%s)", c.reference_source, cfg.dpo.reference_logps)
     if cfg.generation.backend == "vllm" and main:
-        gen_cfg = cfg.generation
-        gen_cfg.dtype = vllm_dtype(gen_cfg.dtype)  # resolved in place: the bench and logs read it back
+        gen_cfg = dataclasses.replace(cfg.generation, dtype=resolved.generation_dtype.value,
+                                      kv_cache_gb=resolved.kv_cache_gb.value)
         max_len = cfg.policy.max_prompt_tokens + max(gen_cfg.max_new_tokens, cfg.eval.max_new_tokens)
         # the largest single generate call: a round's candidates, the held-out eval, or the diversity samples
         max_sequences = max(cfg.data.train_prompts_per_round * gen_cfg.samples_per_prompt, cfg.data.eval_prompts,
@@ -178,11 +161,26 @@ def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
                      c.generator.kv_cache_bytes / 2**30, gen_cfg.kv_cache_gb, max_sequences, max_len)
     elif main:
         c.generator = HFGenerator(accelerator.unwrap_model(policy), tokenizer, cfg.generation.hf_batch_sequences)
+    if main:
+        kv_bytes = getattr(c.generator, "kv_cache_bytes", None)
+        run.record_resolution({**resolved.as_dict(), "vllm_kv_cache_bytes": kv_bytes})
     if last and cfg.generation.backend == "vllm":
         weights = policy_weights(c)  # a collective under FSDP/ZeRO-3: every process calls it
         if main:
             c.generator.update_weights(weights)
     return c
+
+
+def build_policy(cfg: CampaignConfig, model_path: str, checkpoint: Path | None) -> torch.nn.Module:
+    """The policy as saved in a round's `checkpoint` folder, or the initial model when None.
+    With LoRA the checkpoint's adapter goes back on the initial weights (the checkpoint's
+    model.safetensors holds the merged weights, for vLLM and for people), or a new adapter is
+    made, seeded, so the same run starts from the same adapter."""
+    policy = load_policy(str(checkpoint) if checkpoint and not cfg.lora.enabled else model_path)
+    if cfg.lora.enabled:
+        torch.manual_seed(derived_seed(cfg.seed, "lora-init"))
+        policy = lora.wrap_lora(policy, cfg.lora, adapter_dir=checkpoint / lora.ADAPTER_DIR if checkpoint else None)
+    return policy
 
 
 def policy_weights(c: Campaign) -> list[tuple[str, torch.Tensor]] | None:
@@ -192,12 +190,23 @@ def policy_weights(c: Campaign) -> list[tuple[str, torch.Tensor]] | None:
     return lora.merged_weights(c.accelerator.unwrap_model(c.policy), full) if c.is_main else None
 
 
+def accepted(run: RunDir, r: int) -> bool:
+    """Whether round r's policy was kept: not rejected by the round guard (guard.on_loss)."""
+    return run.manifest["rounds"].get(str(r), {}).get("eval", {}).get("accepted", True)
+
+
+def last_accepted_round(run: RunDir, rounds: int) -> int | None:
+    """The newest round whose update is saved and that the round guard did not reject: the
+    policy the campaign continues from (None: the initial model)."""
+    return next((r for r in reversed(range(rounds)) if run.is_done(r, "checkpoint") and accepted(run, r)), None)
+
+
 def last_checkpoint(run: RunDir, rounds: int):
-    for r in reversed(range(rounds)):
-        if run.is_done(r, "checkpoint"):
-            path = run.round_dir(r) / "checkpoint"
-            return path if (path / "config.json").exists() else None
-    return None
+    r = last_accepted_round(run, rounds)
+    if r is None:
+        return None
+    path = run.round_dir(r) / "checkpoint"
+    return path if (path / "config.json").exists() else None
 
 
 # --- stages ---------------------------------------------------------------------------
@@ -287,7 +296,7 @@ def run_round(c: Campaign, r: int, base: dict, prev_texts: list[str] | None) -> 
                 scores = stage_judge(c, r, prompts, candidates)
         funnel = stage_pairs(c, r, prompts, candidates, scores)
     c.barrier()
-    train_metrics = stage_update(c, r, timings)
+    train_metrics, drift = stage_update(c, r, timings)
     if not c.run.is_done(r, "checkpoint"):
         with timed("checkpoint", timings):
             save_checkpoint(c, r)
@@ -305,15 +314,17 @@ def run_round(c: Campaign, r: int, base: dict, prev_texts: list[str] | None) -> 
         result["train"] = {"steps": len(train_metrics), "final_loss": last["loss"],
                            "final_reward_margin": last["reward_margin"], "final_kl": last.get("kl"),
                            "final_pair_accuracy": last.get("pair_accuracy"),
-                           "train_tokens_per_s": last["train_tokens_per_s"]}
+                           "train_tokens_per_s": last["train_tokens_per_s"], "logp_drift": drift}
     if stats_before is not None:  # API judges: this round's requests, cache hits, cost, position consistency
         result["judge_stats"] = c.judge.stats.since(stats_before).as_dict()
     if hasattr(c.judge, "protocol"):  # LLM judges: which templates (by hash) produced this round's verdicts
         result["judge_templates"] = c.judge.protocol.templates()
     result["timings"] = timings
     result["wall_s"] = sum(timings.values())
+    if c.cfg.guard.on_loss != "off":
+        result["guard"] = report.guard_verdict(result["eval"], against_previous=prev_texts is not None)
     write_json(c.run.round_dir(r) / "eval.json", result)
-    c.run.mark_done(r, "eval", wall_s=result["wall_s"])
+    c.run.mark_done(r, "eval", wall_s=result["wall_s"], accepted=result.get("guard", {}).get("accepted", True))
     c.barrier()
     return result
 
@@ -481,16 +492,20 @@ def training_set(c: Campaign, r: int) -> list[dict]:
     return fresh + replayed_pairs(c, r, len(fresh))
 
 
-def stage_update(c: Campaign, r: int, timings: dict) -> list[dict]:
-    """Reference pass, DPO update and weight sync (all processes); skipped, metrics read back,
-    once the round's checkpoint is saved. Returns the per-step training metrics."""
+def stage_update(c: Campaign, r: int, timings: dict) -> tuple[list[dict], dict | None]:
+    """Reference pass, DPO update, likelihood drift and weight sync (all processes); skipped,
+    results read back, once the round's checkpoint is saved. Returns the per-step training
+    metrics and the drift of the trained pairs' log-likelihoods (`dpo.logp_drift`; None for
+    reference-free and unpaired losses)."""
     rdir = c.run.round_dir(r)
     if c.run.is_done(r, "checkpoint"):  # resumed after this round's update was saved
-        return read_jsonl(rdir / "train_metrics.jsonl") if (rdir / "train_metrics.jsonl").exists() else []
+        metrics = read_jsonl(rdir / "train_metrics.jsonl") if (rdir / "train_metrics.jsonl").exists() else []
+        drift_path = rdir / "logp_drift.json"
+        return metrics, json.loads(drift_path.read_text()) if drift_path.exists() else None
     pairs = training_set(c, r)  # every process reads the same pairs back from disk
     if not pairs:
         log.warning("round %d produced no pairs; the policy is unchanged", r)
-        return []
+        return [], None
     cfg, acc = c.cfg, c.accelerator
     unpaired = dpo.is_unpaired(cfg.dpo.loss)
     prompt_ids = {p["prompt_id"]: chat_prompt_ids(c.tokenizer, p["prompt"]) for p in pairs}
@@ -518,15 +533,25 @@ def stage_update(c: Campaign, r: int, timings: dict) -> list[dict]:
                 log.info("round %d update: step %d loss %.4f margin %.4f kl %.4f", r, m["step"] + 1, m["loss"],
                          m["reward_margin"], m.get("kl", float("nan")))
 
-        train_metrics = dpo.train_round(c.policy, c.optimizer, batches, ref, cfg.dpo, acc, progress=progress, kto=cfg.kto)
+        train_metrics = dpo.train_round(c.policy, c.optimizer, batches, ref, cfg.dpo, acc, progress=progress, kto=cfg.kto,
+                                        schedule_rounds=(r, cfg.rounds))
         bar.close()
+    drift = None
+    if ref is not None and not unpaired:  # where each kind of response ended up: likelihood displacement shows here
+        with timed("drift", timings):
+            chosen, rejected = dpo.logp_drift(ref, dpo.reference_logps(c.policy, batches, acc))
+        drift = {"chosen": chosen, "rejected": rejected}
+        log.info("round %d update moved the log-likelihood of the chosen responses by %+.2f nats, of the rejected "
+                 "by %+.2f (mean per response)", r, chosen, rejected)
     if c.is_main:
         write_jsonl(rdir / "train_metrics.jsonl", train_metrics)
+        if drift is not None:
+            write_json(rdir / "logp_drift.json", drift)
     with timed("sync", timings):
         weights = policy_weights(c)
         if c.is_main and cfg.generation.backend == "vllm":
             c.generator.update_weights(weights)
-    return train_metrics
+    return train_metrics, drift
 
 
 def reference_rows(records: list[dict], order: list[int], ref: list, unpaired: bool) -> list[dict]:
@@ -628,34 +653,86 @@ def save_checkpoint(c: Campaign, r: int) -> None:
                 training.save_optimizer_state(c.optimizer, tmp, c.accelerator)
             c.tokenizer.save_pretrained(tmp)
         c.run.mark_done(r, "checkpoint")
-        if c.cfg.save_checkpoints == "last" and r > 0:
-            shutil.rmtree(c.run.round_dir(r - 1) / "checkpoint", ignore_errors=True)
     c.barrier()
 
 
+def roll_back(c: Campaign, to_round: int | None) -> None:
+    """After a rejected round: the policy, a carried optimizer state and the generator go back
+    to `to_round`'s checkpoint (None: the initial model), which is also what a resume loads
+    (`last_checkpoint` skips rejected rounds). Every process calls it."""
+    checkpoint = c.run.round_dir(to_round) / "checkpoint" if to_round is not None else None
+    log.info("rolling the policy back to %s", checkpoint or "the initial model")
+    restored = build_policy(c.cfg, c.model_path, checkpoint)
+    c.accelerator.unwrap_model(c.policy).load_state_dict(restored.state_dict())
+    if c.cfg.dpo.optimizer_state == "carry":
+        if checkpoint is None or not training.load_optimizer_state(c.optimizer, checkpoint, c.accelerator):
+            training.reset_optimizer_state(c.optimizer)
+    weights = policy_weights(c)  # a collective under DDP too: every process calls it
+    if c.is_main:
+        c.generator.update_weights(weights)
+    c.barrier()
+
+
+def keep_checkpoints(c: Campaign, results: list[dict]) -> int | None:
+    """Point runs/<name>/best at the best round's checkpoint and, with save_checkpoints=last,
+    delete every round's checkpoint but the newest accepted one (the campaign continues from
+    it) and the best one; a rejected round's is deleted either way. Returns the best round
+    (None: the initial policy). Main process only."""
+    best = report.best_round(results)
+    newest = last_accepted_round(c.run, c.cfg.rounds)
+    for result in results:
+        r = result["round"]
+        rejected = not result.get("guard", {}).get("accepted", True)
+        if rejected or (c.cfg.save_checkpoints == "last" and r not in (best, newest)):
+            shutil.rmtree(c.run.round_dir(r) / "checkpoint", ignore_errors=True)
+    link = c.run.root / "best"
+    if best is None:
+        link.unlink(missing_ok=True)
+    else:
+        tmp = c.run.root / ".best.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path(c.run.round_dir(best).name) / "checkpoint")
+        tmp.replace(link)  # one rename: the link is never missing or half-made
+    return best
+
+
 def run_campaign(cfg: CampaignConfig, run: RunDir) -> list[dict]:
-    """Run (or continue) every round of the campaign; returns one result per round (main process)."""
+    """Run (or continue) every round of the campaign; returns one result per round (main process).
+
+    With the round guard (guard.on_loss), a rejected round is rolled back: the next round
+    starts from the last accepted policy (retry), or the campaign stops there (stop)."""
     c = setup(cfg, run)
     base = baseline(c) if c.is_main else {"texts": [], "accuracy": None}
     c.barrier()
     results = []
-    prev_texts = None
+    prev_texts = None  # held-out responses of the policy the next round starts from (None: the initial one)
+    best = stopped = None
     for r in range(cfg.rounds):
         rdir = run.round_dir(r)
-        if run.is_done(r, "eval"):
-            results.append(json.loads((rdir / "eval.json").read_text()))
-            if (rdir / "eval_responses.jsonl").exists():
-                prev_texts = [row["text"] for row in read_jsonl(rdir / "eval_responses.jsonl")]
-            continue
-        log.info("round %d / %d", r, cfg.rounds - 1)
-        result = run_round(c, r, base, prev_texts if r > 0 else None)
-        if not c.is_main:
-            continue
-        results.append(result)
-        if cfg.eval.enabled:
+        ran = not run.is_done(r, "eval")
+        if ran:
+            log.info("round %d / %d", r, cfg.rounds - 1)
+            result = run_round(c, r, base, prev_texts)
+        else:
+            result = json.loads((rdir / "eval.json").read_text()) if c.is_main else None
+        if not accepted(run, r):  # every process has read the manifest back (run_round's barrier)
+            if ran:
+                roll_back(c, last_accepted_round(run, cfg.rounds))
+            log.warning("round %d rejected by the round guard: %s", r, (result or {}).get("guard", {}).get("reason"))
+        elif cfg.eval.enabled and c.is_main:
             prev_texts = [row["text"] for row in read_jsonl(rdir / "eval_responses.jsonl")]
-            report.print_rounds(results, base["accuracy"], baseline_diversity=base.get("diversity"))
+        if c.is_main:
+            results.append(result)
+            best = keep_checkpoints(c, results)
+            if ran and cfg.eval.enabled:
+                report.print_rounds(results, base["accuracy"], baseline_diversity=base.get("diversity"))
+        if not accepted(run, r) and cfg.guard.on_loss == "stop":
+            stopped = r
+            log.warning("the campaign stops after round %d (guard.on_loss=stop)", r)
+            break
     if c.is_main:
+        log.info("best policy: %s", f"round {best}'s ({run.root / 'best'})" if best is not None else "the initial one")
         write_json(run.root / "summary.json", {"baseline_accuracy": base["accuracy"],
-                                               "baseline_diversity": base.get("diversity"), "rounds": results})
+                                               "baseline_diversity": base.get("diversity"), "rounds": results,
+                                               "best_round": best, "stopped_after_round": stopped})
     return results

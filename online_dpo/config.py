@@ -98,7 +98,10 @@ class PairsConfig:
     # best_vs_worst: one pair per prompt (highest vs lowest score); random: one random pair
     # of candidates with different scores; all_above_margin: every pair whose margin clears
     # min_margin (up to max_pairs_per_prompt).
-    strategy: Literal["best_vs_worst", "random", "all_above_margin"] = "best_vs_worst"
+    # divpo: the most diverse near-best candidate vs the least diverse near-worst one (DivPO),
+    # near meaning within divpo_rho x the prompt's score range; see online_dpo/pairs.py.
+    strategy: Literal["best_vs_worst", "random", "all_above_margin", "divpo"] = "best_vs_worst"
+    divpo_rho: float = 0.1
     min_margin: float = 0.0  # a pair needs score(chosen) - score(rejected) > min_margin
     max_pairs_per_prompt: int = 4  # all_above_margin only
     # Ties (margin <= min_margin): dropped, or kept and trained toward "equally good"
@@ -150,6 +153,9 @@ class DPOConfig:
     reference_logps: Literal["auto", "forward", "generation"] = "auto"
     # LR schedule within a round's update, after `warmup_steps` of linear warmup.
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    # "round": the LR schedule restarts every round. "campaign": one schedule over all rounds'
+    # steps (rounds x max_steps), as in one continuous run (semi-online DPO); needs max_steps.
+    lr_schedule_span: Literal["round", "campaign"] = "round"
     # "fresh": new AdamW moments each round (the pairs are new data; the default);
     # "carry": keep them across rounds (saved with the checkpoint, so resume keeps them too).
     optimizer_state: Literal["fresh", "carry"] = "fresh"
@@ -206,6 +212,17 @@ class EvalConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The round guard: a round is accepted only if its policy does not lose to the one it started from."""
+
+    # off: every round is accepted. retry / stop: a round whose win rate vs the policy it
+    # started from (the previous accepted round, or the initial policy) has its whole 95% CI
+    # below 50% is rejected and rolled back to that policy; retry then goes on with the next
+    # round's fresh prompts, stop ends the campaign there. Needs eval.enabled.
+    on_loss: Literal["off", "retry", "stop"] = "off"
+
+
+@dataclass
 class CampaignConfig:
     name: str = "campaign"
     rounds: int = 3
@@ -221,6 +238,7 @@ class CampaignConfig:
     kto: KTOConfig = field(default_factory=KTOConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -238,6 +256,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and value not in allowed:
+            # YAML 1.1 reads a bare no/off (yes/on) as a boolean: take the word the choices spell.
+            value = next((w for w in YAML_BOOL_WORDS[value] if w in allowed), value)
         if value not in allowed:
             raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
         return value
@@ -275,6 +296,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool) and tp is not bool):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -376,10 +400,15 @@ def validate(cfg: CampaignConfig) -> None:
          f"dpo.rpo_alpha adds the NLL of a chosen response; dpo.loss={cfg.dpo.loss} has no chosen responses "
          f"(it trains on unpaired examples); set dpo.rpo_alpha=0"),
         (cfg.dpo.grad_accum_steps >= 1, "dpo.grad_accum_steps must be >= 1"),
+        (cfg.dpo.lr_schedule_span == "round" or cfg.dpo.max_steps > 0,
+         "dpo.lr_schedule_span=campaign lays one LR schedule over rounds x dpo.max_steps steps; set dpo.max_steps "
+         "(the optimizer steps of every round)"),
         (cfg.data.train_prompts_per_round >= 1, "data.train_prompts_per_round must be >= 1"),
         (0.0 <= cfg.pairs.replay_fraction < 1.0, "pairs.replay_fraction must be in [0, 1)"),
         (cfg.pairs.max_pairs_per_prompt >= 1, "pairs.max_pairs_per_prompt must be >= 1"),
         (cfg.pairs.min_margin >= 0.0, "pairs.min_margin must be >= 0"),
+        (0.0 <= cfg.pairs.divpo_rho < 0.5, "pairs.divpo_rho must be in [0, 0.5): the near-best and near-worst "
+                                           "bands of a prompt's score range must not overlap"),
         (not cfg.pairs.length_aware or cfg.pairs.strategy == "best_vs_worst",
          "pairs.length_aware applies to pairs.strategy=best_vs_worst only"),
         (cfg.pairs.length_tolerance >= 0.0, "pairs.length_tolerance must be >= 0"),
@@ -394,6 +423,9 @@ def validate(cfg: CampaignConfig) -> None:
         (0.0 < cfg.data.eval_fraction < 1.0, "data.eval_fraction must be between 0 and 1"),
         (0.0 < cfg.generation.gpu_memory_utilization <= 1.0, "generation.gpu_memory_utilization must be in (0, 1]"),
         (bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty directory name without '/'"),
+        (cfg.guard.on_loss == "off" or cfg.eval.enabled and cfg.eval.compare_previous,
+         f"guard.on_loss={cfg.guard.on_loss} judges each round against the policy it started from on the held-out "
+         f"prompts; it needs eval.enabled=true and eval.compare_previous=true (or set guard.on_loss=off)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -49,16 +49,32 @@ def jaccard(a: set, b: set) -> float | None:
     return len(a & b) / len(union) if union else None
 
 
+def _ngram_sets(text: str, max_n: int) -> list[set]:
+    return [set(ngrams(words(text), n)) for n in range(1, max_n + 1)]
+
+
+def _similarity(gi: list[set], gj: list[set]) -> float:
+    """Mean over n of the Jaccard similarity of two samples' n-gram sets (n where both have none skipped)."""
+    per_n = [s for s in (jaccard(a, b) for a, b in zip(gi, gj)) if s is not None]
+    return sum(per_n) / len(per_n) if per_n else 1.0  # two empty samples are identical
+
+
 def pairwise_overlap(texts: Sequence[str], max_n: int = OVERLAP_MAX_N) -> float | None:
     """Mean over pairs (i < j) of the mean over n = 1..max_n of the Jaccard similarity of the
     two samples' n-gram sets (n where both have none is skipped): 1.0 = all samples identical,
     0.0 = no shared word. None with fewer than 2 samples."""
-    grams = [[set(ngrams(words(t), n)) for n in range(1, max_n + 1)] for t in texts]
-    sims = []
-    for gi, gj in combinations(grams, 2):
-        per_n = [s for s in (jaccard(a, b) for a, b in zip(gi, gj)) if s is not None]
-        sims.append(sum(per_n) / len(per_n) if per_n else 1.0)  # two empty samples are identical
+    grams = [_ngram_sets(t, max_n) for t in texts]
+    sims = [_similarity(gi, gj) for gi, gj in combinations(grams, 2)]
     return sum(sims) / len(sims) if sims else None
+
+
+def distance_to_others(texts: Sequence[str], max_n: int = OVERLAP_MAX_N) -> list[float]:
+    """Per sample, its mean n-gram distance (1 - the similarity of `pairwise_overlap`) to the
+    other samples: how much it differs from its siblings (DivPO's diversity of a candidate).
+    Shape: [len(texts)]; 0.0 for a lone sample."""
+    grams = [_ngram_sets(t, max_n) for t in texts]
+    return [sum(1.0 - _similarity(gi, gj) for j, gj in enumerate(grams) if j != i) / max(len(grams) - 1, 1)
+            for i, gi in enumerate(grams)]
 
 
 def mean_token_entropy(logprobs: Sequence[Sequence[float]]) -> float | None:

@@ -125,6 +125,19 @@ def kl_to_reference(policy_chosen, policy_rejected, ref_chosen, ref_rejected) ->
     return torch.cat([ref_chosen - policy_chosen, ref_rejected - policy_rejected]).detach().mean()
 
 
+def logp_drift(before: list[tuple[torch.Tensor, ...]], after: list[tuple[torch.Tensor, ...]]) -> tuple[float, ...]:
+    """How far an update moved each kind of response's log-likelihood, in nats.
+
+    before, after: per batch, one [B] tensor of summed response log-probs per response kind
+    ((chosen, rejected) for pairs), under the round's reference (the round-start policy, or
+    the initial model with dpo.reference=initial) and under the updated policy.
+    Returns, per kind, the mean over all responses of (after - before). A negative chosen
+    drift is likelihood displacement: the update pushed the preferred responses down too."""
+    kinds = len(before[0]) if before else 0
+    return tuple(torch.cat([a[k] - b[k] for b, a in zip(before, after, strict=True)]).mean().item()
+                 for k in range(kinds))
+
+
 # --- reference-free and unpaired losses (take per-token average log-probs, not sums) ----
 
 def simpo_loss(policy_chosen_avg: torch.Tensor, policy_rejected_avg: torch.Tensor, beta: float, gamma: float):
@@ -562,17 +575,24 @@ def reference_from_generation(responses: list[tuple[list[float], ...]], rooms: l
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
-def make_scheduler(optimizer, cfg: DPOConfig, total_steps: int):
-    """transformers' schedule for one round: `cfg.warmup_steps` of linear warmup from 0, then
-    constant, linear decay to 0 or cosine decay to 0 at `total_steps`. Restarts every round
-    at `cfg.learning_rate` (also when the optimizer's moments are carried over)."""
+def make_scheduler(optimizer, cfg: DPOConfig, total_steps: int, start_step: int = 0):
+    """transformers' schedule: `cfg.warmup_steps` of linear warmup from 0, then constant, linear
+    decay to 0 or cosine decay to 0 at `total_steps`, entered at `start_step`. A round's own
+    schedule starts at 0 (restarting at `cfg.learning_rate` every round, also when the
+    optimizer's moments are carried over); with dpo.lr_schedule_span=campaign, round r enters
+    one schedule over all rounds at r x dpo.max_steps."""
+    from torch.optim.lr_scheduler import LambdaLR
     from transformers import get_scheduler
 
     base = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> the torch optimizer
     for group in base.param_groups:
         group["lr"] = group["initial_lr"] = cfg.learning_rate
-    return get_scheduler(SCHEDULES[cfg.lr_schedule], base, num_warmup_steps=cfg.warmup_steps,
-                         num_training_steps=total_steps)
+    schedule = get_scheduler(SCHEDULES[cfg.lr_schedule], base, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=total_steps)
+    if start_step == 0:
+        return schedule
+    multiplier = schedule.lr_lambdas[0]  # LR / cfg.learning_rate at a step of the whole schedule
+    return LambdaLR(base, lambda step: multiplier(start_step + step))
 
 
 def accumulation_groups(num_batches: int, grad_accum_steps: int) -> list[list[int]]:
@@ -652,7 +672,8 @@ def kto_step_sums(loss_fn, local: ExampleBatch, policy: tuple, ref: tuple, accel
 
 
 def train_round(model, optimizer, batches: list[PairBatch] | list[ExampleBatch], ref: list | None, cfg: DPOConfig,
-                accelerator, progress=None, kto: KTOConfig | None = None) -> list[dict]:
+                accelerator, progress=None, kto: KTOConfig | None = None,
+                schedule_rounds: tuple[int, int] = (0, 1)) -> list[dict]:
     """Run the round's update in place on `model`; returns one metrics dict per optimizer step.
 
     `batches` and `ref` are the global ones (the same on every process, see `make_batches`
@@ -662,7 +683,8 @@ def train_round(model, optimizer, batches: list[PairBatch] | list[ExampleBatch],
     which is fed per-token average log-probs instead of sums. Each optimizer step accumulates
     `cfg.grad_accum_steps` batches, each weighted by its share of the group's pairs
     (examples), so accumulation gives the gradient of the mean loss over the group.
-    The LR follows `make_scheduler`; the logged `lr` is the one that step used. The
+    The LR follows `make_scheduler`; `schedule_rounds` = (this round, rounds) places the round in
+    the campaign's schedule with dpo.lr_schedule_span=campaign. The logged `lr` is the one that step used. The
     optimizer's state is left as it is: clearing it between rounds is the caller's choice.
 
     Metrics (averaged over the step's pairs or examples, all processes; `metric_names`):
@@ -691,7 +713,10 @@ def train_round(model, optimizer, batches: list[PairBatch] | list[ExampleBatch],
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     groups = accumulation_groups(len(batches), cfg.grad_accum_steps)
     total_steps = len(groups) * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    if cfg.lr_schedule_span == "campaign":  # one schedule over every round: enter it where this round starts
+        scheduler = make_scheduler(optimizer, cfg, schedule_rounds[1] * total_steps, schedule_rounds[0] * total_steps)
+    else:
+        scheduler = make_scheduler(optimizer, cfg, total_steps)
     model.train()
     metrics = []
     t0, tokens = time.perf_counter(), 0

@@ -10,6 +10,12 @@ Per prompt, the K candidates with a usable score (not a judge error) are paired 
 - random: one pair drawn uniformly (seeded per prompt) from the pairs that clear the margin.
 - all_above_margin: every pair (i, j) with score_i - score_j > min_margin, largest margins
   first, at most `max_pairs_per_prompt`.
+- divpo (Lanchantin et al. 2025, "Diverse Preference Optimization"): among the candidates
+  scored within `divpo_rho` x the prompt's score range of the best, the most diverse is
+  chosen; among those within it of the worst, the least diverse is rejected. A candidate's
+  diversity is its mean n-gram distance to the prompt's other candidates
+  (`diversity.distance_to_others`), so the pairs reward being right in a new way and
+  penalise the most repeated wrong answer, instead of sharpening onto one phrasing.
 
 A prompt with no pair clearing `min_margin` is a tie: dropped, or (drop_ties=False) kept
 as one pair with `chosen_prob` 0.5, which the DPO loss trains toward "equally good".
@@ -30,12 +36,13 @@ from dataclasses import dataclass, field
 
 from online_dpo.config import PairsConfig
 from online_dpo.data import Prompt
+from online_dpo.diversity import distance_to_others
 
 # Funnel drop reasons; funnel.json of earlier campaigns uses these exact strings.
 TIE = "tie (margin <= min_margin)"
 TOO_FEW_JUDGED = "fewer than 2 judged candidates"
 
-STRATEGIES = ("best_vs_worst", "random", "all_above_margin")
+STRATEGIES = ("best_vs_worst", "random", "all_above_margin", "divpo")
 
 
 @dataclass
@@ -128,6 +135,8 @@ def select_pairs(
 
         if cfg.strategy == "best_vs_worst":
             found = _best_vs_worst(usable, cfg)
+        elif cfg.strategy == "divpo":
+            found = _divpo(usable, cfg.divpo_rho, cfg.min_margin)
         elif cfg.strategy == "random":
             eligible = pairs_above_margin(usable, cfg.min_margin)
             found = [rng.choice(eligible)] if eligible else []
@@ -201,6 +210,24 @@ def _best_vs_worst(usable: list[Scored], cfg: PairsConfig) -> list[tuple[Scored,
     if not cfg.length_aware:
         return [(best, worst)]
     return [_length_aware_pair(usable, cfg.length_tolerance, cfg.min_margin)]
+
+
+def _divpo(usable: list[Scored], rho: float, min_margin: float) -> list[tuple[Scored, Scored]]:
+    """DivPO's pair: the most diverse near-best candidate vs the least diverse near-worst one,
+    near meaning within rho x (best - worst) score; [] when best - worst does not clear the
+    margin (a tie). Equal diversity goes to the earliest sample."""
+    top, bottom = max(sc[0] for sc in usable), min(sc[0] for sc in usable)
+    if top - bottom <= min_margin:
+        return []
+    band = rho * (top - bottom)
+    distance = dict(zip((c.index for _, c in usable), distance_to_others([c.text for _, c in usable])))
+    # Each band keeps only candidates whose pair with the other extreme clears the margin: the best
+    # and the worst always do, so neither band is empty.
+    chosen = max((sc for sc in usable if sc[0] >= top - band and sc[0] - bottom > min_margin),
+                 key=lambda sc: (distance[sc[1].index], -sc[1].index))
+    rejected = min((sc for sc in usable if sc[0] <= bottom + band and chosen[0] - sc[0] > min_margin),
+                   key=lambda sc: (distance[sc[1].index], sc[1].index))
+    return [(chosen, rejected)]
 
 
 def _length_aware_pair(usable: list[Scored], tolerance: float, min_margin: float | None) -> tuple[Scored, Scored]:

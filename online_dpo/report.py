@@ -168,6 +168,12 @@ def train_summary(view: RoundView) -> dict:
             "steps": t.get("steps")}
 
 
+def logp_drift(view: RoundView) -> dict | None:
+    """{chosen, rejected}: how the round's update moved the trained responses' mean log-prob (nats)."""
+    drift = ((view.result or {}).get("train") or {}).get("logp_drift")
+    return drift if drift and finite(drift.get("chosen")) is not None else None
+
+
 def judge_cost(view: RoundView) -> tuple[float | None, int | None]:
     """(API cost, requests sent) of the round's judge, where the judge reports usage."""
     stats = (view.result or {}).get("judge_stats")
@@ -193,7 +199,9 @@ def add_warnings(rounds: list[RoundView], length_factor: float = DEFAULT_LENGTH_
     - worse than the previous round: win rate vs round r-1 below 50% by more than its CI
       (the whole interval lies under 0.5);
     - diversity collapsing: the round's eval recorded a diversity measure below
-      eval.diversity_warn_fraction of the initial policy's (`diversity.collapse_warnings`).
+      eval.diversity_warn_fraction of the initial policy's (`diversity.collapse_warnings`);
+    - likelihood displacement: the update lowered the mean log-likelihood of the chosen
+      responses it trained on (`dpo.logp_drift`).
     """
     for view in rounds:
         view.warnings = []
@@ -210,12 +218,61 @@ def add_warnings(rounds: list[RoundView], length_factor: float = DEFAULT_LENGTH_
             view.warnings.append(f"worse than round {view.round - 1}: win rate vs previous "
                                  f"{100 * prev['win_rate']:.1f}% (95% CI up to {100 * high:.1f}%) is below 50%")
         view.warnings += view.eval.get("diversity_warnings") or []
+        guard = (view.result or {}).get("guard") or {}
+        if not guard.get("accepted", True):
+            view.warnings.append(f"rejected by the round guard and rolled back: {guard.get('reason')}")
+        drift = logp_drift(view)
+        if drift is not None and drift["chosen"] < 0:
+            view.warnings.append(
+                f"chosen responses' likelihood fell: the update moved their log-prob by {drift['chosen']:+.2f} nats "
+                f"(rejected {drift['rejected']:+.2f}); dpo.rpo_alpha > 0 anchors the chosen responses")
+
+
+# --- the round guard and the best round -------------------------------------------------
+
+def guard_verdict(ev: dict, against_previous: bool) -> dict:
+    """The round guard on one round's eval: rejected when its win rate against the policy it
+    started from (the previous accepted round's, or the initial one) has its whole 95% CI
+    below 50%; a round with no such comparison is accepted."""
+    key = "vs_previous" if against_previous else "vs_baseline"
+    d = ev.get(key) or {}
+    high = finite(d.get("ci_high"))
+    accepted = high is None or high >= 0.5
+    against = "the previous accepted round" if against_previous else "the initial policy"
+    reason = (f"win rate vs {against} {pct(d.get('win_rate'))} (95% CI {pct(d.get('ci_low'))}-{pct(high)})"
+              + ("" if accepted else ": the whole interval is below 50%"))
+    return {"accepted": accepted, "against": key, "win_rate": finite(d.get("win_rate")), "ci_high": high,
+            "reason": reason}
+
+
+def best_round(results: list[dict]) -> int | None:
+    """The accepted round whose policy beat the initial one by the most (the later of equals);
+    None when none reaches a 50% win rate against it: the initial policy is the best. Without
+    evals: the last accepted round."""
+    kept = [res for res in results if res and res.get("guard", {}).get("accepted", True)]
+    scored = [(w, res["round"]) for res in kept
+              if (w := finite(((res.get("eval") or {}).get("vs_baseline") or {}).get("win_rate"))) is not None]
+    if not scored:
+        return kept[-1]["round"] if kept else None
+    win, r = max(scored)
+    return r if win >= 0.5 else None
+
+
+def best_line(results: list[dict]) -> str:
+    best = best_round(results)
+    rejected = [res["round"] for res in results if res and not res.get("guard", {}).get("accepted", True)]
+    note = f"; rejected by the round guard: {', '.join(map(str, rejected))}" if rejected else ""
+    if best is None:
+        return f"best policy: the initial one (no accepted round wins against it){note}"
+    win = ((next(res for res in results if res and res["round"] == best).get("eval") or {}).get("vs_baseline") or {})
+    return f"best policy: round {best} (win rate vs the initial policy {pct(win.get('win_rate'))}; runs/.../best){note}"
 
 
 # --- the table ------------------------------------------------------------------------
 
 COLUMNS = ("round", "win rate (95% CI)", "LC win", "ties", "errors", "vs prev (95% CI)", "accuracy",
-           "len mean/p90", "pairs", "DPO loss", "margin", "pair acc", "KL", "consist.", "judge cost", "wall s",
+           "len mean/p90", "pairs", "DPO loss", "margin", "pair acc", "KL", "Δlogp c/r", "consist.", "judge cost",
+           "wall s",
            "warnings")
 
 
@@ -236,6 +293,10 @@ def _with_ci(d: dict | None) -> str:
     low, high = finite(d.get("ci_low")), finite(d.get("ci_high"))
     ci = f" ({100 * low:.1f}-{100 * high:.1f})" if low is not None and high is not None else ""
     return f"{100 * rate:.1f}%{ci}"
+
+
+def _drift_cell(drift: dict | None) -> str:
+    return "-" if drift is None else f"{drift['chosen']:+.1f}/{drift['rejected']:+.1f}"
 
 
 def table_rows(rounds: list[RoundView]) -> list[list[str]]:
@@ -259,7 +320,8 @@ def table_rows(rounds: list[RoundView]) -> list[list[str]]:
             pct((base or {}).get("error_rate")), _with_ci(ev.get("vs_previous")), pct(ev.get("accuracy")),
             f"{_num(mean, '.1f')}/{_num(p90, '.0f')}" if mean is not None else "-",
             "-" if pairs is None else str(pairs), _num(train["loss"]), _num(train["reward_margin"]),
-            pct(train["pair_accuracy"]), _num(train["kl"], ".4f"), pct(position_consistency(v)), cost_cell,
+            pct(train["pair_accuracy"]), _num(train["kl"], ".4f"), _drift_cell(logp_drift(v)),
+            pct(position_consistency(v)), cost_cell,
             _num(res.get("wall_s"), ".0f"), "; ".join(v.warnings) or "-",
         ])
     return rows
@@ -328,6 +390,7 @@ def print_rounds(rows: list[dict], baseline_accuracy: float | None = None, conso
     if baseline_accuracy is not None:
         console.print(f"baseline (initial policy) accuracy on held-out prompts: {pct(baseline_accuracy)}")
     console.print(round_table(rows))
+    console.print(best_line(rows))
     div = diversity_table([round_from_result(r) for r in rows], baseline_diversity)
     if div is not None:
         console.print(div)
@@ -351,6 +414,7 @@ def build_report(root: str | Path, length_factor: float = DEFAULT_LENGTH_FACTOR,
     if run.baseline_accuracy is not None:
         console.print(f"baseline (initial policy) accuracy on held-out prompts: {pct(run.baseline_accuracy)}")
     console.print(round_table(run.rounds, title=f"online-dpo report: {run.name}"))
+    console.print(best_line([v.result for v in run.rounds if v.complete]))
     div = diversity_table(run.rounds, run.baseline_diversity)
     if div is not None:
         console.print(div)

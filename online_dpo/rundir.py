@@ -124,6 +124,14 @@ class RunDir:
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": overrides, "versions": package_versions()})
         self.save_manifest()
 
+    def record_resolution(self, resolved: dict) -> None:
+        """What every hardware-dependent `auto` resolved to at this start (`hardware.Resolution`);
+        a resumed run may be on another machine, so each resume keeps its own too."""
+        self.manifest["resolved"] = resolved
+        if self.manifest.get("resumes"):
+            self.manifest["resumes"][-1]["resolved"] = resolved
+        self.save_manifest()
+
     def reload(self) -> None:
         """Re-read the manifest from disk (processes that do not write it, after a barrier)."""
         self.manifest = json.loads(self.manifest_path.read_text())

@@ -14,6 +14,10 @@ OVERRIDES = [
     "rounds=2", "name=two-rounds", "data.train_prompts_per_round=6", "data.eval_prompts=24",
     "generation.samples_per_prompt=4", "generation.max_new_tokens=24", "eval.max_new_tokens=24",
     "dpo.epochs=1", "dpo.batch_size=4", "save_checkpoints=last", "eval.diversity_prompts=6",
+    # Pinned to the float32 path on every machine: the tests below compare vLLM's log-probs with a
+    # float32 forward pass, and reference_logps=auto takes them from generation only in float32.
+    # On a CPU with native bf16 `auto` would pick bf16 for both; tests/test_precision.py covers that.
+    "dpo.mixed_precision=no", "generation.dtype=float32",
 ]
 
 
@@ -71,6 +75,21 @@ def test_resolved_config_is_saved(finished_run):
     root, _ = finished_run
     saved = yaml.safe_load((root / "config.yaml").read_text())
     assert saved["rounds"] == 2 and saved["data"]["train_prompts_per_round"] == 6
+
+
+def test_every_hardware_auto_is_logged_once_and_recorded_with_its_reason(finished_run):
+    from online_dpo.hardware import SETTINGS, Hardware
+
+    root, proc = finished_run
+    resolved = json.loads((root / "manifest.json").read_text())["resolved"]
+    assert resolved["hardware"]["fast_bf16"] == Hardware.detect().fast_bf16
+    assert resolved["mixed_precision"] == {"value": "no", "reason": "set in the config"}
+    assert resolved["generation_dtype"]["value"] == "float32"
+    assert resolved["reference_logps"]["value"] == "generation" and resolved["reference_logps"]["reason"].startswith("auto")
+    assert resolved["kv_cache_gb"]["value"] == "auto" and resolved["vllm_kv_cache_bytes"] > 0
+    assert resolved["threads"]["value"] >= 1 and resolved["threads"]["reason"]
+    for name in SETTINGS:
+        assert proc.stderr.count(f"{name} = ") == 1, name  # logged once, at start
 
 
 def test_diversity_uses_the_policys_own_token_logprobs(finished_run):

@@ -80,3 +80,12 @@ def test_a_secret_in_the_judge_options_is_refused_before_anything_is_saved():
         load_config("configs/openai_judge.yaml", ["judge.options.api_key=sk-live-abc123"])
     assert "sk-live-abc123" not in str(err.value)
     assert load_config("configs/openai_judge.yaml", ["judge.options.api_key_env=MY_KEY"]).judge.options["api_key_env"] == "MY_KEY"
+
+
+def test_a_bare_no_in_yaml_or_an_override_is_the_choice_no_not_a_boolean(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dpo:\n  mixed_precision: no\n")
+    assert load_config(path).dpo.mixed_precision == "no"  # YAML 1.1 reads `no` as False
+    assert load_config(None, ["dpo.mixed_precision=no"]).dpo.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="is not one of"):
+        load_config(None, ["dpo.lr_schedule=no"])  # no choice spelled no/off/false there: still an error

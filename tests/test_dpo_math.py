@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from online_dpo import dpo
@@ -228,11 +229,14 @@ def test_reference_from_generation_sums_the_scored_tokens_in_batch_order():
 def test_reference_source_takes_generation_log_probs_only_where_they_equal_a_forward_pass():
     import pytest
 
-    from online_dpo.campaign import reference_source
     from online_dpo.config import ConfigError, load_config
+    from online_dpo.hardware import Hardware, resolve
+
+    avx2 = Hardware("cpu", fast_bf16=False, cpu_capability="AVX2", cpu_bf16_flags=(), cores=2)
 
     def source(overrides, precision="no"):
-        return reference_source(load_config(None, ["generation.dtype=float32", *overrides]), precision)
+        cfg = load_config(None, ["generation.dtype=float32", f"dpo.mixed_precision={precision}", *overrides])
+        return resolve(cfg, avx2, environ={}).reference_logps.value
 
     assert source([]) == "generation"  # refreshed reference, float32 vLLM, float32 update
     assert source(["dpo.loss=kto"]) == "generation"
@@ -245,3 +249,10 @@ def test_reference_source_takes_generation_log_probs_only_where_they_equal_a_for
     assert source(["dpo.loss=simpo"]) == "none"
     with pytest.raises(ConfigError, match="refreshed reference only"):
         load_config(None, ["dpo.reference=initial", "dpo.reference_logps=generation"])
+
+
+def test_logp_drift_is_the_mean_change_per_kind_of_response_over_all_batches():
+    before = [(torch.tensor([-10.0, -20.0]), torch.tensor([-30.0, -40.0])), (torch.tensor([-5.0]), torch.tensor([-6.0]))]
+    after = [(torch.tensor([-11.0, -18.0]), torch.tensor([-35.0, -49.0])), (torch.tensor([-8.0]), torch.tensor([-6.0]))]
+    chosen, rejected = dpo.logp_drift(before, after)
+    assert chosen == pytest.approx((-1.0 + 2.0 - 3.0) / 3) and rejected == pytest.approx((-5.0 - 9.0 + 0.0) / 3)

@@ -292,3 +292,50 @@ def test_mixed_fresh_and_replayed_pairs_keep_one_dataset_schema():
     ds = Dataset.from_list(fresh + replayed)
     assert ds["replay_from_round"] == [None, None, 0, 0]
     assert ds["chosen_prob"] == [1.0] * 4
+
+
+# --- DivPO ----------------------------------------------------------------------------------
+
+DIVPO_TEXTS = ["it is seven", "seven", "it is eight", "eight", "eight"]
+
+
+def _divpo_select(scores, rho=0.1):
+    prompts = _prompts(1)
+    cands = [[Candidate("p0", i, t, [1] * (i + 1), "stop") for i, t in enumerate(DIVPO_TEXTS)]]
+    return select_pairs(prompts, cands, [scores], PairsConfig(strategy="divpo", divpo_rho=rho))
+
+
+def test_candidate_diversity_is_the_mean_ngram_distance_to_the_others():
+    from online_dpo.diversity import distance_to_others
+
+    # Similarities (mean Jaccard over n = 1..4, n skipped where both have none), by hand:
+    # "it is seven"~"it is eight" = (2/4 + 1/3 + 0) / 3 = 5/18; "seven"~"it is seven" = (1/3 + 0 + 0) / 3 = 1/9;
+    # "eight"~"it is eight" = 1/9; "eight"~"eight" = 1; every other pair shares no word: 0.
+    expected = [(4 - 5 / 18 - 1 / 9) / 4, (4 - 1 / 9) / 4, (4 - 5 / 18 - 2 / 9) / 4, (3 - 1 / 9) / 4, (3 - 1 / 9) / 4]
+    assert distance_to_others(DIVPO_TEXTS) == pytest.approx(expected)
+    assert distance_to_others(["alone"]) == [0.0]
+
+
+def test_divpo_chooses_the_most_diverse_right_answer_and_rejects_the_least_diverse_wrong_one():
+    pairs, funnel = _divpo_select([1.0, 1.0, 0.0, 0.0, 0.0])
+    # right: "it is seven" (65/72) vs "seven" (35/36) -> "seven"; wrong: "it is eight" (7/8) vs the two
+    # "eight" (13/18 each; the earlier wins) -> index 3. best_vs_worst would take indices 0 and 2.
+    assert _idx(pairs) == [("p0", 1, 3)] and funnel.pairs == 1
+    assert _idx(_select([[1.0, 1.0, 0.0, 0.0, 0.0]])[0]) == [("p0", 0, 2)]
+
+
+def test_divpo_bands_are_rho_times_the_score_range():
+    scores = [0.9, 1.0, 0.0, 0.05, 0.5]  # band 0.1: near-best {0, 1}, near-worst {2, 3}; 0.5 in neither
+    assert _idx(_divpo_select(scores, rho=0.1)[0]) == [("p0", 1, 3)]
+    assert _idx(_divpo_select(scores, rho=0.0)[0]) == [("p0", 1, 2)]  # rho 0: best vs worst
+    # range 0.8, band 0.36: near-best {1, 2 (0.7)}, near-worst {0 (0.2)}; the two 0.6s are in neither
+    assert _idx(_divpo_select([0.2, 1.0, 0.7, 0.6, 0.6], rho=0.45)[0]) == [("p0", 1, 0)]
+
+
+def test_divpo_ties_and_bad_rho():
+    pairs, funnel = _divpo_select([1.0] * 5)
+    assert pairs == [] and funnel.dropped[TIE] == 1
+    from online_dpo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="divpo_rho must be in"):
+        load_config(None, ["pairs.strategy=divpo", "pairs.divpo_rho=0.5"])

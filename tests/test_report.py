@@ -18,7 +18,7 @@ from online_dpo.inspect_round import (
     default_view,
     select,
 )
-from online_dpo.report import ReportError, RoundView, add_warnings, table_rows, train_summary
+from online_dpo.report import COLUMNS, ReportError, RoundView, add_warnings, table_rows, train_summary
 from tests.conftest import run_python
 from tests.report_helpers import copy_run, png_size, tiny_run
 
@@ -181,6 +181,20 @@ def test_warning_rules():
     assert len(worse.warnings) == 1 and "worse than round 3" in worse.warnings[0]
     rows = table_rows(rounds)
     assert "2.00x" in rows[0][-1] and rows[1][-1] == "-" and rows[5][1] == "incomplete (done: generate)"
+
+
+def test_likelihood_displacement_warning_fires_when_the_chosen_likelihood_falls():
+    def trained(r, chosen, rejected):
+        return RoundView(r, result={"round": r, "eval": {}, "train": {"logp_drift": {"chosen": chosen, "rejected": rejected}}})
+
+    displaced, anchored, untrained = trained(0, -1.4, -9.0), trained(1, 0.3, -6.0), view(2)
+    add_warnings([displaced, anchored, untrained])
+    assert len(displaced.warnings) == 1 and "chosen responses' likelihood fell" in displaced.warnings[0]
+    assert "-1.40 nats (rejected -9.00)" in displaced.warnings[0] and "dpo.rpo_alpha" in displaced.warnings[0]
+    assert anchored.warnings == [] and untrained.warnings == []
+    rows = table_rows([displaced, anchored, untrained])
+    column = list(COLUMNS).index("Δlogp c/r")
+    assert [row[column] for row in rows] == ["-1.4/-9.0", "+0.3/-6.0", "-"]
 
 
 def test_train_columns_are_the_last_steps_from_either_source():

@@ -167,6 +167,22 @@ def test_lr_schedule_per_step(accelerator, schedule, expected):
     assert [m["lr"] for m in metrics] == pytest.approx([1e-2 * e for e in expected], abs=1e-12)
 
 
+def test_a_schedule_spanning_the_campaign_continues_across_rounds(accelerator):
+    """dpo.lr_schedule_span=campaign (semi-online): round r enters one schedule over all rounds at
+    r x max_steps, so three rounds of 2 steps follow the single 6-step schedule above."""
+    cfg = DPOConfig(learning_rate=1e-2, warmup_steps=2, lr_schedule="linear", batch_size=1, max_steps=2,
+                    mixed_precision="no", lr_schedule_span="campaign")
+    pairs, prompt_ids = synthetic_pairs(2)
+    model = tiny_llama()
+    optimizer = training.build_optimizer(model, cfg)
+    lrs = []
+    for r in range(3):
+        batches = dpo.make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=3)
+        ref = dpo.reference_logps(model, batches, accelerator)
+        lrs += [m["lr"] for m in dpo.train_round(model, optimizer, batches, ref, cfg, accelerator, schedule_rounds=(r, 3))]
+    assert lrs == pytest.approx([1e-2 * e for e in [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]], abs=1e-12)
+
+
 def test_logged_lr_is_the_one_used(accelerator):
     pairs, prompt_ids = synthetic_pairs(2)
     model = tiny_llama()

@@ -1,0 +1,60 @@
+"""Every hardware-dependent `auto`, resolved for each kind of machine the project runs on:
+an AVX2-only CPU (bf16 emulated), an AVX512-BF16 CPU and a bf16 GPU. The suite itself runs on
+one kind only, so the other kinds are checked here by their resolution rules."""
+
+import pytest
+
+from online_dpo.config import load_config
+from online_dpo.hardware import Hardware, resolve, resolve_threads
+
+AVX2 = Hardware("cpu", fast_bf16=False, cpu_capability="AVX2", cpu_bf16_flags=(), cores=2)
+AVX512_BF16 = Hardware("cpu", fast_bf16=True, cpu_capability="AVX512", cpu_bf16_flags=("avx512_bf16",), cores=2)
+GPU = Hardware("cuda", fast_bf16=True, cpu_capability="AVX512", cpu_bf16_flags=(), cores=16)
+
+
+@pytest.mark.parametrize("hw,precision,dtype,reference,kv", [
+    (AVX2, "no", "float32", "generation", "auto"),  # float32 on both sides: vLLM's log-probs are the reference
+    (AVX512_BF16, "bf16", "bfloat16", "forward", "auto"),  # bf16 is native: both sides use it
+    (GPU, "bf16", "bfloat16", "forward", 0),  # on a GPU vLLM sizes its own KV cache
+])
+def test_autos_resolve_per_kind_of_machine(hw, precision, dtype, reference, kv):
+    r = resolve(load_config(None, []), hw, environ={})
+    assert (r.mixed_precision.value, r.generation_dtype.value, r.reference_logps.value, r.kv_cache_gb.value) == \
+        (precision, dtype, reference, kv)
+    assert all(line for line in r.lines()) and r.as_dict()["hardware"]["fast_bf16"] == hw.fast_bf16
+    for name in ("mixed_precision", "generation_dtype", "reference_logps", "kv_cache_gb"):
+        assert getattr(r, name).reason.startswith("auto")
+
+
+def test_explicit_settings_win_and_forced_bf16_without_native_support_says_it_is_emulated():
+    r = resolve(load_config(None, ["dpo.mixed_precision=bf16", "generation.dtype=float32"]), AVX2, environ={})
+    assert r.mixed_precision.value == "bf16" and "emulated" in r.mixed_precision.reason
+    assert r.generation_dtype.value == "float32" and r.reference_logps.value == "forward"
+    assert "bf16 autocast" in r.reference_logps.reason
+    r = resolve(load_config(None, ["dpo.mixed_precision=no", "generation.dtype=float32"]), AVX512_BF16, environ={})
+    assert r.reference_logps.value == "generation"  # pinned to float32 on a bf16 machine: exact again
+
+
+def test_hf_backend_has_no_vllm_dtype():
+    r = resolve(load_config(None, ["generation.backend=hf"]), AVX512_BF16, environ={})
+    assert r.generation_dtype.value is None and r.reference_logps.value == "forward"
+
+
+def test_threads_are_the_processes_share_of_the_cores_it_may_use(monkeypatch):
+    monkeypatch.setattr("online_dpo.hardware.available_cores", lambda: 16)
+    assert resolve_threads({}).value == 16
+    assert resolve_threads({"LOCAL_WORLD_SIZE": "4"}).value == 4  # four processes on this node
+    assert resolve_threads({"LOCAL_WORLD_SIZE": "32"}).value == 1
+    given = resolve_threads({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "4"})
+    assert given.value == 3 and "environment" in given.reason
+
+
+def test_detect_agrees_with_torch_on_this_machine():
+    import torch
+
+    hw = Hardware.detect()
+    if torch.cuda.is_available():
+        assert hw.device == "cuda" and hw.fast_bf16 == torch.cuda.is_bf16_supported()
+    else:
+        assert hw.device == "cpu" and hw.fast_bf16 == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert hw.cores >= 1 and hw.cpu_capability == torch.backends.cpu.get_cpu_capability()
