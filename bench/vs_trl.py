@@ -94,7 +94,7 @@ def online_dpo_overrides(s: Settings, output_dir: str) -> list[str]:
         f"generation.temperature={s.temperature}", "generation.top_p=1.0",
         f"pairs.drop_ties={str(s.drop_ties).lower()}", "pairs.strategy=best_vs_worst", "pairs.replay_fraction=0.0",
         f"dpo.batch_size={s.batch_size}", "dpo.epochs=1", "dpo.max_steps=-1", "dpo.grad_accum_steps=1",
-        f"dpo.learning_rate={s.learning_rate}", f"dpo.beta={s.beta}", "dpo.loss=sigmoid", "dpo.lr_schedule=constant",
+        f"dpo.learning_rate={s.learning_rate}", f"dpo.beta={s.beta}", "dpo.loss=sigmoid", "dpo.rpo_alpha=0", "dpo.lr_schedule=constant",
         "dpo.warmup_steps=0", "dpo.weight_decay=0.0", "dpo.max_grad_norm=1.0", f"dpo.mixed_precision={s.precision}",
         "lora.enabled=false", "eval.enabled=false",
         *s.overrides,

@@ -130,10 +130,10 @@ def setup(cfg: CampaignConfig, run: RunDir) -> Campaign:
     optimizer = training.build_optimizer(policy, cfg.dpo)
     training.configure_deepspeed(accelerator, cfg.dpo)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    if cfg.guard.on_loss != "off" and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(f"guard.on_loss={cfg.guard.on_loss} rolls a rejected round back by loading the previous "
+    if guard_mode(cfg) != "off" and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(f"guard.on_loss={guard_mode(cfg)} rolls a rejected round back by loading the previous "
                           f"policy's full weights, which a sharded ({accelerator.distributed_type.value}) policy cannot "
-                          f"take here; use guard.on_loss=off, or DDP / one process")
+                          f"take here; set guard.on_loss=off, or use DDP / one process")
     if cfg.dpo.optimizer_state == "carry" and last:
         training.load_optimizer_state(optimizer, last, accelerator)
 
@@ -188,6 +188,11 @@ def policy_weights(c: Campaign) -> list[tuple[str, torch.Tensor]] | None:
     Every process must call it: gathering a sharded (FSDP/ZeRO-3) state dict is a collective."""
     full = c.accelerator.get_state_dict(c.policy)
     return lora.merged_weights(c.accelerator.unwrap_model(c.policy), full) if c.is_main else None
+
+
+def guard_mode(cfg: CampaignConfig) -> str:
+    """guard.on_loss resolved: off, retry or stop."""
+    return cfg.guard.resolved(cfg.eval.enabled and cfg.eval.compare_previous)
 
 
 def accepted(run: RunDir, r: int) -> bool:
@@ -321,7 +326,7 @@ def run_round(c: Campaign, r: int, base: dict, prev_texts: list[str] | None) -> 
         result["judge_templates"] = c.judge.protocol.templates()
     result["timings"] = timings
     result["wall_s"] = sum(timings.values())
-    if c.cfg.guard.on_loss != "off":
+    if guard_mode(c.cfg) != "off":
         result["guard"] = report.guard_verdict(result["eval"], against_previous=prev_texts is not None)
     write_json(c.run.round_dir(r) / "eval.json", result)
     c.run.mark_done(r, "eval", wall_s=result["wall_s"], accepted=result.get("guard", {}).get("accepted", True))
@@ -726,7 +731,7 @@ def run_campaign(cfg: CampaignConfig, run: RunDir) -> list[dict]:
             best = keep_checkpoints(c, results)
             if ran and cfg.eval.enabled:
                 report.print_rounds(results, base["accuracy"], baseline_diversity=base.get("diversity"))
-        if not accepted(run, r) and cfg.guard.on_loss == "stop":
+        if not accepted(run, r) and guard_mode(cfg) == "stop":
             stopped = r
             log.warning("the campaign stops after round %d (guard.on_loss=stop)", r)
             break

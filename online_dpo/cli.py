@@ -89,7 +89,7 @@ def _campaign(cfg, root: Path) -> None:
         raise OutOfDiskSpace(
             f"no space left on the disk that holds {root} ({_size(shutil.disk_usage(root).free)} free): {e}.{per_round} "
             f"Every finished stage is saved and the partial write was removed. Free some space "
-            f"(save_checkpoints=last keeps only the newest round's checkpoint), then continue with "
+            f"(save_checkpoints=last keeps only the newest and the best round's checkpoints), then continue with "
             f"`online-dpo resume {root}`.") from e
 
 

@@ -160,11 +160,12 @@ def paired_difference_interval(a: list[float], b: list[float], seed: int = 0, n_
 
 def head_to_head(judge, prompts, responses: dict[str, list[str]]) -> list[dict]:
     """Every pair of schedules judged on the held-out prompts: A's win rate over B (ties half,
-    errors apart, Wilson 95% CI), and A's accuracy minus B's with a paired bootstrap CI."""
+    errors apart, Wilson 95% CI), and A's accuracy minus B's with a paired bootstrap CI.
+    A is the later of the two in `responses` (schedules go from offline to more online)."""
     from online_dpo import evaluate
 
     out = []
-    for a, b in itertools.combinations(responses, 2):
+    for b, a in itertools.combinations(responses, 2):
         verdicts = evaluate.compare(judge, prompts, responses[a], responses[b])
         row = {"a": a, "b": b, **evaluate.win_rate(verdicts)}
         ca, cb = correct(prompts, responses[a]), correct(prompts, responses[b])

@@ -128,7 +128,12 @@ class DPOConfig:
     simpo_gamma: float = 0.5  # SimPO's target reward margin γ: the loss is -log σ(β·Δavg_logp - γ)
     orpo_lambda: float = 0.1  # ORPO's weight λ of the odds-ratio term added to the chosen response's NLL
     label_smoothing: float = 0.0  # sigmoid: conservative DPO; robust: the assumed label-noise rate
-    rpo_alpha: float = 0.0  # weight of the chosen response's per-token NLL (iterative RPO); 0 = off
+    # Weight of the chosen response's per-token NLL added to the pair loss (iterative RPO, Pang
+    # et al. 2024); 0 = off. auto: 1.0 for the reference-based pair losses (sigmoid, robust,
+    # ipo, hinge), where it keeps the update from pushing the chosen responses' likelihood
+    # down along with the rejected ones' (likelihood displacement); 0 for simpo, orpo (ORPO
+    # has its own NLL term) and kto (no chosen responses). See `dpo.nll_weight`.
+    rpo_alpha: float | Literal["auto"] = "auto"
     learning_rate: float = 5e-6
     weight_decay: float = 0.0
     epochs: int = 1
@@ -218,8 +223,15 @@ class GuardConfig:
     # off: every round is accepted. retry / stop: a round whose win rate vs the policy it
     # started from (the previous accepted round, or the initial policy) has its whole 95% CI
     # below 50% is rejected and rolled back to that policy; retry then goes on with the next
-    # round's fresh prompts, stop ends the campaign there. Needs eval.enabled.
-    on_loss: Literal["off", "retry", "stop"] = "off"
+    # round's fresh prompts, stop ends the campaign there. They need eval.enabled and
+    # eval.compare_previous. auto: retry where those are on, else off.
+    on_loss: Literal["auto", "off", "retry", "stop"] = "auto"
+
+    def resolved(self, evaluates: bool) -> str:
+        """on_loss with auto resolved; `evaluates`: eval.enabled and eval.compare_previous."""
+        if self.on_loss == "auto":
+            return "retry" if evaluates else "off"
+        return self.on_loss
 
 
 @dataclass
@@ -382,7 +394,7 @@ def validate(cfg: CampaignConfig) -> None:
         (cfg.dpo.beta > 0, "dpo.beta must be > 0"),
         (cfg.dpo.batch_size >= 1, "dpo.batch_size must be >= 1"),
         (0.0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
-        (cfg.dpo.rpo_alpha >= 0.0, "dpo.rpo_alpha must be >= 0"),
+        (cfg.dpo.rpo_alpha == "auto" or cfg.dpo.rpo_alpha >= 0.0, "dpo.rpo_alpha must be auto or >= 0"),
         (cfg.dpo.simpo_gamma >= 0.0, "dpo.simpo_gamma must be >= 0"),
         (cfg.dpo.orpo_lambda >= 0.0, "dpo.orpo_lambda must be >= 0"),
         (cfg.dpo.loss not in REFERENCE_FREE_LOSSES or cfg.dpo.reference == "refreshed",
@@ -396,7 +408,7 @@ def validate(cfg: CampaignConfig) -> None:
         (0.0 < cfg.kto.desirable_fraction < 1.0, "kto.desirable_fraction must be between 0 and 1"),
         (cfg.kto.desirable_weight > 0 and cfg.kto.undesirable_weight > 0,
          "kto.desirable_weight and kto.undesirable_weight must be > 0"),
-        (cfg.dpo.loss not in UNPAIRED_LOSSES or cfg.dpo.rpo_alpha == 0,
+        (cfg.dpo.loss not in UNPAIRED_LOSSES or cfg.dpo.rpo_alpha in ("auto", 0),
          f"dpo.rpo_alpha adds the NLL of a chosen response; dpo.loss={cfg.dpo.loss} has no chosen responses "
          f"(it trains on unpaired examples); set dpo.rpo_alpha=0"),
         (cfg.dpo.grad_accum_steps >= 1, "dpo.grad_accum_steps must be >= 1"),
@@ -423,7 +435,7 @@ def validate(cfg: CampaignConfig) -> None:
         (0.0 < cfg.data.eval_fraction < 1.0, "data.eval_fraction must be between 0 and 1"),
         (0.0 < cfg.generation.gpu_memory_utilization <= 1.0, "generation.gpu_memory_utilization must be in (0, 1]"),
         (bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty directory name without '/'"),
-        (cfg.guard.on_loss == "off" or cfg.eval.enabled and cfg.eval.compare_previous,
+        (cfg.guard.on_loss in ("auto", "off") or cfg.eval.enabled and cfg.eval.compare_previous,
          f"guard.on_loss={cfg.guard.on_loss} judges each round against the policy it started from on the held-out "
          f"prompts; it needs eval.enabled=true and eval.compare_previous=true (or set guard.on_loss=off)"),
     ]

@@ -239,6 +239,16 @@ def is_unpaired(loss: str) -> bool:
     return loss in UNPAIRED
 
 
+NLL_BY_DEFAULT = ("sigmoid", "robust", "ipo", "hinge")  # dpo.rpo_alpha=auto adds the chosen NLL to these
+
+
+def nll_weight(cfg: DPOConfig) -> float:
+    """dpo.rpo_alpha resolved: the weight of the chosen response's per-token NLL in the pair loss."""
+    if cfg.rpo_alpha == "auto":
+        return 1.0 if cfg.loss in NLL_BY_DEFAULT else 0.0
+    return cfg.rpo_alpha
+
+
 def make_loss_fn(cfg: DPOConfig, kto: KTOConfig | None = None):
     """The configured loss with its hyper-parameters bound. Reference-based losses take
     (policy_chosen, policy_rejected, ref_chosen, ref_rejected[, chosen_prob]) summed log-probs;
@@ -642,8 +652,9 @@ def pair_step_sums(loss_fn, cfg: DPOConfig, local: PairBatch, policy: tuple, ref
     else:
         extra = {"chosen_prob": soft} if soft is not None else {}
         losses, rew_c, rew_r = loss_fn(pol_c, pol_r, *ref, **extra)
-    if cfg.rpo_alpha > 0:
-        losses = losses + cfg.rpo_alpha * chosen_nll(pol_c, response_token_counts(local)[0])
+    alpha = nll_weight(cfg)
+    if alpha > 0:
+        losses = losses + alpha * chosen_nll(pol_c, response_token_counts(local)[0])
     n = local.num_pairs
     sums = {"loss": losses.detach().sum(), "reward_margin": (rew_c - rew_r).sum(),
             "pair_accuracy": (rew_c > rew_r).float().sum(), "chosen_logps": pol_c.detach().sum(),

@@ -16,7 +16,7 @@ from tests.conftest import run_python
 TINY_RUN = [
     "rounds=2", "name=tiny", "generation.backend=hf", "data.train_prompts_per_round=4",
     "generation.samples_per_prompt=3", "generation.max_new_tokens=12", "eval.max_new_tokens=12",
-    "data.eval_prompts=8", "dpo.batch_size=2", "dpo.epochs=1", "eval.diversity_prompts=4", "eval.diversity_samples=3",
+    "data.eval_prompts=8", "dpo.batch_size=2", "dpo.epochs=1", "dpo.max_steps=-1", "eval.diversity_prompts=4", "eval.diversity_samples=3",
 ]
 
 

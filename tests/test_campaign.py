@@ -13,7 +13,7 @@ pytestmark = pytest.mark.vllm
 OVERRIDES = [
     "rounds=2", "name=two-rounds", "data.train_prompts_per_round=6", "data.eval_prompts=24",
     "generation.samples_per_prompt=4", "generation.max_new_tokens=24", "eval.max_new_tokens=24",
-    "dpo.epochs=1", "dpo.batch_size=4", "save_checkpoints=last", "eval.diversity_prompts=6",
+    "dpo.epochs=1", "dpo.max_steps=-1", "dpo.batch_size=4", "save_checkpoints=last", "eval.diversity_prompts=6",
     # Pinned to the float32 path on every machine: the tests below compare vLLM's log-probs with a
     # float32 forward pass, and reference_logps=auto takes them from generation only in float32.
     # On a CPU with native bf16 `auto` would pick bf16 for both; tests/test_precision.py covers that.
@@ -64,9 +64,12 @@ def test_artifacts_per_round(finished_run):
         assert 0.0 <= ev["accuracy"] <= 1.0
         assert ("vs_previous" in ev) == (r == 1)
     assert not prompts[0] & prompts[1], "a train prompt was reused across rounds"
-    # the last round keeps its checkpoint, earlier ones are pruned (save_checkpoints=last)
+    # the last round keeps its checkpoint; earlier ones are pruned (save_checkpoints=last) but the best round's
+    best = json.loads((root / "summary.json").read_text())["best_round"]
     assert (root / "round_001" / "checkpoint" / "model.safetensors").exists()
-    assert not (root / "round_000" / "checkpoint").exists()
+    assert (root / "round_000" / "checkpoint").exists() == (best == 0)
+    if best is not None:
+        assert (root / "best").resolve() == (root / f"round_{best:03d}" / "checkpoint").resolve()
     eval_ids = {json.loads(line)["prompt_id"] for line in (root / "baseline" / "eval_responses.jsonl").read_text().splitlines()}
     assert len(eval_ids) == 24 and not eval_ids & (prompts[0] | prompts[1])
 

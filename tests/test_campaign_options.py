@@ -24,7 +24,7 @@ from tests.conftest import run_python
 
 SMALL = ["rounds=2", "generation.backend=hf", "data.train_prompts_per_round=4", "generation.samples_per_prompt=3",
          "generation.max_new_tokens=12", "eval.max_new_tokens=8", "data.eval_prompts=2", "dpo.batch_size=2",
-         "dpo.epochs=1", "dpo.learning_rate=1e-4",
+         "dpo.epochs=1", "dpo.max_steps=-1", "dpo.learning_rate=1e-4",
          # These tests are about which policy is the reference, checked against a float32 forward pass
          # here; `auto` would pick bf16 autocast on a CPU with native bf16, whose rounding (0.07-2.5 nats
          # per response) is not what is tested. The bf16 path has its own test: tests/test_precision.py.
@@ -216,7 +216,7 @@ def test_kto_round_of_the_quickstart_labels_every_candidate_by_the_verifier(tmp_
     proc = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", "name=kto",
                        "rounds=1", "generation.backend=hf", "data.train_prompts_per_round=4",
                        "generation.samples_per_prompt=4", "generation.max_new_tokens=12", "eval.max_new_tokens=8",
-                       "data.eval_prompts=3", "dpo.loss=kto", "dpo.batch_size=4", "dpo.learning_rate=1e-4",
+                       "data.eval_prompts=3", "dpo.loss=kto", "dpo.batch_size=4", "dpo.max_steps=-1", "dpo.learning_rate=1e-4",
                        "dpo.mixed_precision=no",  # its reference is checked against a float32 pass (see SMALL)
                        "eval.diversity_prompts=2", "eval.diversity_samples=3"], timeout=900)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])

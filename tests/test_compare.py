@@ -130,12 +130,12 @@ def test_head_to_head_and_matched_budget_on_tiny_runs(compared):
         final = result["schedules"][name]["final"]
         assert final["n"] == 6 and final["ci_low"] <= final["accuracy"] <= final["ci_high"]
     assert [(r["a"], r["b"]) for r in result["head_to_head"]] == [
-        ("offline", "iterative"), ("offline", "semi-online-s4"), ("iterative", "semi-online-s4")]
+        ("iterative", "offline"), ("semi-online-s4", "offline"), ("semi-online-s4", "iterative")]
     for row in result["head_to_head"]:
         assert row["wins"] + row["losses"] + row["ties"] + row["errors"] == 6
         low, high = row["accuracy_difference_ci"]
         assert low <= row["accuracy_difference"] <= high
-    same = result["head_to_head"][1]  # offline vs its identical twin: every verdict a tie
+    same = result["head_to_head"][1]  # offline's identical twin vs offline: every verdict a tie
     assert same["ties"] == 6 and same["win_rate"] == 0.5 and same["accuracy_difference"] == 0
     assert (out / "tiny-compare" / "compare.png").stat().st_size > 0
     assert "head to head" in proc.stdout and "matched" in proc.stdout

@@ -28,7 +28,7 @@ from tests.fake_openai_server import FakeOpenAI
 
 CONFIG = ["generation.backend=hf", "data.train_prompts_per_round=4", "generation.samples_per_prompt=3",
           "generation.max_new_tokens=20", "eval.max_new_tokens=12", "data.eval_prompts=4",
-          "dpo.batch_size=2", "dpo.epochs=2", "dpo.learning_rate=1e-4", "save_checkpoints=last",
+          "dpo.batch_size=2", "dpo.epochs=2", "dpo.max_steps=-1", "dpo.learning_rate=1e-4", "save_checkpoints=last",
           # the diversity watch runs in the eval stage too (and must resume to the same numbers); kept small
           "eval.diversity_prompts=2", "eval.diversity_samples=2"]
 KEY_ENV = {"FAKE_JUDGE_KEY": "sk-test-crash-0000"}

@@ -256,3 +256,13 @@ def test_logp_drift_is_the_mean_change_per_kind_of_response_over_all_batches():
     after = [(torch.tensor([-11.0, -18.0]), torch.tensor([-35.0, -49.0])), (torch.tensor([-8.0]), torch.tensor([-6.0]))]
     chosen, rejected = dpo.logp_drift(before, after)
     assert chosen == pytest.approx((-1.0 + 2.0 - 3.0) / 3) and rejected == pytest.approx((-5.0 - 9.0 + 0.0) / 3)
+
+
+def test_rpo_alpha_auto_adds_the_chosen_nll_to_reference_based_pair_losses_only():
+    from online_dpo.config import DPOConfig, load_config
+
+    assert [dpo.nll_weight(DPOConfig(loss=loss)) for loss in ("sigmoid", "robust", "ipo", "hinge")] == [1.0] * 4
+    assert [dpo.nll_weight(DPOConfig(loss=loss)) for loss in ("simpo", "orpo", "kto")] == [0.0] * 3
+    assert dpo.nll_weight(DPOConfig(loss="sigmoid", rpo_alpha=0.0)) == 0.0
+    assert dpo.nll_weight(DPOConfig(loss="ipo", rpo_alpha=0.25)) == 0.25
+    assert load_config("configs/quickstart.yaml", ["dpo.loss=kto"]).dpo.loss == "kto"  # auto needs no rpo_alpha=0

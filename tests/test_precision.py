@@ -46,7 +46,9 @@ def test_reference_pass_and_one_update_equal_a_hand_computation_in_that_precisio
     policy = tiny_policy()
     twin = copy.deepcopy(policy)
     batches = [dpo.collate_pairs([dpo.encode_pair(p, c, r, 32) for p, c, r in PAIRS], pad_id=0)]
-    cfg = DPOConfig(beta=0.5, learning_rate=1e-2, epochs=1, max_steps=1, batch_size=2, mixed_precision=precision)
+    # The DPO term alone (rpo_alpha=0): its step-0 loss is exactly log 2 when the reference is the policy itself.
+    cfg = DPOConfig(beta=0.5, learning_rate=1e-2, epochs=1, max_steps=1, batch_size=2, mixed_precision=precision,
+                    rpo_alpha=0.0)
 
     # The reference pass: the same kernels on the same inputs as the hand computation.
     ref = dpo.reference_logps(policy, batches, accelerator)
