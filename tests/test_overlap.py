@@ -62,7 +62,10 @@ def make_campaign(tmp_path, overlap="auto"):
     run = RunDir.create(cfg.run_dir, to_dict(cfg), seeds={"campaign": cfg.seed})
     events = {"first slice judging": threading.Event(), "second slice generating": threading.Event()}
     judge, generator = RemoteLengthScorer(events), SliceGenerator(events)
-    c = campaign.Campaign(cfg, run, None, None, None, judge, None, None, generator, None)
+    from online_dpo.hardware import Hardware, resolve
+
+    resolved = resolve(cfg, Hardware("cpu", False, "AVX2", (), 2), environ={})  # stages read the reference source
+    c = campaign.Campaign(cfg, run, None, None, None, judge, None, None, generator, None, resolved, "unused")
     prompts = [Prompt(id=f"p{i}", messages=[{"role": "user", "content": f"question {i}"}]) for i in range(7)]
     return c, prompts, run
 
