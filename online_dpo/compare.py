@@ -139,17 +139,6 @@ def final_responses(root: Path) -> dict[str, str]:
     return {row["prompt_id"]: row["text"] for row in read_jsonl(last / "eval_responses.jsonl")}
 
 
-def correct(prompts, responses: list[str]) -> list[float] | None:
-    """1/0 per response where the prompts carry reference answers (the task's accuracy), else None."""
-    from judges.base import PointwiseItem
-    from judges.verifiers import FinalAnswerVerifier
-
-    if not prompts or any(p.reference is None for p in prompts):
-        return None
-    scores = FinalAnswerVerifier().score([PointwiseItem(p.text, r, p.reference) for p, r in zip(prompts, responses)])
-    return [s.value or 0.0 for s in scores]
-
-
 def paired_difference_interval(a: list[float], b: list[float], seed: int = 0, n_boot: int = 4000) -> tuple[float, float]:
     """95% percentile-bootstrap interval of mean(a) - mean(b), resampling prompts (a, b paired: shape [n])."""
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
@@ -168,7 +157,7 @@ def head_to_head(judge, prompts, responses: dict[str, list[str]]) -> list[dict]:
     for b, a in itertools.combinations(responses, 2):
         verdicts = evaluate.compare(judge, prompts, responses[a], responses[b])
         row = {"a": a, "b": b, **evaluate.win_rate(verdicts)}
-        ca, cb = correct(prompts, responses[a]), correct(prompts, responses[b])
+        ca, cb = evaluate.correctness(prompts, responses[a]), evaluate.correctness(prompts, responses[b])
         if ca is not None:
             row["accuracy_difference"] = sum(ca) / len(ca) - sum(cb) / len(cb)
             row["accuracy_difference_ci"] = paired_difference_interval(ca, cb)
@@ -177,9 +166,9 @@ def head_to_head(judge, prompts, responses: dict[str, list[str]]) -> list[dict]:
 
 
 def accuracy_row(prompts, texts: list[str]) -> dict | None:
-    from online_dpo.evaluate import wilson_interval
+    from online_dpo.evaluate import correctness, wilson_interval
 
-    c = correct(prompts, texts)
+    c = correctness(prompts, texts)
     if c is None:
         return None
     low, high = wilson_interval(sum(c), len(c))

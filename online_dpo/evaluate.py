@@ -153,14 +153,20 @@ def position_consistent(raw: str) -> bool | None:
     return first == {"a": "b", "b": "a", "tie": "tie"}[second]
 
 
-def accuracy(prompts, responses: Sequence[str]) -> float | None:
-    """Share of responses whose final number matches the prompt's reference, where prompts have one."""
+def correctness(prompts, responses: Sequence[str]) -> list[float] | None:
+    """1.0 / 0.0 per response: does its final number match the prompt's reference (None where prompts have none)."""
     if not prompts or any(p.reference is None for p in prompts):
         return None
     scores = FinalAnswerVerifier().score(
         [PointwiseItem(p.text, r, p.reference) for p, r in zip(prompts, responses)]
     )
-    return sum(s.value for s in scores if s.value is not None) / len(scores)
+    return [s.value if s.value is not None else 0.0 for s in scores]
+
+
+def accuracy(prompts, responses: Sequence[str]) -> float | None:
+    """Share of responses whose final number matches the prompt's reference, where prompts have one."""
+    correct = correctness(prompts, responses)
+    return None if correct is None else sum(correct) / len(correct)
 
 
 def compare(judge, prompts, responses_a: Sequence[str], responses_b: Sequence[str]) -> list[Verdict]:
