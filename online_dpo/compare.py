@@ -283,14 +283,9 @@ def print_comparison(result: dict, console=None) -> None:
 
 def plot_curves(result: dict, path: Path) -> Path:
     """Accuracy and win rate vs the initial policy against judge calls spent, one line per schedule."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from online_dpo.plots import new_figure, save_png
 
-    from online_dpo.rundir import atomic_path
-
-    fig = Figure(figsize=(12.8, 4.0), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    acc_ax, win_ax = fig.subplots(1, 2)
+    fig, (acc_ax, win_ax) = new_figure(ncols=2)
     for name, s in result["schedules"].items():
         pts = s["curve"]
         xs = [p["judge_calls"] for p in pts]
@@ -306,7 +301,4 @@ def plot_curves(result: dict, path: Path) -> Path:
     for ax in (acc_ax, win_ax):
         ax.grid(alpha=0.3)
         ax.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-        tmp.chmod(0o644)
-    return path
+    return save_png(fig, path)

@@ -20,14 +20,14 @@ from online_dpo.rundir import atomic_path
 BASELINE_COLOR, PREV_COLOR, LC_COLOR = "tab:blue", "tab:orange", "tab:green"
 
 
-def _figure(ncols: int = 1) -> tuple[Figure, list]:
+def new_figure(ncols: int = 1) -> tuple[Figure, list]:
     fig = Figure(figsize=(6.4 * ncols, 4.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     return fig, list(axes)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
         tmp.chmod(0o644)  # a report is meant to be read by others (temp files start private)
@@ -61,7 +61,7 @@ def _round_axis(ax, run: RunView) -> None:
 
 
 def plot_win_rates(run: RunView, path: Path) -> Path:
-    fig, (ax,) = _figure()
+    fig, (ax,) = new_figure()
     ax.axhline(0.5, color="gray", lw=1, ls=":")
     plotted = False
     for key, label, color in (("vs_baseline", "vs baseline (initial policy)", BASELINE_COLOR),
@@ -87,11 +87,11 @@ def plot_win_rates(run: RunView, path: Path) -> Path:
     _round_axis(ax, run)
     if plotted:
         ax.legend(loc="best", fontsize="small")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_lengths(run: RunView, path: Path, length_factor: float) -> Path:
-    fig, (ax,) = _figure()
+    fig, (ax,) = new_figure()
     done = [v for v in run.rounds if mean_tokens(v) is not None]
     if done:
         xs = [v.round for v in done]
@@ -115,12 +115,12 @@ def plot_lengths(run: RunView, path: Path, length_factor: float) -> Path:
     _round_axis(ax, run)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize="small")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_margins(run: RunView, path: Path) -> Path:
     """DPO implicit reward margin and loss at every optimizer step, rounds side by side."""
-    fig, (ax_margin, ax_loss) = _figure(2)
+    fig, (ax_margin, ax_loss) = new_figure(2)
     step0, bounds = 0, []
     for v in run.rounds:
         steps = v.train_steps
@@ -144,12 +144,12 @@ def plot_margins(run: RunView, path: Path) -> Path:
             ax.legend(loc="best", fontsize="small")
         else:
             _no_data(ax, "no DPO update recorded yet")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_costs(run: RunView, path: Path) -> Path:
     """Wall time per stage (stacked) and, for judges that report usage, API cost and requests."""
-    fig, (ax_time, ax_judge) = _figure(2)
+    fig, (ax_time, ax_judge) = new_figure(2)
     done = [v for v in run.rounds if v.complete and v.result.get("timings")]
     stages: list[str] = []
     for v in done:
@@ -183,7 +183,7 @@ def plot_costs(run: RunView, path: Path) -> Path:
         _no_data(ax_judge, "the judge reported no usage\n(verifiers and local judges are free)")
     ax_judge.set_title("Judge requests and cost")
     _round_axis(ax_judge, run)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_plots(run: RunView, out_dir: Path, length_factor: float) -> dict[str, Path]:
