@@ -38,13 +38,18 @@ from rich.console import Console
 from rich.table import Table
 
 from judges.ranking import CandidateGroup, score_groups
-from online_dpo import dpo
-from online_dpo.campaign import completion_rows, derived_seed, generate_eval, policy_weights, rows_to_candidates, setup
+from online_dpo.campaign import policy_weights, setup
 from online_dpo.config import load_config, to_dict
 from online_dpo.data import chat_prompt_ids
-from online_dpo.generate import Sampling
+from online_dpo.engines.generate import Sampling
 from online_dpo.pairs import select_pairs
 from online_dpo.rundir import RunDir
+from online_dpo.seeds import stable_seed
+from online_dpo.stages.evaluate import generate_eval
+from online_dpo.stages.generate import completion_rows, rows_to_candidates
+from online_dpo.train.logps import reference_logps
+from online_dpo.train.packing import make_batches
+from online_dpo.train.update import train_round
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_tflops  # noqa: E402
@@ -61,7 +66,7 @@ def stage(rows: list[dict], name: str, flops_per_token: float | None = None, dty
 
 
 def bench_round(c, rows: list[dict], n_params: int) -> None:
-    """One round (r = 0) of `campaign.run_round`, stage by stage, without writing artifacts."""
+    """One round (r = 0) of `loop.run_round`, stage by stage, without writing artifacts."""
     cfg, g = c.cfg, c.cfg.generation
     gen_dtype = "fp32" if c.resolved.generation_dtype.value == "float32" else "bf16"
     train_dtype = "bf16" if c.accelerator.mixed_precision == "bf16" else "fp32"
@@ -69,7 +74,7 @@ def bench_round(c, rows: list[dict], n_params: int) -> None:
 
     with stage(rows, "generate", 2 * n_params, gen_dtype, f"{len(prompts)} prompts x {g.samples_per_prompt}") as row:
         sampling = Sampling(g.samples_per_prompt, g.temperature, g.top_p, g.max_new_tokens,
-                            derived_seed(cfg.seed, 0, "train-generate"))
+                            stable_seed(cfg.seed, 0, "train-generate"))
         candidates = rows_to_candidates(prompts, completion_rows(prompts, c.generator.generate(prompts, sampling)))
         row["tokens"] = gen_tokens = sum(len(x.token_ids) for cs in candidates for x in cs)
 
@@ -86,17 +91,17 @@ def bench_round(c, rows: list[dict], n_params: int) -> None:
         Console().print("[yellow]no pairs this round: reference, update and sync are skipped")
     else:
         prompt_ids = {p.id: chat_prompt_ids(c.tokenizer, p.messages) for p in prompts}
-        batches = dpo.make_batches(pairs, prompt_ids, cfg.dpo, c.tokenizer.pad_token_id,
-                                   derived_seed(cfg.seed, 0, "batches"))
+        batches, _ = make_batches(pairs, prompt_ids, cfg.dpo, c.tokenizer.pad_token_id,
+                                   stable_seed(cfg.seed, 0, "batches"))
         pass_tokens = sum(b.rows.num_tokens for b in batches)  # the prompt once per pair
 
         with stage(rows, "reference", 2 * n_params, train_dtype, f"{len(batches)} batch(es)") as row:
-            ref = dpo.reference_logps(c.policy, batches, c.accelerator)
+            ref = reference_logps(c.policy, batches, c.accelerator)
             row["tokens"] = pass_tokens
 
         with stage(rows, "update", 6 * n_params, train_dtype) as row:
             c.optimizer.state.clear()
-            metrics = dpo.train_round(c.policy, c.optimizer, batches, ref, cfg.dpo, c.accelerator)
+            metrics = train_round(c.policy, c.optimizer, batches, ref, cfg.dpo, c.accelerator)
             steps_per_epoch = math.ceil(len(batches) / cfg.dpo.grad_accum_steps)
             row["tokens"] = round(pass_tokens * len(metrics) / steps_per_epoch)  # exact when max_steps=-1
             row["note"] = f"{len(metrics)} steps, loss {metrics[-1]['loss']:.3f}"
@@ -105,7 +110,7 @@ def bench_round(c, rows: list[dict], n_params: int) -> None:
             c.generator.update_weights(policy_weights(c))
 
     with stage(rows, "eval", 2 * n_params, gen_dtype, f"{len(c.split.eval)} prompts x 1") as row:
-        _, lengths = generate_eval(c, derived_seed(cfg.seed, 0, "eval"))
+        _, lengths = generate_eval(c, stable_seed(cfg.seed, 0, "eval"))
         row["tokens"] = sum(lengths)
 
 

@@ -7,7 +7,7 @@ It measures, in one process:
      - the HF backend (`HFGenerator`: left-padded `generate` calls of up to 64 sequences),
      - plain HF `generate` over all prompts in one left-padded call (the way TRL calls it),
      held to 2·N FLOPs per generated token (N = parameters) at the peak of the dtype they ran in;
-  3. training tokens/s of the real update (`dpo.reference_logps` then `dpo.train_round`,
+  3. training tokens/s of the real update (`reference_logps` then `train_round`,
      accelerate, the project's mixed precision) on realistic pairs (the HF backend's
      completions when it ran, else synthetic responses of realistic length), held to 6·N
      FLOPs per trained token (2·N for the forward-only reference pass).
@@ -40,9 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import matmul_tflops, sync, vm_hwm_bytes, write_json  # noqa: E402
-
 import torch  # noqa: E402
+from common import matmul_tflops, sync, vm_hwm_bytes, write_json  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "no": "fp32", "bf16": "bf16"}
@@ -93,7 +92,7 @@ def gen_row(name: str, dtype: str, wall: float, completions, n_prompts: int, not
 
 
 def bench_hf(model, tokenizer, prompts, sampling, dtype: str, device: str) -> tuple[dict, list]:
-    from online_dpo.generate import HFGenerator, Sampling
+    from online_dpo.engines.generate import HFGenerator, Sampling
 
     gen = HFGenerator(model, tokenizer)
     gen.generate(prompts[:1], Sampling(1, sampling.temperature, 1.0, 4, 0))  # warmup
@@ -108,7 +107,7 @@ def bench_hf(model, tokenizer, prompts, sampling, dtype: str, device: str) -> tu
 def bench_hf_batched(model, tokenizer, prompts, sampling, dtype: str, device: str) -> dict:
     """All prompts x K samples in one left-padded `generate` call, as TRL calls it: the HF
     backend with a batch large enough for everything."""
-    from online_dpo.generate import HFGenerator
+    from online_dpo.engines.generate import HFGenerator
 
     gen = HFGenerator(model, tokenizer, max_batch_sequences=len(prompts) * sampling.n)
     gen.generate(prompts, replace(sampling, max_new_tokens=2))  # warmup at the full batch shape
@@ -122,7 +121,7 @@ def bench_hf_batched(model, tokenizer, prompts, sampling, dtype: str, device: st
 
 def bench_vllm(path: str, tokenizer, prompts, sampling, dtype: str, kv_cache_gb: float) -> dict:
     from online_dpo.config import GenerationConfig
-    from online_dpo.generate import Sampling, VLLMGenerator
+    from online_dpo.engines.generate import Sampling, VLLMGenerator
 
     cfg = GenerationConfig(backend="vllm", dtype=dtype, kv_cache_gb=kv_cache_gb)
     from online_dpo.data import chat_prompt_ids
@@ -171,8 +170,11 @@ def make_pairs(prompts, tokenizer, completions, n_pairs: int, response_tokens: i
 def bench_train(path: str, args, prompts, tokenizer, completions, device: str) -> list[dict]:
     from accelerate import Accelerator
 
-    from online_dpo import dpo, training
     from online_dpo.config import DPOConfig
+    from online_dpo.train import optim
+    from online_dpo.train.logps import reference_logps
+    from online_dpo.train.packing import PROMPT, make_batches
+    from online_dpo.train.update import train_round
 
     mp = resolve_mixed_precision(args.precision)
     cfg = DPOConfig(batch_size=args.batch_size, epochs=1, max_steps=args.train_steps, learning_rate=1e-6,
@@ -180,18 +182,18 @@ def bench_train(path: str, args, prompts, tokenizer, completions, device: str) -
     accelerator = Accelerator(mixed_precision=mp, cpu=not device.startswith("cuda"))
     policy = load_model(path, "float32", "cpu", args.random_init)  # fp32 master weights, as load_policy
     if cfg.gradient_checkpointing:
-        training.enable_gradient_checkpointing(policy)
-    optimizer = training.build_optimizer(policy, cfg)
+        optim.enable_gradient_checkpointing(policy)
+    optimizer = optim.build_optimizer(policy, cfg)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     n_pairs = args.batch_size * args.train_steps
     pairs, prompt_ids = make_pairs(prompts, tokenizer, completions, n_pairs, args.max_new_tokens, seed=0)
     source = "the HF backend's completions" if completions else f"synthetic responses <= {args.max_new_tokens} tokens"
-    batches = dpo.make_batches(pairs, prompt_ids, cfg, tokenizer.pad_token_id, seed=0)
-    # Tokens the model runs on: one shared-prompt row per pair, the prompt once (dpo.Rows).
+    batches, _ = make_batches(pairs, prompt_ids, cfg, tokenizer.pad_token_id, seed=0)
+    # Tokens the model runs on: one shared-prompt row per pair, the prompt once (Rows).
     useful = sum(b.rows.num_tokens for b in batches)
     padded = sum(b.rows.input_ids.numel() for b in batches)
     # The same pairs as two separate sequences each (prompt twice), as TRL and most trainers run them.
-    unshared = useful + sum(int((b.rows.segment == dpo.PROMPT).sum()) for b in batches)
+    unshared = useful + sum(int((b.rows.segment == PROMPT).sum()) for b in batches)
     shape = f"{len(batches)} batches of {args.batch_size} pairs, one row per pair, mean width {padded / n_pairs:.0f}"
     pad_note = (f"padding {100 * (1 - useful / padded):.0f}% of {padded:,} positions; "
                 f"{useful:,} tokens = {useful / unshared:.2f}x of the {unshared:,} in two sequences per pair")
@@ -199,18 +201,18 @@ def bench_train(path: str, args, prompts, tokenizer, completions, device: str) -
     # Warmup: on CUDA every batch width is a new shape (cuBLAS/cuDNN plans), so all of them once;
     # on CPU one batch (allocator, AdamW state).
     warm = len(batches) if device.startswith("cuda") else 1
-    dpo.reference_logps(policy, batches[:warm], accelerator)
+    reference_logps(policy, batches[:warm], accelerator)
     sync(device)
     t0 = time.perf_counter()
-    ref = dpo.reference_logps(policy, batches, accelerator)
+    ref = reference_logps(policy, batches, accelerator)
     sync(device)
     ref_wall = time.perf_counter() - t0
 
     warm_cfg = DPOConfig(**{**cfg.__dict__, "max_steps": warm})
-    dpo.train_round(policy, optimizer, batches[:warm], ref[:warm], warm_cfg, accelerator)
+    train_round(policy, optimizer, batches[:warm], ref[:warm], warm_cfg, accelerator)
     sync(device)
     t0 = time.perf_counter()
-    metrics = dpo.train_round(policy, optimizer, batches, ref, cfg, accelerator)
+    metrics = train_round(policy, optimizer, batches, ref, cfg, accelerator)
     sync(device)
     train_wall = time.perf_counter() - t0
     if args.torch_profile:
@@ -218,10 +220,10 @@ def bench_train(path: str, args, prompts, tokenizer, completions, device: str) -
     dtype = SHORT[mp]
     gc = ", gradient checkpointing" if cfg.gradient_checkpointing else ""
     return [
-        {"what": "reference pass (dpo.reference_logps)", "kind": "reference", "dtype": dtype, "wall_s": ref_wall,
+        {"what": "reference pass (reference_logps)", "kind": "reference", "dtype": dtype, "wall_s": ref_wall,
          "tokens": useful, "padded_tokens": padded, "flops_per_token": "2N",
          "note": f"{shape}; {pad_note}; pairs from {source}"},
-        {"what": f"DPO update (dpo.train_round){gc}", "kind": "update", "dtype": dtype, "wall_s": train_wall,
+        {"what": f"DPO update (train_round){gc}", "kind": "update", "dtype": dtype, "wall_s": train_wall,
          "tokens": useful * len(metrics) // len(batches), "padded_tokens": padded * len(metrics) // len(batches),
          "flops_per_token": "6N", "note": f"{len(metrics)} steps, mixed precision {mp}, loss {metrics[-1]['loss']:.3f}"},
     ]
@@ -231,16 +233,16 @@ def profile_update(policy, optimizer, batches, ref, cfg, accelerator, path: Path
     """One more (untimed) update under torch.profiler: the top ops by self time -> `path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    from online_dpo import dpo
+    from online_dpo.train.update import train_round
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, record_shapes=True) as prof:
-        dpo.train_round(policy, optimizer, batches, ref, cfg, accelerator)
+        train_round(policy, optimizer, batches, ref, cfg, accelerator)
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     text = prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60)
     shapes = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=15, max_name_column_width=50,
                                                                  max_shapes_column_width=70)
-    Path(path).write_text(f"one dpo.train_round ({len(batches)} batches), top ops by {key}\n{text}\n"
+    Path(path).write_text(f"one train_round ({len(batches)} batches), top ops by {key}\n{text}\n"
                           f"by input shape\n{shapes}\n")
     print(f"torch profile of the update -> {path}", flush=True)
 
@@ -340,8 +342,9 @@ def main() -> None:
     print(f"matmul peak on {device_name}: bf16 {peaks['bf16_tflops']:.4g}, fp32 {peaks['fp32_tflops']:.4g} TFLOP/s",
           flush=True)
 
-    from online_dpo.generate import Sampling
-    from online_dpo.models import load_tokenizer, resolve_model_path
+    from judges.models import resolve_model_path
+    from online_dpo.engines.generate import Sampling
+    from online_dpo.engines.models import load_tokenizer
 
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)

@@ -40,7 +40,6 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -156,9 +155,13 @@ def child_online_dpo(s: Settings, out: Path, workdir: Path) -> None:
     import datasets
     import pyarrow.parquet as pq
 
-    from online_dpo import campaign, dpo
+    from online_dpo import loop
     from online_dpo.config import to_dict
     from online_dpo.rundir import RunDir, read_jsonl
+    from online_dpo.stages import checkpoint as checkpoint_stage
+    from online_dpo.stages import generate as generate_stage
+    from online_dpo.stages import update as update_stage
+    from online_dpo.train.update import accumulation_groups
 
     datasets.disable_progress_bars()
     cfg = _load_cfg(s, str(workdir / "runs"))
@@ -179,21 +182,23 @@ def child_online_dpo(s: Settings, out: Path, workdir: Path) -> None:
                     into.append(dt)
         return wrapper
 
-    # run_campaign looks these up as module globals at call time: wrapping them times the
-    # real code without changing it.
-    campaign.setup = timed("setup", campaign.setup)
-    campaign.baseline = timed("baseline", campaign.baseline)
-    campaign.run_round = timed("rounds", campaign.run_round, round_walls)
+    # The loop and the stages look these up as module globals at call time: wrapping them
+    # where they are looked up times the real code without changing it.
+    loop.setup = timed("setup", loop.setup)
+    loop.baseline = timed("baseline", loop.baseline)
+    loop.run_round = timed("rounds", loop.run_round, round_walls)
     peaks = PeakMarks()
     peaks.mark("imports")
-    for name, stage in (("setup", "setup"), ("baseline", "baseline"), ("stage_generate", "generate"),
-                        ("stage_judge", "judge"), ("stage_pairs", "pairs"), ("reference_pass", "reference"),
-                        ("policy_weights", "sync/checkpoint: state dict"), ("save_checkpoint", "checkpoint")):
-        if hasattr(campaign, name):
-            setattr(campaign, name, peaks.watch(stage, getattr(campaign, name)))
-    dpo.train_round = peaks.watch("update", dpo.train_round)
+    for module, name, stage in ((loop, "setup", "setup"), (loop, "baseline", "baseline"),
+                                (generate_stage, "stage_generate", "generate"), (generate_stage, "stage_judge", "judge"),
+                                (loop, "stage_pairs", "pairs"), (update_stage, "reference_pass", "reference"),
+                                (update_stage, "train_round", "update"),
+                                (update_stage, "policy_weights", "sync/checkpoint: state dict"),
+                                (checkpoint_stage, "policy_weights", "sync/checkpoint: state dict"),
+                                (checkpoint_stage, "save_checkpoint", "checkpoint")):
+        setattr(module, name, peaks.watch(stage, getattr(module, name)))
     t_start = time.perf_counter()
-    campaign.run_campaign(cfg, RunDir(cfg.run_dir))
+    loop.run_campaign(cfg, RunDir(cfg.run_dir))
     total = time.perf_counter() - t_start
 
     stages: dict[str, float] = defaultdict(float)
@@ -212,7 +217,7 @@ def child_online_dpo(s: Settings, out: Path, workdir: Path) -> None:
         steps += len(metrics)
         # pairs seen by those steps: the batches make_batches cuts, cycled as train_round cycles them
         sizes = [min(cfg.dpo.batch_size, funnel["pairs"] - i) for i in range(0, funnel["pairs"], cfg.dpo.batch_size)]
-        groups = dpo.accumulation_groups(len(sizes), cfg.dpo.grad_accum_steps) if sizes else []
+        groups = accumulation_groups(len(sizes), cfg.dpo.grad_accum_steps) if sizes else []
         pair_updates += sum(sum(sizes[i] for i in groups[k % len(groups)]) for k in range(len(metrics)))
         cand = pq.read_table(rdir / "candidates.parquet", columns=["token_ids"]).column("token_ids").to_pylist()
         completions += len(cand)
@@ -258,8 +263,9 @@ def child_trl(s: Settings, out: Path, workdir: Path) -> None:
 
     from judges import load_judge
     from judges.base import PointwiseItem
+    from judges.models import resolve_model_path
     from online_dpo.data import load_prompts
-    from online_dpo.models import load_tokenizer, resolve_model_path
+    from online_dpo.engines.models import load_tokenizer
 
     datasets.disable_progress_bars()
     t_start = time.perf_counter()

@@ -6,25 +6,39 @@ set: it is counted apart, never as a win or a loss.
 """
 
 from judges.base import (
+    BudgetExceeded,
+    FunctionScorer,
+    JudgeError,
+    MissingAPIKey,
+    NotAJudge,
     PairwiseItem,
     PairwiseJudge,
     PointwiseItem,
     PointwiseScorer,
     Score,
     ScorerAsPairwise,
+    UnknownJudgeError,
     Verdict,
+    as_judge,
     as_pairwise,
 )
 from judges.registry import available_judges, load_judge
 
 __all__ = [
+    "BudgetExceeded",
+    "FunctionScorer",
+    "JudgeError",
+    "MissingAPIKey",
+    "NotAJudge",
     "PairwiseItem",
     "PairwiseJudge",
     "PointwiseItem",
     "PointwiseScorer",
     "Score",
     "ScorerAsPairwise",
+    "UnknownJudgeError",
     "Verdict",
+    "as_judge",
     "as_pairwise",
     "available_judges",
     "load_judge",

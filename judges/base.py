@@ -1,4 +1,5 @@
-"""Judge protocols and the records they return.
+"""The whole judge contract: the protocols, the records they return, the optional
+capabilities a campaign looks for, and the errors judges raise.
 
 A judge is anything with `compare` (pairwise) or `score` (pointwise). Both take a
 batch, so API judges can run requests concurrently and local judges can batch on the
@@ -7,8 +8,9 @@ device. Records carry usage (tokens, cost, latency) so a campaign knows what it 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 Winner = Literal["a", "b", "tie"]
 
@@ -43,6 +45,8 @@ class Verdict:
 
     `winner` is None exactly when `error` is set: an error is neither a win nor a loss.
     `prob_a` is the judge's probability that A is better, where it gives one.
+    `position_consistent`: for a judge that asked in both orders, whether the two answers
+    named the same response (None: asked once, or an answer was unusable).
     """
 
     winner: Winner | None
@@ -50,6 +54,7 @@ class Verdict:
     prob_a: float | None = None
     raw: str = ""
     usage: Usage | None = None
+    position_consistent: bool | None = None
 
     def __post_init__(self) -> None:
         if (self.winner is None) == (self.error is None):
@@ -88,6 +93,104 @@ class PointwiseScorer(Protocol):
     def score(self, items: Sequence[PointwiseItem]) -> list[Score]: ...
 
 
+# --- optional capabilities --------------------------------------------------------------
+#
+# A judge may also have these attributes; the campaign reads them through the functions below.
+#   remote: bool      it waits on a remote API, so a campaign judges one slice of a round while
+#                     the next generates (judge.overlap_generation=auto)
+#   stats: JudgeStats running counts (requests, cache hits, tokens, cost, position consistency);
+#                     a round records what it added (`Stats.since`)
+#   protocol          an LLM judge's prompting; `protocol.templates()` names the templates (by
+#                     hash) that produced its verdicts
+
+
+@runtime_checkable
+class Stats(Protocol):
+    def since(self, earlier: Any) -> Any: ...
+
+    def as_dict(self) -> dict: ...
+
+
+def is_remote(judge: object) -> bool:
+    return bool(getattr(judge, "remote", False))
+
+
+def judge_stats(judge: object) -> Stats | None:
+    stats = getattr(judge, "stats", None)
+    return stats if isinstance(stats, Stats) else None
+
+
+def template_hashes(judge: object) -> dict[str, str] | None:
+    protocol = getattr(judge, "protocol", None)
+    return protocol.templates() if protocol is not None else None
+
+
+def check_judge(judge: object, where: str) -> object:
+    """`judge` if it implements a judge protocol, else a `NotAJudge` naming what it lacks."""
+    if isinstance(judge, (PairwiseJudge, PointwiseScorer)):
+        return judge
+    methods = [m for m in ("compare", "score") if callable(getattr(judge, m, None))]
+    lacks = "`name` attribute" if methods else "compare(items) or score(items) method"
+    raise NotAJudge(f"{where} gave a {type(judge).__name__}, which is not a judge: it has no {lacks}. "
+                    f"A judge has `name` and compare(list[PairwiseItem]) -> list[Verdict] or "
+                    f"score(list[PointwiseItem]) -> list[Score] (see judges/base.py)")
+
+
+class FunctionScorer:
+    """A pointwise scorer from a plain function `fn(prompt, response, reference) -> float`.
+    An exception, None or a non-finite number is that response's judge error, counted apart."""
+
+    def __init__(self, fn: Callable[[str, str, str | None], float], name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def score(self, items: Sequence[PointwiseItem]) -> list[Score]:
+        out = []
+        for it in items:
+            try:
+                value = self.fn(it.prompt, it.response, it.reference)
+            except Exception as e:  # noqa: BLE001 - a user's function failing on one response is that response's error
+                out.append(Score(None, error=f"{type(e).__name__}: {e}"))
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            out.append(Score(float(value)) if ok else Score(None, error=f"{self.name} returned {value!r}, not a number"))
+        return out
+
+
+def as_judge(obj: object, where: str = "judge") -> PairwiseJudge | PointwiseScorer:
+    """A judge object as it is, or a plain scoring function wrapped as a `FunctionScorer`."""
+    if isinstance(obj, type):
+        raise NotAJudge(f"{where} is the class {obj.__name__}; pass an instance of it, e.g. {obj.__name__}()")
+    if callable(obj) and not any(callable(getattr(obj, m, None)) for m in ("compare", "score")):
+        return FunctionScorer(obj)
+    return check_judge(obj, where)
+
+
+# --- errors judges raise (the CLI prints each as one line) ----------------------------------
+
+class JudgeError(Exception):
+    """Base of the errors below."""
+
+
+class UnknownJudgeError(JudgeError, KeyError):
+    """judge.name names no judge; the message lists the ones there are."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; this one is meant to be read
+        return str(self.args[0])
+
+
+class NotAJudge(JudgeError, TypeError):
+    """A loaded plugin that implements neither judge protocol."""
+
+
+class MissingAPIKey(JudgeError, RuntimeError):
+    """An API judge whose key variable is not set."""
+
+
+class BudgetExceeded(JudgeError, RuntimeError):
+    """A paid judge reached its max_calls / max_cost: the campaign stops, nothing paid is lost."""
+
+
 class ScorerAsPairwise:
     """Pairwise judge from a pointwise scorer: the higher score wins.
 
@@ -124,4 +227,4 @@ def as_pairwise(judge: PairwiseJudge | PointwiseScorer) -> PairwiseJudge:
         return judge
     if isinstance(judge, PointwiseScorer):
         return ScorerAsPairwise(judge)
-    raise TypeError(f"{type(judge).__name__} has neither compare() nor score(); it is not a judge")
+    raise NotAJudge(f"{type(judge).__name__} has neither compare() nor score(); it is not a judge")

@@ -164,12 +164,13 @@ class BothOrders:
         prob = sum(probs) / len(probs) if probs else None
         if first.winner == second.winner:
             self.stats.consistent += 1
-            return Verdict(first.winner, prob_a=prob, raw=raw, usage=usage)
+            return Verdict(first.winner, prob_a=prob, raw=raw, usage=usage, position_consistent=True)
         self.stats.inconsistent += 1
         if self.on_disagreement == "drop":
             self.stats.errors["position_inconsistent"] += 1
-            return Verdict.failed("position_inconsistent: the verdict flipped with the order", raw=raw, usage=usage)
-        return Verdict("tie", prob_a=prob, raw=raw, usage=usage)
+            return Verdict(None, "position_inconsistent: the verdict flipped with the order", raw=raw, usage=usage,
+                           position_consistent=False)
+        return Verdict("tie", prob_a=prob, raw=raw, usage=usage, position_consistent=False)
 
 
 def _sum_usage(*usages: Usage | None) -> Usage:

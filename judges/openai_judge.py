@@ -22,20 +22,12 @@ import time
 from pathlib import Path
 from typing import Literal, Sequence
 
-from judges.base import PairwiseItem, PointwiseItem, Score, Usage, Verdict
+from judges.base import BudgetExceeded, MissingAPIKey, PairwiseItem, PointwiseItem, Score, Usage, Verdict
 from judges.cache import JudgeCache, cache_root, request_key
 from judges.llm_judge import BothOrders, JudgeStats, Reply, parse_choice, parse_rating, prob_first_from_top
 from judges.templates import load_template
 
 __all__ = ["BudgetExceeded", "MissingAPIKey", "OpenAIJudge", "OpenAIRubricScorer", "parse_choice"]
-
-
-class MissingAPIKey(RuntimeError):
-    pass
-
-
-class BudgetExceeded(RuntimeError):
-    pass
 
 
 def default_cache_path() -> Path:

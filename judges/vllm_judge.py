@@ -16,7 +16,7 @@ class VLLMJudge:
     def __init__(self, model: str = "embedded", template: str | None = None, both_orders: bool = True,
                  on_disagreement: Literal["tie", "drop"] = "tie", max_tokens: int = 4, top_logprobs: int = 5,
                  dtype: str = "auto", kv_cache_gb: float = 0.5, max_model_len: int = 2048):
-        from online_dpo.models import resolve_model_path  # "embedded", a local folder, or a hub id
+        from judges.models import resolve_model_path  # "embedded", a local folder, or a hub id
 
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import torch

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
-
 
 TORCH_COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
 
@@ -39,95 +35,17 @@ def check_torch_companions() -> None:
                 f"pip uninstall -y {' '.join(TORCH_COMPANIONS)}") from None
 
 
-def _process_state():
-    """accelerate's process state (one process, or several under torch.distributed.run /
-    accelerate launch): only the main process creates or changes the run directory."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-class OutOfDiskSpace(RuntimeError):
-    """The disk under the run directory filled up mid-campaign."""
-
-
-def _is_disk_full(error: BaseException | None) -> bool:
-    # safetensors reports a full disk as its own SafetensorError ("... (os error 28)"), not an
-    # OSError, so look at the message too, and down the chain of causes.
-    while error is not None:
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(error) or "os error 28" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
-
-
-def _checkpoint_size(root: Path) -> int:
-    sizes = [sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) for ckpt in root.glob("round_*/checkpoint")]
-    return max(sizes, default=0)
-
-
-def _campaign(cfg, root: Path) -> None:
-    """run_campaign, with a full disk turned into what to do about it: every finished stage
-    is already on disk (each is written to a temp name and renamed), so nothing is lost."""
-    from online_dpo.campaign import run_campaign
-    from online_dpo.rundir import RunDir
-
-    try:
-        run_campaign(cfg, RunDir(root))
-    except Exception as e:
-        if not _is_disk_full(e):
-            raise
-        checkpoint = _checkpoint_size(root)
-        per_round = f" A round's checkpoint here takes {_size(checkpoint)}." if checkpoint else ""
-        raise OutOfDiskSpace(
-            f"no space left on the disk that holds {root} ({_size(shutil.disk_usage(root).free)} free): {e}.{per_round} "
-            f"Every finished stage is saved and the partial write was removed. Free some space "
-            f"(save_checkpoints=last keeps only the newest and the best round's checkpoints), then continue with "
-            f"`online-dpo resume {root}`.") from e
-
-
 def _run(args) -> int:
-    from online_dpo.config import load_config, to_dict
-    from online_dpo.rundir import RunDir
+    from online_dpo.api import run
 
-    cfg = load_config(args.config, args.overrides)
-    state = _process_state()
-    if state.is_main_process:
-        if args.overwrite and cfg.run_dir.exists():
-            import shutil
-
-            shutil.rmtree(cfg.run_dir)
-        RunDir.create(cfg.run_dir, to_dict(cfg), seeds={"campaign": cfg.seed, "data": cfg.data.seed})
-        print(f"run directory: {cfg.run_dir}")
-    state.wait_for_everyone()
-    _campaign(cfg, cfg.run_dir)
+    run(args.config, args.overrides, overwrite=args.overwrite)
     return 0
 
 
 def _resume(args) -> int:
-    from online_dpo.config import ConfigError, load_config, to_dict
-    from online_dpo.rundir import RunDir
+    from online_dpo.api import resume
 
-    root = Path(args.run_dir)
-    if not (root / "manifest.json").exists():
-        raise ConfigError(f"{root} is not a run directory (no manifest.json); start one with `online-dpo run CONFIG`")
-    cfg = load_config(root / "config.yaml", args.overrides)
-    state = _process_state()
-    if state.is_main_process:
-        run = RunDir(root)
-        for path in run.remove_stale_temps():
-            print(f"removed an unfinished write left by the interrupted run: {path}")
-        run.record_resume(to_dict(cfg), args.overrides)  # e.g. rounds=5 extends a finished campaign
-        print(f"resuming {run.root}")
-    state.wait_for_everyone()
-    _campaign(cfg, root)
+    resume(args.run_dir, args.overrides)
     return 0
 
 
@@ -163,7 +81,8 @@ def _judge_eval(args) -> int:
 
 
 def _report(args) -> int:
-    from online_dpo.report import ReportError, build_report
+    from online_dpo.errors import ReportError
+    from online_dpo.report import build_report
 
     try:
         if args.overrides:
@@ -178,8 +97,8 @@ def _report(args) -> int:
 def _inspect(args) -> int:
     from rich.console import Console
 
-    from online_dpo.inspect_round import Filters, inspect, rows_as_json
-    from online_dpo.report import ReportError
+    from online_dpo.errors import ReportError
+    from online_dpo.report.inspect import Filters, inspect, rows_as_json
 
     filters = Filters(order="largest" if args.largest else "smallest" if args.smallest else None, ties=args.ties,
                       errors=args.errors, inconsistent=args.inconsistent, grep=args.grep, limit=args.limit)
@@ -275,29 +194,22 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()  # per-file "Saving the dataset" bars drown the round table
 
-    from online_dpo.config import ConfigError
-    from online_dpo.data import DataError
-    from online_dpo.models import ModelError
-
-    from judges.openai_judge import BudgetExceeded, MissingAPIKey
-    from judges.registry import UnknownJudgeError
-
-    from online_dpo.judge_eval import LabelledPairsError
+    from judges.base import BudgetExceeded, JudgeError
+    from online_dpo.errors import ModelError, OutOfDiskSpace, UserError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, FileExistsError, MissingAPIKey, UnknownJudgeError,
-            LabelledPairsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BudgetExceeded as e:
+    except BudgetExceeded as e:  # before JudgeError, of which it is one
         print(f"stopped: {e}. Every reply already paid for is cached and every finished stage is saved; "
               f"raise judge.options.max_cost / max_calls and continue with `online-dpo resume <run dir> "
               f"judge.options.max_calls=...`.", file=sys.stderr)
         return 3
+    except (UserError, ModelError, FileExistsError, JudgeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except OutOfDiskSpace as e:
         print(f"stopped: {e}", file=sys.stderr)
-        return 4
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -195,9 +195,10 @@ def compare(config_path: str, overrides: list[str], names: list[str], sync_every
     """Run every schedule (resuming any unfinished), check the budgets match, judge the final
     policies head to head, and write compare.json, compare.png and the printed table."""
     from judges import as_pairwise, load_judge
+    from judges.models import resolve_model_path
     from online_dpo.config import load_config
     from online_dpo.data import load_prompts
-    from online_dpo.models import load_tokenizer, resolve_model_path
+    from online_dpo.engines.models import load_tokenizer
     from online_dpo.rundir import write_json
 
     cfg = load_config(config_path, overrides)
@@ -283,7 +284,7 @@ def print_comparison(result: dict, console=None) -> None:
 
 def plot_curves(result: dict, path: Path) -> Path:
     """Accuracy and win rate vs the initial policy against judge calls spent, one line per schedule."""
-    from online_dpo.plots import new_figure, save_png
+    from online_dpo.report.plots import new_figure, save_png
 
     fig, (acc_ax, win_ax) = new_figure(ncols=2)
     for name, s in result["schedules"].items():

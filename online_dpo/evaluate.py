@@ -14,9 +14,7 @@ win if both responses were equally long.
 
 from __future__ import annotations
 
-import ast
 import math
-import re
 from statistics import NormalDist
 from typing import Literal, Sequence
 
@@ -130,29 +128,6 @@ def length_stats(lengths: Sequence[float]) -> dict:
             "max": float(x.max())}
 
 
-_BOTH_ORDERS_RAW = re.compile(r"^AB: (?P<ab>'.*'|\".*\") \| BA: (?P<ba>'.*'|\".*\")$", re.DOTALL)
-
-
-def position_consistent(raw: str) -> bool | None:
-    """Whether a both-orders LLM verdict agreed with itself after swapping A and B.
-
-    Reads the raw text `judges.llm_judge.BothOrders` records ("AB: 'A' | BA: 'B'"); None
-    when the verdict was not judged in both orders or either reply is unreadable.
-    """
-    from judges.llm_judge import parse_choice
-
-    m = _BOTH_ORDERS_RAW.match(raw or "")
-    if not m:
-        return None
-    try:
-        first, second = parse_choice(ast.literal_eval(m["ab"])), parse_choice(ast.literal_eval(m["ba"]))
-    except (ValueError, SyntaxError):
-        return None
-    if first is None or second is None:
-        return None
-    return first == {"a": "b", "b": "a", "tie": "tie"}[second]
-
-
 def correctness(prompts, responses: Sequence[str]) -> list[float] | None:
     """1.0 / 0.0 per response: does its final number match the prompt's reference (None where prompts have none)."""
     if not prompts or any(p.reference is None for p in prompts):
@@ -180,7 +155,7 @@ def comparison_items(prompts, responses_a: Sequence[str], responses_b: Sequence[
     return [{
         "prompt_id": p.id, "prompt": p.text, "reference": p.reference,
         "winner": v.winner, "error": v.error, "prob_a": v.prob_a,
-        "rationale": (v.raw or "")[:RATIONALE_CHARS], "position_consistent": position_consistent(v.raw),
+        "rationale": (v.raw or "")[:RATIONALE_CHARS], "position_consistent": v.position_consistent,
         "chars_a": len(a), "chars_b": len(b),
     } for p, a, b, v in zip(prompts, responses_a, responses_b, verdicts, strict=True)]
 
@@ -193,7 +168,7 @@ def summarize(prompts, responses_a: Sequence[str], responses_b: Sequence[str], v
     usages = [v.usage for v in verdicts if v.usage is not None]
     out["judge_calls"] = sum(u.calls for u in usages)
     out["judge_cost"] = sum(u.cost for u in usages)
-    consistency = [c for c in (position_consistent(v.raw) for v in verdicts) if c is not None]
+    consistency = [v.position_consistent for v in verdicts if v.position_consistent is not None]
     out["position_consistency"] = sum(consistency) / len(consistency) if consistency else None
     return out
 

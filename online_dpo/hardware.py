@@ -171,13 +171,13 @@ SETTINGS = ("threads", "mixed_precision", "generation_dtype", "reference_logps",
 
 def resolve(cfg, hw: Hardware | None = None, environ: dict | None = None) -> Resolution:
     """Every hardware-dependent `auto` of a campaign config (`config.CampaignConfig`)."""
-    from online_dpo.dpo import needs_reference
+    from online_dpo.config.loss_type import LossType
 
     hw = hw or Hardware.detect()
     precision = resolve_mixed_precision(cfg.dpo.mixed_precision, hw)
     dtype = resolve_generation_dtype(cfg.generation.dtype, cfg.generation.backend, hw)
     reference = resolve_reference_logps(
-        cfg.dpo.reference_logps, needs_reference=needs_reference(cfg.dpo.loss), reference=cfg.dpo.reference,
+        cfg.dpo.reference_logps, needs_reference=LossType(cfg.dpo.loss).needs_reference, reference=cfg.dpo.reference,
         backend=cfg.generation.backend, generation_dtype=dtype.value, mixed_precision=precision.value)
     threads = _process_threads if _process_threads is not None and environ is None else resolve_threads(environ)
     return Resolution(hw, threads, precision, dtype, reference,

@@ -11,12 +11,9 @@ import math
 from pathlib import Path
 
 from judges import PairwiseItem, as_pairwise
+from online_dpo.errors import LabelledPairsError
 
 LABELS = {"a", "b", "tie"}
-
-
-class LabelledPairsError(ValueError):
-    pass
 
 
 def read_labelled_pairs(path: str | Path) -> tuple[list[PairwiseItem], list[str]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from online_dpo.config import KTOConfig
-from online_dpo.data import Prompt
+from online_dpo.data.prompts import Prompt
 from online_dpo.pairs import Candidate, judged_candidates
 
 

@@ -28,15 +28,15 @@ campaign selects exactly the same pairs.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 
 from online_dpo.config import PairsConfig
-from online_dpo.data import Prompt
+from online_dpo.data.prompts import Prompt
 from online_dpo.diversity import distance_to_others
+from online_dpo.seeds import stable_seed
 
 # Funnel drop reasons; funnel.json of earlier campaigns uses these exact strings.
 TIE = "tie (margin <= min_margin)"
@@ -185,11 +185,6 @@ def _check(cfg: PairsConfig) -> None:
 def _is_usable(score: float | None) -> bool:
     # NaN would poison max/min and margins silently; treat it like a judge error.
     return score is not None and math.isfinite(score)
-
-
-def stable_seed(*parts: object) -> int:
-    """A stable 31-bit seed from a tuple (Python's hash() is salted per process)."""
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 def _shortest(sc: Scored) -> tuple:

@@ -1,4 +1,5 @@
-"""The run directory: resolved config, manifest of finished stages, per-round artifacts.
+"""The run directory: resolved config, manifest of finished stages, per-round artifacts,
+and the name of every file in it (`RunDir`'s paths, `EvalPaths`, `RoundPaths`).
 
 Every file is written atomically (temp file in the same folder + rename), so a crash
 leaves either the old file or the new one, never half of one. A stage counts as done
@@ -14,6 +15,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator
@@ -85,23 +87,150 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class EvalPaths:
+    """The held-out files of a policy's folder: the initial policy's (baseline/) or a round's."""
+
+    dir: Path
+
+    @property
+    def eval_responses(self) -> Path:
+        return self.dir / "eval_responses.jsonl"  # one row per held-out prompt: prompt_id, text, tokens
+
+    @property
+    def diversity_samples(self) -> Path:
+        return self.dir / "diversity_samples.jsonl"
+
+
+@dataclass(frozen=True)
+class RoundPaths(EvalPaths):
+    """Every file of one round's folder (round_NNN/), in the order the round writes them."""
+
+    @property
+    def prompts(self) -> Path:
+        return self.dir / "prompts.jsonl"
+
+    @property
+    def candidates(self) -> Path:
+        return self.dir / "candidates.parquet"
+
+    @property
+    def judgments(self) -> Path:
+        return self.dir / "judgments.parquet"
+
+    @property
+    def pairs(self) -> Path:
+        return self.dir / "pairs"  # a datasets.save_to_disk folder (preference pairs)
+
+    @property
+    def examples(self) -> Path:
+        return self.dir / "examples"  # the same, unpaired (dpo.loss=kto)
+
+    def records(self, objective: str) -> Path:
+        """The fresh training records of the campaign's objective (`Objective.name`): pairs or examples."""
+        return {"pairs": self.pairs, "examples": self.examples}[objective]
+
+    @property
+    def replay(self) -> Path:
+        return self.dir / "replay.jsonl"
+
+    @property
+    def funnel(self) -> Path:
+        return self.dir / "funnel.json"
+
+    @property
+    def reference_logps(self) -> Path:
+        return self.dir / "reference_logps.jsonl"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.dir / "train_metrics.jsonl"
+
+    @property
+    def logp_drift(self) -> Path:
+        return self.dir / "logp_drift.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.dir / "checkpoint"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.dir / "eval.json"
+
+
+ROUND_PREFIX = "round_"
+MANIFEST = "manifest.json"
+
+
 class RunDir:
+    """A run directory. `RunDir(root)` only reads manifest.json (when there is one) and creates
+    nothing, so the report can open a run that is still running, or one that is not a run."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.manifest_path = self.root / "manifest.json"
+        self.manifest_path = self.root / MANIFEST
         self.manifest: dict = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
+
+    # --- file names: every path of the run directory is spelled here -----------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data_json(self) -> Path:
+        return self.root / "data.json"  # what the prompt source held (data.SourceReport)
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def best_link(self) -> Path:
+        return self.root / "best"  # -> round_NNN/checkpoint of the best round
+
+    @property
+    def baseline(self) -> EvalPaths:
+        return EvalPaths(self.root / "baseline")
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    def plot_png(self, name: str) -> Path:
+        return self.plots_dir / f"{name}.png"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def trackers_dir(self) -> Path:
+        return self.root / "trackers"
+
+    def round_dir(self, r: int) -> Path:
+        return self.root / f"{ROUND_PREFIX}{r:03d}"
+
+    def round_paths(self, r: int) -> RoundPaths:
+        return RoundPaths(self.round_dir(r))
+
+    def rounds_on_disk(self) -> list[int]:
+        """The numbers of the round folders that exist, sorted."""
+        found = (p.name[len(ROUND_PREFIX):] for p in self.root.glob(f"{ROUND_PREFIX}*") if p.is_dir())
+        return sorted(int(n) for n in found if n.isdigit())
 
     @classmethod
     def create(cls, root: Path, config: dict, seeds: dict) -> "RunDir":
         root = Path(root)
-        if (root / "manifest.json").exists():
+        if (root / MANIFEST).exists():
             raise FileExistsError(
                 f"{root} already holds a run; continue it with `online-dpo resume {root}` "
                 f"or choose another name (name=...)"
             )
         run = cls(root)
         run.root.mkdir(parents=True, exist_ok=True)
-        write_text(run.root / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        write_text(run.config_path, yaml.safe_dump(config, sort_keys=False))
         run.manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seeds": seeds,
                         "versions": package_versions(), "rounds": {}}
         run.save_manifest()
@@ -119,7 +248,7 @@ class RunDir:
 
     def record_resume(self, config: dict, overrides: list[str]) -> None:
         """Save the config a resumed run continues with (e.g. more rounds) and when it resumed."""
-        write_text(self.root / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        write_text(self.config_path, yaml.safe_dump(config, sort_keys=False))
         self.manifest.setdefault("resumes", []).append(
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": overrides, "versions": package_versions()})
         self.save_manifest()
@@ -138,9 +267,6 @@ class RunDir:
 
     def save_manifest(self) -> None:
         write_json(self.manifest_path, self.manifest)
-
-    def round_dir(self, r: int) -> Path:
-        return self.root / f"round_{r:03d}"
 
     def is_done(self, r: int | str, stage: str) -> bool:
         return stage in self.manifest["rounds"].get(str(r), {})

@@ -25,7 +25,7 @@ def last_json_line(stdout: str) -> dict:
 
 @pytest.fixture(scope="session")
 def embedded_model_path() -> str:
-    from online_dpo.models import embedded_model_dir
+    from judges.models import embedded_model_dir
 
     return str(embedded_model_dir())
 
@@ -40,3 +40,17 @@ def module_tmp(tmp_path_factory, request) -> Path:
     yield path
     if request.session.testsfailed == failed_before:
         shutil.rmtree(path, ignore_errors=True)
+
+
+TINY_LLAMA = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def tiny_llama(seed: int = 0, **changes):
+    """The randomly initialised 2-layer Llama (vocabulary 64) the unit tests train: the same
+    weights for the same seed. `changes` override fields of TINY_LLAMA."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **changes}))

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from online_dpo import dpo, lora, training
 from online_dpo.config import DPOConfig, LoRAConfig
+from online_dpo.train import lora, optim
+from online_dpo.train.logps import reference_logps
+from online_dpo.train.packing import make_batches, make_example_batches
+from online_dpo.train.update import train_round
+from tests.conftest import tiny_llama
 
 NUM_PAIRS = 14  # batches of 4, 4, 4, 2 pairs: every one splits over 2 processes
 
@@ -47,9 +50,7 @@ def synthetic_examples(n: int) -> tuple[list[dict], dict[str, list[int]]]:
 def run_scenario(accelerator: Accelerator, scenario: str, out: Path) -> None:
     use_lora, kto = scenario == "lora", scenario == "kto"
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = tiny_llama(0)
     cfg = DPOConfig(beta=0.5, learning_rate=1e-3, epochs=2, batch_size=4, grad_accum_steps=2, warmup_steps=1,
                     lr_schedule="cosine", rpo_alpha=0.0 if kto else 0.2, mixed_precision="no",
                     gradient_checkpointing=use_lora, loss="kto" if kto else "sigmoid")
@@ -60,18 +61,18 @@ def run_scenario(accelerator: Accelerator, scenario: str, out: Path) -> None:
                 if "lora_B" in name:
                     p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     if cfg.gradient_checkpointing:
-        training.enable_gradient_checkpointing(model)
+        optim.enable_gradient_checkpointing(model)
     if kto:
         examples, prompt_ids = synthetic_examples(NUM_PAIRS)
-        batches = dpo.make_example_batches(examples, prompt_ids, cfg, pad_id=0, seed=5,
+        batches, _ = make_example_batches(examples, prompt_ids, cfg, pad_id=0, seed=5,
                                            num_processes=accelerator.num_processes)
     else:
         pairs, prompt_ids = synthetic_pairs(NUM_PAIRS)
-        batches = dpo.make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=5, num_processes=accelerator.num_processes)
-    optimizer = training.build_optimizer(model, cfg)
+        batches, _ = make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=5, num_processes=accelerator.num_processes)
+    optimizer = optim.build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ref = dpo.reference_logps(model, batches, accelerator)
-    metrics = dpo.train_round(model, optimizer, batches, ref, cfg, accelerator)
+    ref = reference_logps(model, batches, accelerator)
+    metrics = train_round(model, optimizer, batches, ref, cfg, accelerator)
 
     (out / f"metrics_rank{accelerator.process_index}.json").write_text(json.dumps(metrics))
     full_state = accelerator.get_state_dict(model)  # on every process (a collective under FSDP)

@@ -102,7 +102,7 @@ def test_diversity_uses_the_policys_own_token_logprobs(finished_run):
 
     from online_dpo.config import load_config
     from online_dpo.data import chat_prompt_ids, load_prompts
-    from online_dpo.models import load_policy, load_tokenizer
+    from online_dpo.engines.models import load_policy, load_tokenizer
 
     root, proc = finished_run
     ev = json.loads((root / "round_001" / "eval.json").read_text())["eval"]
@@ -133,10 +133,10 @@ def test_the_reference_comes_from_generation_and_equals_a_forward_pass(finished_
     from datasets import load_from_disk
 
     from online_dpo.data import chat_prompt_ids
-    from online_dpo.models import load_policy, load_tokenizer
+    from online_dpo.engines.models import load_policy, load_tokenizer
 
     root, proc = finished_run
-    assert "reference log-probs: generation (dpo.reference_logps=auto)" in proc.stderr
+    assert "reference log-probs: generation (reference_logps=auto)" in proc.stderr
     rdir = root / "round_000"
     pairs = {(p["prompt_id"], p["chosen_index"], p["rejected_index"]): p for p in load_from_disk(str(rdir / "pairs"))}
     rows = [json.loads(line) for line in (rdir / "reference_logps.jsonl").read_text().splitlines()]

@@ -17,9 +17,11 @@ import pytest
 import torch
 import yaml
 
-from online_dpo import dpo
+from online_dpo.config import DPOConfig
 from online_dpo.data import chat_prompt_ids
 from online_dpo.pairs import replay_count
+from online_dpo.train.logps import batch_logps
+from online_dpo.train.packing import collate_pairs, encode_pair, make_example_batches
 from tests.conftest import run_python
 
 SMALL = ["rounds=2", "generation.backend=hf", "data.train_prompts_per_round=4", "generation.samples_per_prompt=3",
@@ -58,7 +60,7 @@ def pairs_of(root: Path, r: int) -> list[dict]:
 
 def logps_under(model_dir: str, root: Path, rows: list[dict]) -> list[tuple[float, float]]:
     """(chosen, rejected) summed log-probs of the pairs named by `rows` under the model in `model_dir`."""
-    from online_dpo.models import load_policy, load_tokenizer
+    from online_dpo.engines.models import load_policy, load_tokenizer
 
     tokenizer, model = load_tokenizer(model_dir), load_policy(model_dir).eval()
     by_key = {}
@@ -70,9 +72,9 @@ def logps_under(model_dir: str, root: Path, rows: list[dict]) -> list[tuple[floa
         for row in rows:
             r = 1 if row["replay_from_round"] is None else row["replay_from_round"]
             p = by_key[(r, row["prompt_id"], row["chosen_index"], row["rejected_index"])]
-            enc = dpo.encode_pair(chat_prompt_ids(tokenizer, p["prompt"]), p["chosen_token_ids"],
+            enc = encode_pair(chat_prompt_ids(tokenizer, p["prompt"]), p["chosen_token_ids"],
                                   p["rejected_token_ids"], 192)
-            chosen, rejected = dpo.batch_logps(model, dpo.collate_pairs([enc], tokenizer.pad_token_id))
+            chosen, rejected = batch_logps(model, collate_pairs([enc], tokenizer.pad_token_id))
             out.append((float(chosen), float(rejected)))
     return out
 
@@ -210,7 +212,8 @@ def test_kto_round_of_the_quickstart_labels_every_candidate_by_the_verifier(tmp_
     import pandas as pd
     from datasets import load_from_disk
 
-    from online_dpo.models import load_policy, load_tokenizer, resolve_model_path
+    from judges.models import resolve_model_path
+    from online_dpo.engines.models import load_policy, load_tokenizer
 
     out = tmp_path / "runs"
     proc = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", "name=kto",
@@ -240,10 +243,10 @@ def test_kto_round_of_the_quickstart_labels_every_candidate_by_the_verifier(tmp_
     by_key = {(e["prompt_id"], e["index"]): e for e in examples}
     for row in rows[:3]:
         e = by_key[(row["prompt_id"], row["index"])]
-        batch = dpo.make_example_batches([e], {e["prompt_id"]: chat_prompt_ids(tokenizer, e["prompt"])},
-                                         dpo.DPOConfig(batch_size=1), tokenizer.pad_token_id, seed=0)[0]
+        batch = make_example_batches([e], {e["prompt_id"]: chat_prompt_ids(tokenizer, e["prompt"])},
+                                         DPOConfig(batch_size=1), tokenizer.pad_token_id, seed=0)[0][0]
         with torch.no_grad():
-            (logp,) = dpo.batch_logps(model, batch)
+            (logp,) = batch_logps(model, batch)
         assert row["ref_logp"] == pytest.approx(float(logp), abs=2e-3) and row["label"] == e["label"]
 
     steps = read_jsonl(rdir / "train_metrics.jsonl")

@@ -153,7 +153,7 @@ def test_duplicates_are_skipped_and_counted_or_rejected(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer(embedded_model_path):
-    from online_dpo.models import load_tokenizer
+    from online_dpo.engines.models import load_tokenizer
 
     return load_tokenizer(embedded_model_path)
 
@@ -236,13 +236,13 @@ def test_unreachable_hub_fails_fast_with_a_way_out(monkeypatch):
 def test_hub_that_never_answers_times_out(monkeypatch):
     import huggingface_hub.constants
 
-    from online_dpo import data
+    from online_dpo.data import sources
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)  # accepts connections, never replies
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-    monkeypatch.setattr(data, "HUB_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(sources, "HUB_TIMEOUT_S", 0.5)
     t0 = time.perf_counter()
     try:
         with pytest.raises(DataError, match="hub is unreachable"):

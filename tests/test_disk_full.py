@@ -6,18 +6,18 @@ import errno
 import pytest
 from safetensors import SafetensorError
 
-from online_dpo import campaign, cli
+from online_dpo import cli, loop
 
 
 def _run_with(monkeypatch, tmp_path, error):
-    def fill_the_disk(cfg, run):
+    def fill_the_disk(cfg, run, judge=None):
         # round 0 finished its checkpoint; round 1's write is the one that hits the full disk
         checkpoint = run.round_dir(0) / "checkpoint"
         checkpoint.mkdir(parents=True)
         (checkpoint / "model.safetensors").write_bytes(b"\0" * (3 << 20))
         raise error
 
-    monkeypatch.setattr(campaign, "run_campaign", fill_the_disk)
+    monkeypatch.setattr(loop, "run_campaign", fill_the_disk)
     return cli.main(["run", "configs/quickstart.yaml", f"output_dir={tmp_path}", "name=full"])
 
 

@@ -11,7 +11,7 @@ import socket
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_python
+from tests.conftest import ROOT, run_python, tiny_llama
 
 PROBE = str(ROOT / "tests" / "ddp_probe.py")
 
@@ -26,7 +26,8 @@ def free_port() -> int:
 def probe_runs(module_tmp):
     """(one-process output dir, two-process output dir)."""
     one, two = module_tmp / "one_process", module_tmp / "two_processes"
-    env = {"OMP_NUM_THREADS": "1"}  # two processes on two cores; also the same kernels in both runs
+    # two processes on two cores, and the same kernels in both runs; the probe imports tests.conftest
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = run_python([PROBE, str(one)], timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     done = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -49,11 +50,7 @@ def test_two_processes_train_like_one(probe_runs, scenario):
     assert list(a["weights"]) == list(b["weights"])
     diff = max((a["weights"][k] - b["weights"][k]).abs().max().item() for k in a["weights"])
     assert diff < 1e-5, f"{scenario}: one and two processes differ by {diff}"
-    torch.manual_seed(0)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    initial = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, num_key_value_heads=1)).state_dict()
+    initial = tiny_llama().state_dict()
     moved = max((a["weights"][k] - initial[k]).abs().max().item() for k in initial)
     assert moved > 1e-4, f"{scenario}: the update barely moved the weights ({moved}), the comparison proves nothing"
 

@@ -3,8 +3,22 @@ import math
 import pytest
 import torch
 
-from online_dpo import dpo
-from online_dpo.dpo import collate_pairs, encode_pair, pack_rows, response_logps, sigmoid_dpo_loss
+from online_dpo.train.logps import batch_logps, response_logps, response_token_counts
+from online_dpo.train.losses import (
+    chosen_nll,
+    hinge_loss,
+    ipo_loss,
+    kto_loss,
+    log_odds,
+    logp_drift,
+    orpo_loss,
+    robust_dpo_loss,
+    sigmoid_dpo_loss,
+    simpo_loss,
+)
+from online_dpo.train.packing import collate_pairs, encode_pair, pack_rows, shared_prompt_mask
+from online_dpo.train.update import nll_weight
+from tests.conftest import tiny_llama
 
 
 def test_sigmoid_dpo_loss_matches_hand_computed_values():
@@ -55,8 +69,8 @@ def test_collate_pairs_shares_the_prompt_and_pads_each_row_to_the_longest_pair()
     assert b.rows.input_ids.tolist() == [[7, 8, 1, 2, 3, 4], [9, 5, 6, 0, 0, 0]]
     assert b.rows.position_ids.tolist()[0] == [0, 1, 2, 3, 4, 2]  # the rejected response restarts after the prompt
     assert b.rows.segment.tolist() == [[0, 0, 1, 1, 1, 2], [0, 1, 2, -1, -1, -1]]
-    assert b.rows.num_tokens == 9 and dpo.response_token_counts(b)[0].tolist() == [3, 1]
-    mask = dpo.shared_prompt_mask(b.rows.segment)[0, 0].int().tolist()
+    assert b.rows.num_tokens == 9 and response_token_counts(b)[0].tolist() == [3, 1]
+    mask = shared_prompt_mask(b.rows.segment)[0, 0].int().tolist()
     assert mask[5] == [1, 1, 0, 0, 0, 1]  # rejected sees the prompt and itself, never the chosen tokens
     assert mask[4] == [1, 1, 1, 1, 1, 0]  # chosen sees the prompt and its own earlier tokens
     assert encode_pair([7, 8], [1, 2, 3], [4], max_length=3) == ([7, 8], [1], [4])
@@ -65,14 +79,10 @@ def test_collate_pairs_shares_the_prompt_and_pads_each_row_to_the_longest_pair()
 def test_shared_prompt_rows_give_the_log_probs_of_separate_sequences():
     """A pair's two responses scored in one row equal each (prompt + response) run alone,
     values and gradients, for a padded batch of pairs with prompts of different lengths."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = tiny_llama(num_attention_heads=4, num_key_value_heads=2)
     pairs = [([1, 2, 3], [10, 11, 12, 2], [20, 21, 2]), ([4, 5], [13, 2], [22, 23, 24, 25, 2]), ([6], [7], [8, 9])]
     batch = collate_pairs([encode_pair(p, c, r, 32) for p, c, r in pairs], pad_id=0)
-    chosen, rejected = dpo.batch_logps(model, batch)
+    chosen, rejected = batch_logps(model, batch)
     (chosen.sum() + 2 * rejected.sum()).backward()
     shared_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -91,19 +101,18 @@ def test_shared_prompt_rows_give_the_log_probs_of_separate_sequences():
 
     # an empty response scores 0 (nothing to sum) and leaves the rest of its batch alone
     with torch.no_grad():
-        empty = dpo.batch_logps(model, collate_pairs([([1, 2, 3], [10, 2], []), ([4], [], [])], pad_id=0))
+        empty = batch_logps(model, collate_pairs([([1, 2, 3], [10, 2], []), ([4], [], [])], pad_id=0))
         assert empty[1].tolist() == [0.0, 0.0] and empty[0][1].item() == 0.0
         assert torch.allclose(empty[0][0], alone([1, 2, 3], [10, 2]), atol=1e-5)
 
     # eager attention takes the same mask in additive form
     model.config._attn_implementation = "eager"
     with torch.no_grad():
-        eager_c, eager_r = dpo.batch_logps(model, batch)
+        eager_c, eager_r = batch_logps(model, batch)
     assert torch.allclose(eager_c, exp_c, atol=1e-5) and torch.allclose(eager_r, exp_r, atol=1e-5)
 
 
 def test_conservative_and_robust_dpo_match_hand_computed_values():
-    from online_dpo.dpo import robust_dpo_loss
 
     l_pos = [math.log1p(math.exp(-1.0)), math.log1p(math.exp(2.0))]  # -log sigmoid(x) for x = 1, -2
     l_neg = [math.log1p(math.exp(1.0)), math.log1p(math.exp(-2.0))]  # -log sigmoid(-x)
@@ -117,7 +126,6 @@ def test_conservative_and_robust_dpo_match_hand_computed_values():
 
 
 def test_ipo_and_hinge_match_hand_computed_values():
-    from online_dpo.dpo import hinge_loss, ipo_loss
 
     ipo, rc, rr = ipo_loss(PC, PR, RC, RR, beta=0.5)
     assert ipo.tolist() == [1.0, 25.0]  # (2 - 1)^2, (-4 - 1)^2 with 1/(2 beta) = 1
@@ -127,13 +135,11 @@ def test_ipo_and_hinge_match_hand_computed_values():
 
 
 def test_chosen_nll_is_per_token():
-    from online_dpo.dpo import chosen_nll
 
     assert chosen_nll(torch.tensor([-6.0, -3.0]), torch.tensor([3, 0])).tolist() == [2.0, 3.0]  # 0 tokens -> 1
 
 
 def test_simpo_matches_hand_computed_values():
-    from online_dpo.dpo import simpo_loss
 
     # per-token averages; beta 2, gamma 0.5: x = 2·(-1 - -2) - 0.5 = 1.5 and 2·(-2 - -1.5) - 0.5 = -1.5
     losses, rew_c, rew_r = simpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.5]), beta=2.0, gamma=0.5)
@@ -146,7 +152,6 @@ def test_simpo_matches_hand_computed_values():
 
 
 def test_orpo_matches_hand_computed_values():
-    from online_dpo.dpo import orpo_loss
 
     # p_chosen = 0.5 -> odds 1, log odds 0; p_rejected = 0.2 -> odds 0.25; log odds ratio = log 4
     # -log σ(log 4) = log(1 + 1/4) = log 1.25; NLL = -log 0.5; loss = log 2 + 0.1·log 1.25
@@ -160,7 +165,6 @@ def test_orpo_matches_hand_computed_values():
 
 
 def test_log_odds_is_stable_near_probability_one():
-    from online_dpo.dpo import log_odds
 
     x = torch.tensor([-1e-3, -1e-5, 0.0], requires_grad=True)
     lo = log_odds(x)
@@ -174,7 +178,6 @@ def test_log_odds_is_stable_near_probability_one():
 
 
 def test_kto_matches_hand_computed_values_and_detaches_the_reference_point():
-    from online_dpo.dpo import kto_loss
 
     # r = policy - ref = [1, -1, 0]; mean 0 -> z0 = 0
     pol = torch.tensor([-1.0, -3.0, -2.0], requires_grad=True)
@@ -196,57 +199,22 @@ def test_kto_matches_hand_computed_values_and_detaches_the_reference_point():
     assert z_neg.item() == 0.0
 
 
-def test_needs_reference_and_the_config_check():
+def test_loss_types_say_what_each_loss_needs_and_the_config_check():
     import pytest
 
     from online_dpo.config import ConfigError, load_config
-    from online_dpo.dpo import needs_reference
+    from online_dpo.config.loss_type import LossType
 
-    assert needs_reference("sigmoid") and needs_reference("ipo")
-    assert not needs_reference("simpo") and not needs_reference("orpo")
-    assert needs_reference("kto")  # KTO compares with a reference, on unpaired examples
-    with pytest.raises(ValueError, match="unknown dpo.loss"):
-        needs_reference("cpo")
+    assert LossType("sigmoid").needs_reference and LossType("ipo").needs_reference
+    assert not LossType("simpo").needs_reference and not LossType("orpo").needs_reference
+    assert LossType("kto").needs_reference  # KTO compares with a reference, on unpaired examples
+    assert [t.value for t in LossType if t.unpaired] == ["kto"]
+    assert [t.value for t in LossType if t.nll_by_default] == ["sigmoid", "robust", "ipo", "hinge"]
+    with pytest.raises(ValueError, match="unknown dpo.loss 'sigmod'; did you mean 'sigmoid'"):
+        LossType("sigmod")
+    with pytest.raises(ConfigError, match="did you mean 'sigmoid'"):
+        load_config(None, ["dpo.loss=sigmod"])
     assert load_config(None, ["dpo.loss=simpo", "dpo.simpo_gamma=1.0"]).dpo.simpo_gamma == 1.0
-    with pytest.raises(ConfigError, match="reference-free"):
-        load_config(None, ["dpo.loss=orpo", "dpo.reference=initial"])
-    with pytest.raises(ConfigError, match="dpo.orpo_lambda"):
-        load_config(None, ["dpo.loss=orpo", "dpo.orpo_lambda=-1"])
-
-
-def test_reference_from_generation_sums_the_scored_tokens_in_batch_order():
-    # three pairs in batch order; pair 1's responses were cut to 2 tokens (room 2), as the update cuts them
-    responses = [([-0.5, -0.25], [-1.0]), ([-0.125, -0.5, -4.0], [-2.0, -0.75, -9.0]), ([-3.0], [-0.0625, -0.0625])]
-    ref = dpo.reference_from_generation(responses, rooms=[10, 2, 10], batch_size=2)
-    assert len(ref) == 2 and all(len(parts) == 2 for parts in ref)  # (chosen [B], rejected [B]) per batch
-    assert ref[0][0].tolist() == [-0.75, -0.625] and ref[0][1].tolist() == [-1.0, -2.75]
-    assert ref[1][0].tolist() == [-3.0] and ref[1][1].tolist() == [-0.125]
-    assert ref[0][0].dtype == torch.float32
-    kto = dpo.reference_from_generation([([-1.0, -1.0],), ([-0.5],)], rooms=[1, 5], batch_size=4)
-    assert len(kto) == 1 and len(kto[0]) == 1 and kto[0][0].tolist() == [-1.0, -0.5]
-
-
-def test_reference_source_takes_generation_log_probs_only_where_they_equal_a_forward_pass():
-    import pytest
-
-    from online_dpo.config import ConfigError, load_config
-    from online_dpo.hardware import Hardware, resolve
-
-    avx2 = Hardware("cpu", fast_bf16=False, cpu_capability="AVX2", cpu_bf16_flags=(), cores=2)
-
-    def source(overrides, precision="no"):
-        cfg = load_config(None, ["generation.dtype=float32", f"dpo.mixed_precision={precision}", *overrides])
-        return resolve(cfg, avx2, environ={}).reference_logps.value
-
-    assert source([]) == "generation"  # refreshed reference, float32 vLLM, float32 update
-    assert source(["dpo.loss=kto"]) == "generation"
-    assert source([], precision="bf16") == "forward"  # bf16 on one side: step 0's log-ratio would be noise
-    assert source(["generation.dtype=bfloat16"]) == "forward"
-    assert source(["dpo.reference=initial"]) == "forward"  # the generator does not hold the round-0 model
-    assert source(["generation.backend=hf"]) == "forward"
-    assert source(["generation.backend=hf", "dpo.reference_logps=generation"]) == "generation"
-    assert source(["dpo.reference_logps=forward"]) == "forward"
-    assert source(["dpo.loss=simpo"]) == "none"
     with pytest.raises(ConfigError, match="refreshed reference only"):
         load_config(None, ["dpo.reference=initial", "dpo.reference_logps=generation"])
 
@@ -254,15 +222,15 @@ def test_reference_source_takes_generation_log_probs_only_where_they_equal_a_for
 def test_logp_drift_is_the_mean_change_per_kind_of_response_over_all_batches():
     before = [(torch.tensor([-10.0, -20.0]), torch.tensor([-30.0, -40.0])), (torch.tensor([-5.0]), torch.tensor([-6.0]))]
     after = [(torch.tensor([-11.0, -18.0]), torch.tensor([-35.0, -49.0])), (torch.tensor([-8.0]), torch.tensor([-6.0]))]
-    chosen, rejected = dpo.logp_drift(before, after)
+    chosen, rejected = logp_drift(before, after)
     assert chosen == pytest.approx((-1.0 + 2.0 - 3.0) / 3) and rejected == pytest.approx((-5.0 - 9.0 + 0.0) / 3)
 
 
 def test_rpo_alpha_auto_adds_the_chosen_nll_to_reference_based_pair_losses_only():
     from online_dpo.config import DPOConfig, load_config
 
-    assert [dpo.nll_weight(DPOConfig(loss=loss)) for loss in ("sigmoid", "robust", "ipo", "hinge")] == [1.0] * 4
-    assert [dpo.nll_weight(DPOConfig(loss=loss)) for loss in ("simpo", "orpo", "kto")] == [0.0] * 3
-    assert dpo.nll_weight(DPOConfig(loss="sigmoid", rpo_alpha=0.0)) == 0.0
-    assert dpo.nll_weight(DPOConfig(loss="ipo", rpo_alpha=0.25)) == 0.25
+    assert [nll_weight(DPOConfig(loss=loss)) for loss in ("sigmoid", "robust", "ipo", "hinge")] == [1.0] * 4
+    assert [nll_weight(DPOConfig(loss=loss)) for loss in ("simpo", "orpo", "kto")] == [0.0] * 3
+    assert nll_weight(DPOConfig(loss="sigmoid", rpo_alpha=0.0)) == 0.0
+    assert nll_weight(DPOConfig(loss="ipo", rpo_alpha=0.25)) == 0.25
     assert load_config("configs/quickstart.yaml", ["dpo.loss=kto"]).dpo.loss == "kto"  # auto needs no rpo_alpha=0

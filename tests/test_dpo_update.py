@@ -4,18 +4,17 @@ DPO objective moves the policy toward the chosen response."""
 import pytest
 import torch
 
-from online_dpo import dpo
 from online_dpo.config import DPOConfig
+from online_dpo.train.logps import batch_logps, reference_logps, response_token_counts
+from online_dpo.train.losses import kto_loss
+from online_dpo.train.packing import collate_pairs, encode_pair, make_example_batches
+from online_dpo.train.update import KTO_METRICS, train_round
+from tests.conftest import tiny_llama
 
 
 @pytest.fixture
 def tiny_policy():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama()
 
 
 @pytest.mark.parametrize("loss,extra", [("sigmoid", {}), ("sigmoid", {"label_smoothing": 0.1}),
@@ -28,14 +27,14 @@ def test_every_loss_raises_the_chosen_margin(tiny_policy, loss, extra):
     cfg = DPOConfig(loss=loss, beta=0.5, learning_rate=1e-2, epochs=1, max_steps=8, batch_size=2,
                     mixed_precision="no", **extra)
     pairs = [([1, 2, 3], [10, 11, 12, 2], [20, 21, 2]), ([4, 5], [13, 14, 2], [22, 23, 24, 2])]
-    batches = [dpo.collate_pairs([dpo.encode_pair(p, c, r, 32) for p, c, r in pairs], pad_id=0)]
-    ref = dpo.reference_logps(tiny_policy, batches, accelerator)
+    batches = [collate_pairs([encode_pair(p, c, r, 32) for p, c, r in pairs], pad_id=0)]
+    ref = reference_logps(tiny_policy, batches, accelerator)
     optimizer = torch.optim.AdamW(tiny_policy.parameters(), lr=cfg.learning_rate)
-    metrics = dpo.train_round(tiny_policy, optimizer, batches, ref, cfg, accelerator)
+    metrics = train_round(tiny_policy, optimizer, batches, ref, cfg, accelerator)
     assert len(metrics) == 8
     assert {"loss", "reward_margin", "pair_accuracy", "chosen_logps", "grad_norm", "lr"} <= set(metrics[0])
     with torch.no_grad():
-        chosen, rejected = dpo.batch_logps(tiny_policy, batches[0])
+        chosen, rejected = batch_logps(tiny_policy, batches[0])
     margin_after = (chosen - rejected) - (ref[0][0] - ref[0][1])
     assert (margin_after > 0).all(), f"{loss}: the policy did not come to prefer the chosen responses"
     if extra.get("rpo_alpha"):
@@ -50,18 +49,18 @@ def test_reference_free_losses_train_without_a_reference(tiny_policy, loss, extr
     accelerator = Accelerator(cpu=True)
     cfg = DPOConfig(loss=loss, learning_rate=1e-2, epochs=1, max_steps=8, batch_size=2, mixed_precision="no", **extra)
     pairs = [([1, 2, 3], [10, 11, 12, 2], [20, 21, 2]), ([4, 5], [13, 14, 2], [22, 23, 24, 2])]
-    batches = [dpo.collate_pairs([dpo.encode_pair(p, c, r, 32) for p, c, r in pairs], pad_id=0)]
-    count_c, count_r = dpo.response_token_counts(batches[0])
+    batches = [collate_pairs([encode_pair(p, c, r, 32) for p, c, r in pairs], pad_id=0)]
+    count_c, count_r = response_token_counts(batches[0])
     assert count_c.tolist() == [4, 3] and count_r.tolist() == [3, 4]
 
     def average_margin():
         with torch.no_grad():
-            chosen, rejected = dpo.batch_logps(tiny_policy, batches[0])
+            chosen, rejected = batch_logps(tiny_policy, batches[0])
         return chosen / count_c - rejected / count_r
 
     before = average_margin()
     optimizer = torch.optim.AdamW(tiny_policy.parameters(), lr=cfg.learning_rate)
-    metrics = dpo.train_round(tiny_policy, optimizer, batches, None, cfg, accelerator)  # ref=None: no reference pass
+    metrics = train_round(tiny_policy, optimizer, batches, None, cfg, accelerator)  # ref=None: no reference pass
     assert len(metrics) == 8
     assert {"loss", "reward_margin", "pair_accuracy", "chosen_logps", "rejected_logps", "grad_norm", "lr",
             "train_tokens_per_s"} <= set(metrics[0])
@@ -76,10 +75,10 @@ def test_reference_free_losses_train_without_a_reference(tiny_policy, loss, extr
 def test_reference_based_loss_without_reference_is_an_error(tiny_policy):
     from accelerate import Accelerator
 
-    batches = [dpo.collate_pairs([dpo.encode_pair([1, 2], [10, 2], [20, 2], 32)], pad_id=0)]
+    batches = [collate_pairs([encode_pair([1, 2], [10, 2], [20, 2], 32)], pad_id=0)]
     optimizer = torch.optim.AdamW(tiny_policy.parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="needs reference log-probs"):
-        dpo.train_round(tiny_policy, optimizer, batches, None, DPOConfig(loss="sigmoid", mixed_precision="no"),
+        train_round(tiny_policy, optimizer, batches, None, DPOConfig(loss="sigmoid", mixed_precision="no"),
                         Accelerator(cpu=True))
 
 
@@ -94,30 +93,30 @@ def test_kto_raises_desirable_and_lowers_undesirable_examples(tiny_policy):
                 {"prompt_id": "p", "completion_token_ids": [20, 21, 2], "label": False},
                 {"prompt_id": "q", "completion_token_ids": [13, 14, 2], "label": True},
                 {"prompt_id": "q", "completion_token_ids": [22, 23, 24, 2], "label": False}]
-    batches = dpo.make_example_batches(examples, {"p": [1, 2, 3], "q": [4, 5]}, cfg, pad_id=0, seed=3)
+    batches, _ = make_example_batches(examples, {"p": [1, 2, 3], "q": [4, 5]}, cfg, pad_id=0, seed=3)
     assert len(batches) == 1 and batches[0].num_items == 4
     batch = batches[0]
     # each row is its example: the prompt then the response, the response mask on the response only
     desirable = batch.desirable.tolist()
     assert sorted(desirable) == [False, False, True, True]
-    ref = dpo.reference_logps(tiny_policy, batches, accelerator)
+    ref = reference_logps(tiny_policy, batches, accelerator)
     assert len(ref[0]) == 1 and ref[0][0].shape == (4,)
     with pytest.raises(ValueError, match="ExampleBatch"):
-        dpo.train_round(tiny_policy, torch.optim.SGD(tiny_policy.parameters(), lr=0.0), batches, ref,
+        train_round(tiny_policy, torch.optim.SGD(tiny_policy.parameters(), lr=0.0), batches, ref,
                         DPOConfig(loss="sigmoid"), accelerator)
     optimizer = torch.optim.AdamW(tiny_policy.parameters(), lr=cfg.learning_rate)
-    metrics = dpo.train_round(tiny_policy, optimizer, batches, ref, cfg, accelerator,
+    metrics = train_round(tiny_policy, optimizer, batches, ref, cfg, accelerator,
                               kto=KTOConfig(desirable_weight=1.0, undesirable_weight=1.0))
     assert len(metrics) == 8
     first = metrics[0]
-    assert set(dpo.KTO_METRICS) | {"reward_margin", "grad_norm", "lr"} <= set(first)
+    assert set(KTO_METRICS) | {"reward_margin", "grad_norm", "lr"} <= set(first)
     # before the first step the policy is the reference: every reward and the KL are 0
     assert first["desirable_reward"] == pytest.approx(0, abs=1e-5) and first["kl"] == pytest.approx(0, abs=1e-5)
     # the loss at r = z0 = 0 is 1 - σ(0) = 0.5 for every example
     assert first["loss"] == pytest.approx(0.5, abs=1e-5)
     assert metrics[-1]["reward_margin"] > 0 and metrics[-1]["loss"] < first["loss"]
     with torch.no_grad():
-        (after,) = dpo.batch_logps(tiny_policy, batch)
+        (after,) = batch_logps(tiny_policy, batch)
     moved = after - ref[0][0]
     good = batch.desirable
     assert (moved[good] > 0).all() and (moved[~good] < 0).all()
@@ -126,7 +125,7 @@ def test_kto_raises_desirable_and_lowers_undesirable_examples(tiny_policy):
 def test_kto_loss_with_a_given_reference_point():
     pol, ref = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0])
     desirable = torch.tensor([True, False])
-    losses, rewards, z0 = dpo.kto_loss(pol, ref, desirable, beta=2.0, z0=torch.tensor(0.25))
+    losses, rewards, z0 = kto_loss(pol, ref, desirable, beta=2.0, z0=torch.tensor(0.25))
     # r = [1, -1]; desirable: 1 - σ(2·(1 - 0.25)) ; undesirable: 1 - σ(2·(0.25 - (-1)))
     expected = [1 - 1 / (1 + torch.exp(torch.tensor(-1.5))), 1 - 1 / (1 + torch.exp(torch.tensor(-2.5)))]
     assert torch.allclose(losses, torch.stack(expected))

@@ -12,7 +12,6 @@ from online_dpo.evaluate import (
     evaluate_round,
     length_controlled_win_rate,
     length_stats,
-    position_consistent,
     wilson_interval,
     win_rate,
 )
@@ -147,12 +146,21 @@ def test_length_stats():
     assert math.isnan(length_stats([])["mean"])
 
 
-def test_position_consistency_is_read_from_both_orders_text():
-    assert position_consistent("AB: 'A' | BA: 'B'") is True  # A first, then (swapped) B: same response
-    assert position_consistent("AB: 'A' | BA: 'A'") is False  # the first slot won both times
-    assert position_consistent("AB: 'TIE' | BA: 'tie'") is True
-    assert position_consistent("score_a=1.0 score_b=0.0") is None
-    assert position_consistent("AB: 'A' | BA: 'no idea'") is None
+def test_both_orders_verdicts_say_whether_the_two_answers_agreed():
+    from judges.llm_judge import BothOrders, JudgeStats, Reply
+
+    def verdicts(*replies: str, on_disagreement="tie"):
+        protocol = BothOrders(JudgeStats(), on_disagreement=on_disagreement)
+        return [protocol._combine([Reply(first), Reply(second)]) for first, second in replies]
+
+    agreed, flipped, tied, unreadable = verdicts(("A", "B"), ("A", "A"), ("TIE", "tie"), ("A", "no idea"))
+    assert (agreed.winner, agreed.position_consistent) == ("a", True)  # A first, then (swapped) B: same response
+    assert (flipped.winner, flipped.position_consistent) == ("tie", False)  # the first slot won both times
+    assert (tied.winner, tied.position_consistent) == ("tie", True)
+    assert unreadable.error and unreadable.position_consistent is None
+    (dropped,) = verdicts(("A", "A"), on_disagreement="drop")
+    assert dropped.winner is None and dropped.position_consistent is False
+    assert Verdict("a", raw="score_a=1.0 score_b=0.0").position_consistent is None  # asked once
 
 
 class ScriptedJudge:
@@ -174,9 +182,9 @@ def test_evaluate_round_keeps_every_verdict_and_is_json_ready():
     prev = ["1", "2", "x", "5"]
     usage = Usage(prompt_tokens=10, completion_tokens=1, cost=0.01, calls=2)
     table = {
-        ("1", "0"): Verdict("a", raw="AB: 'A' | BA: 'B'", usage=usage),
-        ("the answer is 3", "2"): Verdict("tie", raw="AB: 'A' | BA: 'A'", usage=usage),
-        ("3", "3"): Verdict("tie", raw="AB: 'TIE' | BA: 'TIE'", usage=usage),
+        ("1", "0"): Verdict("a", raw="AB: 'A' | BA: 'B'", usage=usage, position_consistent=True),
+        ("the answer is 3", "2"): Verdict("tie", raw="AB: 'A' | BA: 'A'", usage=usage, position_consistent=False),
+        ("3", "3"): Verdict("tie", raw="AB: 'TIE' | BA: 'TIE'", usage=usage, position_consistent=True),
         ("5", "4"): Verdict.failed("timeout", usage=usage),
         ("1", "1"): Verdict("tie"), ("3", "x"): Verdict("a"), ("5", "5"): Verdict("b"),
     }

@@ -1,6 +1,7 @@
 import pytest
 
-from online_dpo.models import ModelError, load_tokenizer, resolve_model_path
+from judges.models import ModelError, resolve_model_path
+from online_dpo.engines.models import load_tokenizer
 
 
 def test_embedded_model_is_a_plain_safetensors_folder(embedded_model_path):
@@ -35,8 +36,8 @@ def test_hf_backend_batches_prompts_of_different_lengths_reproducibly(embedded_m
     import torch
 
     from online_dpo.data import Prompt, chat_prompt_ids
-    from online_dpo.generate import HFGenerator, Sampling
-    from online_dpo.models import load_policy
+    from online_dpo.engines.generate import HFGenerator, Sampling
+    from online_dpo.engines.models import load_policy
 
     tokenizer, model = load_tokenizer(embedded_model_path), load_policy(embedded_model_path)
     prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": f"Add {i} and {i + 3}." + " Please." * (3 * i)}])
@@ -69,7 +70,7 @@ def test_hf_backend_batches_prompts_of_different_lengths_reproducibly(embedded_m
 def test_auto_kv_cache_holds_the_largest_call_at_once_within_the_cap():
     from types import SimpleNamespace
 
-    from online_dpo.generate import kv_cache_bytes
+    from online_dpo.engines.generate import kv_cache_bytes
 
     # SmolLM2-135M's shape: 30 layers, 3 KV heads of 64 -> 2*30*3*64*4 = 46,080 bytes per fp32 token
     shape = SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, num_attention_heads=9, hidden_size=576)

@@ -11,9 +11,11 @@ from judges.base import Score
 from online_dpo import campaign
 from online_dpo.config import CampaignConfig, to_dict
 from online_dpo.data import Prompt
-from online_dpo.generate import Completion
+from online_dpo.engines.generate import Completion
+from online_dpo.objectives import build_objective
 from online_dpo.rundir import RunDir, read_parquet
-
+from online_dpo.stages import generate as generate_stage
+from online_dpo.stages import judge as judge_stage
 
 GUARD_S = 120
 
@@ -65,16 +67,17 @@ def make_campaign(tmp_path, overlap="auto"):
     from online_dpo.hardware import Hardware, resolve
 
     resolved = resolve(cfg, Hardware("cpu", False, "AVX2", (), 2), environ={})  # stages read the reference source
-    c = campaign.Campaign(cfg, run, None, None, None, judge, None, None, generator, None, resolved, "unused")
+    c = campaign.Campaign(cfg, run, None, None, None, judge, None, None, generator, None, resolved, "unused",
+                          build_objective(cfg))
     prompts = [Prompt(id=f"p{i}", messages=[{"role": "user", "content": f"question {i}"}]) for i in range(7)]
     return c, prompts, run
 
 
 def test_a_remote_judge_scores_each_slice_while_the_next_generates(tmp_path):
     c, prompts, run = make_campaign(tmp_path)
-    assert campaign.overlaps_judging(c)
+    assert generate_stage.overlaps_judging(c)
     timings: dict = {}
-    candidates, scores = campaign.stage_generate_while_judging(c, 0, prompts, timings)
+    candidates, scores = generate_stage.stage_generate_while_judging(c, 0, prompts, timings)
 
     # 7 prompts in 3 slices (3, 3, 1), each with its own seed, in order
     assert [ids for ids, _ in c.generator.calls] == [["p0", "p1", "p2"], ["p3", "p4", "p5"], ["p6"]]
@@ -92,13 +95,13 @@ def test_a_remote_judge_scores_each_slice_while_the_next_generates(tmp_path):
     # a resumed round (generation saved, judging not) reads the candidates back and judges them
     # in the foreground, without generating again
     run.manifest["rounds"]["0"].pop("judge")
-    again_scores = campaign.stage_judge(c, 0, prompts, campaign.stage_generate(c, 0, prompts))
+    again_scores = judge_stage.stage_judge(c, 0, prompts, generate_stage.stage_generate(c, 0, prompts))
     assert again_scores == scores and len(c.generator.calls) == 3
 
 
 def test_overlap_off_or_a_local_judge_keeps_the_stages_apart(tmp_path):
     c, _, _ = make_campaign(tmp_path, overlap=False)
-    assert not campaign.overlaps_judging(c)
+    assert not generate_stage.overlaps_judging(c)
     c.cfg.judge.overlap_generation = "auto"
     c.judge.remote = False  # a local judge (a verifier, a local model) shares the machine: no overlap
-    assert not campaign.overlaps_judging(c)
+    assert not generate_stage.overlaps_judging(c)

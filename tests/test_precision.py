@@ -9,25 +9,24 @@ import copy
 import pytest
 import torch
 
-from online_dpo import dpo
 from online_dpo.config import DPOConfig
+from online_dpo.train.logps import batch_logps, reference_logps
+from online_dpo.train.losses import sigmoid_dpo_loss
+from online_dpo.train.packing import collate_pairs, encode_pair
+from online_dpo.train.update import train_round
+from tests.conftest import tiny_llama
 
 PAIRS = [([1, 2, 3], [10, 11, 12, 2], [20, 21, 2]), ([4, 5], [13, 14, 2], [22, 23, 24, 2])]
 
 
 def tiny_policy():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama()
 
 
 def by_hand(model, batch, precision: str):
     """batch_logps under an explicit torch.autocast in `precision` (what accelerate should apply)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        return dpo.batch_logps(model, batch)
+        return batch_logps(model, batch)
 
 
 @pytest.fixture(params=["no", "bf16"])
@@ -45,13 +44,13 @@ def test_reference_pass_and_one_update_equal_a_hand_computation_in_that_precisio
     precision = accelerator.mixed_precision
     policy = tiny_policy()
     twin = copy.deepcopy(policy)
-    batches = [dpo.collate_pairs([dpo.encode_pair(p, c, r, 32) for p, c, r in PAIRS], pad_id=0)]
+    batches = [collate_pairs([encode_pair(p, c, r, 32) for p, c, r in PAIRS], pad_id=0)]
     # The DPO term alone (rpo_alpha=0): its step-0 loss is exactly log 2 when the reference is the policy itself.
     cfg = DPOConfig(beta=0.5, learning_rate=1e-2, epochs=1, max_steps=1, batch_size=2, mixed_precision=precision,
                     rpo_alpha=0.0)
 
     # The reference pass: the same kernels on the same inputs as the hand computation.
-    ref = dpo.reference_logps(policy, batches, accelerator)
+    ref = reference_logps(policy, batches, accelerator)
     with torch.no_grad():
         hand = by_hand(twin, batches[0], precision)
         float32 = by_hand(twin, batches[0], "no")
@@ -66,10 +65,10 @@ def test_reference_pass_and_one_update_equal_a_hand_computation_in_that_precisio
 
     # One step of train_round against the same step by hand: sigmoid DPO, clipping, AdamW.
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate)
-    metrics = dpo.train_round(policy, optimizer, batches, ref, cfg, accelerator)
+    metrics = train_round(policy, optimizer, batches, ref, cfg, accelerator)
     twin.train()
     chosen, rejected = by_hand(twin, batches[0], precision)
-    losses, _, _ = dpo.sigmoid_dpo_loss(chosen, rejected, *hand, beta=cfg.beta)
+    losses, _, _ = sigmoid_dpo_loss(chosen, rejected, *hand, beta=cfg.beta)
     losses.mean().backward()
     torch.nn.utils.clip_grad_norm_(twin.parameters(), cfg.max_grad_norm)
     hand_optimizer = torch.optim.AdamW(twin.parameters(), lr=cfg.learning_rate)

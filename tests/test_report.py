@@ -11,14 +11,14 @@ from markupsafe import escape
 from PIL import Image
 from rich.console import Console
 
-from online_dpo.inspect_round import (
+from online_dpo.report.inspect import (
     Filters,
     candidate_groups,
     check_filters,
     default_view,
     select,
 )
-from online_dpo.report import COLUMNS, ReportError, RoundView, add_warnings, table_rows, train_summary
+from online_dpo.report.view import COLUMNS, ReportError, RoundView, add_warnings, table_rows, train_summary
 from tests.conftest import run_python
 from tests.report_helpers import copy_run, png_size, tiny_run
 
@@ -297,7 +297,8 @@ def test_filter_rules_are_pure():
 def test_rounds_go_to_an_accelerate_tracker(run_copy):
     from accelerate.tracking import GeneralTracker
 
-    from online_dpo.report import build_report, load_run
+    from online_dpo.report import build_report
+    from online_dpo.report.view import load_run
 
     class Recorder(GeneralTracker):
         name = "recorder"

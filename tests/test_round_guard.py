@@ -6,13 +6,14 @@ import itertools
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
-from online_dpo import dpo, report
 from online_dpo.data import chat_prompt_ids
-from online_dpo.report import best_round, guard_verdict
+from online_dpo.report import view as report_view
+from online_dpo.report.view import best_round, guard_verdict
 from online_dpo.rundir import read_jsonl
+from online_dpo.train.logps import batch_logps
+from online_dpo.train.packing import collate_pairs, encode_pair
 
 
 def test_a_round_is_rejected_only_when_its_whole_interval_is_below_half():
@@ -50,7 +51,7 @@ def run_in_process(out: Path, name: str, extra: list[str], reject: set[int], mon
     """online-dpo run (or resume) in this process, with the guard's rule made to reject the rounds in `reject`."""
     from online_dpo.cli import main
 
-    real = report.guard_verdict
+    real = report_view.guard_verdict
     rounds = itertools.count()  # one verdict per round run, in order
 
     def verdict(ev, against_previous):
@@ -58,7 +59,7 @@ def run_in_process(out: Path, name: str, extra: list[str], reject: set[int], mon
         decided = real(ev, against_previous)
         return {**decided, "accepted": False, "reason": f"made to reject round {r}"} if r in reject else decided
 
-    monkeypatch.setattr(report, "guard_verdict", verdict)
+    monkeypatch.setattr(report_view, "guard_verdict", verdict)
     args = ["run", "configs/quickstart.yaml", f"output_dir={out}", f"name={name}", *TINY, *extra] if command == "run" \
         else ["resume", str(out / name), *extra]
     assert main(args) == 0
@@ -66,7 +67,7 @@ def run_in_process(out: Path, name: str, extra: list[str], reject: set[int], mon
 
 
 def reference_under(checkpoint: Path, rows: list[dict], pairs: list[dict]) -> list[tuple[float, float]]:
-    from online_dpo.models import load_policy, load_tokenizer
+    from online_dpo.engines.models import load_policy, load_tokenizer
 
     tokenizer, model = load_tokenizer(str(checkpoint)), load_policy(str(checkpoint)).eval()
     by_key = {(p["prompt_id"], p["chosen_index"], p["rejected_index"]): p for p in pairs}
@@ -74,8 +75,8 @@ def reference_under(checkpoint: Path, rows: list[dict], pairs: list[dict]) -> li
     with torch.no_grad():
         for row in rows:
             p = by_key[(row["prompt_id"], row["chosen_index"], row["rejected_index"])]
-            enc = dpo.encode_pair(chat_prompt_ids(tokenizer, p["prompt"]), p["chosen_token_ids"], p["rejected_token_ids"], 192)
-            out.append(tuple(float(x) for x in dpo.batch_logps(model, dpo.collate_pairs([enc], tokenizer.pad_token_id))))
+            enc = encode_pair(chat_prompt_ids(tokenizer, p["prompt"]), p["chosen_token_ids"], p["rejected_token_ids"], 192)
+            out.append(tuple(float(x) for x in batch_logps(model, collate_pairs([enc], tokenizer.pad_token_id))))
     return out
 
 

@@ -9,18 +9,13 @@ import math
 import pytest
 import torch
 
-from online_dpo import dpo, lora, training
 from online_dpo.config import DPOConfig, LoRAConfig
-
-LLAMA = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 2, "num_key_value_heads": 1}
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA))
+from online_dpo.train import lora, optim
+from online_dpo.train.logps import batch_logps, reference_logps
+from online_dpo.train.losses import kl_to_reference, sigmoid_dpo_loss, soft_label
+from online_dpo.train.packing import make_batches
+from online_dpo.train.update import train_round
+from tests.conftest import tiny_llama
 
 
 def synthetic_pairs(n: int, tie_every: int = 0):
@@ -46,10 +41,10 @@ def accelerator():
 
 
 def run_update(model, pairs, prompt_ids, cfg, accelerator, optimizer=None, seed=3):
-    batches = dpo.make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=seed)
-    ref = dpo.reference_logps(model, batches, accelerator)
-    optimizer = optimizer or training.build_optimizer(model, cfg)
-    return dpo.train_round(model, optimizer, batches, ref, cfg, accelerator), batches, ref
+    batches, _ = make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=seed)
+    ref = reference_logps(model, batches, accelerator)
+    optimizer = optimizer or optim.build_optimizer(model, cfg)
+    return train_round(model, optimizer, batches, ref, cfg, accelerator), batches, ref
 
 
 def max_param_diff(a, b) -> float:
@@ -65,20 +60,20 @@ RC, RR = torch.tensor([-2.0, -1.0]), torch.tensor([-2.0, -2.0])
 
 def test_soft_labels_match_hand_computed_values():
     # -log sigmoid(1) = 0.313262, -log sigmoid(-1) = 1.313262, -log sigmoid(-2) = 2.126928, -log sigmoid(2) = 0.126928
-    tie_and_hard, _, _ = dpo.sigmoid_dpo_loss(PC, PR, RC, RR, beta=0.5, chosen_prob=torch.tensor([0.5, 1.0]))
+    tie_and_hard, _, _ = sigmoid_dpo_loss(PC, PR, RC, RR, beta=0.5, chosen_prob=torch.tensor([0.5, 1.0]))
     assert torch.allclose(tie_and_hard, torch.tensor([0.5 * 0.313262 + 0.5 * 1.313262, 2.126928]), atol=1e-6)
     # ε = 0.1: a tie stays 0.5 (p_eff = 0.5·0.9 + 0.5·0.1); a reversed label p = 0 becomes p_eff = 0.1
-    smoothed, _, _ = dpo.sigmoid_dpo_loss(PC, PR, RC, RR, beta=0.5, label_smoothing=0.1,
+    smoothed, _, _ = sigmoid_dpo_loss(PC, PR, RC, RR, beta=0.5, label_smoothing=0.1,
                                           chosen_prob=torch.tensor([0.5, 0.0]))
     assert torch.allclose(smoothed, torch.tensor([0.813262, 0.1 * 2.126928 + 0.9 * 0.126928]), atol=1e-6)
-    assert torch.allclose(dpo.soft_label(torch.tensor([1.0, 0.5, 0.0]), 0.1), torch.tensor([0.9, 0.5, 0.1]))
+    assert torch.allclose(soft_label(torch.tensor([1.0, 0.5, 0.0]), 0.1), torch.tensor([0.9, 0.5, 0.1]))
 
 
 def test_a_tie_pulls_the_margin_toward_zero():
     # d/dx of -(0.5 log σ(x) + 0.5 log σ(-x)) = σ(x) - 0.5: 0 at x = 0, σ(1) - 0.5 = 0.231059 at x = 1
     for margin, grad in [(0.0, 0.0), (2.0, 0.231059), (-2.0, -0.231059)]:
         pc = torch.tensor([margin], requires_grad=True)  # x = beta·margin = margin / 2
-        loss, _, _ = dpo.sigmoid_dpo_loss(pc, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.5,
+        loss, _, _ = sigmoid_dpo_loss(pc, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.5,
                                           chosen_prob=torch.tensor([0.5]))
         loss.sum().backward()
         assert abs(pc.grad.item() - 0.5 * grad) < 1e-6  # chain rule: dx/dpc = beta
@@ -89,7 +84,7 @@ def test_hard_labels_as_a_tensor_are_bit_identical_to_no_labels(smoothing):
     grads = []
     for probs in (None, torch.ones(2)):
         pc = PC.clone().requires_grad_()
-        losses, _, _ = dpo.sigmoid_dpo_loss(pc, PR, RC, RR, beta=0.5, label_smoothing=smoothing, chosen_prob=probs)
+        losses, _, _ = sigmoid_dpo_loss(pc, PR, RC, RR, beta=0.5, label_smoothing=smoothing, chosen_prob=probs)
         losses.sum().backward()
         grads.append((losses.detach(), pc.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
@@ -99,8 +94,8 @@ def test_make_batches_carries_chosen_prob_per_pair_and_missing_means_one():
     pairs, prompt_ids = synthetic_pairs(5)
     pairs[1]["chosen_prob"], pairs[3]["chosen_prob"] = 0.5, 1.0  # the others have no key
     cfg = DPOConfig(batch_size=2)
-    batches = dpo.make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=9)
-    order = torch.randperm(5, generator=torch.Generator().manual_seed(9)).tolist()  # make_batches' shuffle
+    batches, order = make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=9)
+    assert order == torch.randperm(5, generator=torch.Generator().manual_seed(9)).tolist()  # a seeded shuffle
     got = torch.cat([b.chosen_prob for b in batches]).tolist()
     assert got == [0.5 if i == 1 else 1.0 for i in order]
     # each pair's label sits with that pair's tokens
@@ -117,13 +112,14 @@ def test_kept_ties_need_the_sigmoid_loss(accelerator):
 
 def test_make_batches_splits_evenly_over_processes_or_says_why():
     pairs, prompt_ids = synthetic_pairs(7)
-    batches = dpo.make_batches(pairs, prompt_ids, DPOConfig(batch_size=4), pad_id=0, seed=1, num_processes=2)
+    batches, order = make_batches(pairs, prompt_ids, DPOConfig(batch_size=4), pad_id=0, seed=1, num_processes=2)
+    assert len(order) == 6 and len(set(order)) == 6  # the pair left out is in no batch
     assert [b.num_pairs for b in batches] == [4, 2]  # 7 pairs: one left out so the last batch splits
     shards = [batches[0].shard(i, 2) for i in range(2)]
     for field in ("input_ids", "position_ids", "segment", "predictor"):  # one row per pair, in order
         assert torch.equal(torch.cat([getattr(s.rows, field) for s in shards]), getattr(batches[0].rows, field))
     with pytest.raises(ValueError, match="multiple of 2"):
-        dpo.make_batches(pairs, prompt_ids, DPOConfig(batch_size=3), pad_id=0, seed=1, num_processes=2)
+        make_batches(pairs, prompt_ids, DPOConfig(batch_size=3), pad_id=0, seed=1, num_processes=2)
     with pytest.raises(ValueError, match="cannot be split evenly over 4 processes"):
         batches[1].shard(0, 4)
 
@@ -132,9 +128,9 @@ def test_make_batches_splits_evenly_over_processes_or_says_why():
 
 def test_kl_to_reference_matches_hand_computed_value():
     # reference - policy: chosen (-2+1, -1+4) = (-1, 3), rejected (-2+3, -2+1) = (1, -1); mean 0.5
-    assert dpo.kl_to_reference(PC, PR, RC, RR).item() == 0.5
+    assert kl_to_reference(PC, PR, RC, RR).item() == 0.5
     # = -(chosen_reward + rejected_reward) / (2 beta) averaged over pairs
-    _, rew_c, rew_r = dpo.sigmoid_dpo_loss(PC, PR, RC, RR, beta=0.5)
+    _, rew_c, rew_r = sigmoid_dpo_loss(PC, PR, RC, RR, beta=0.5)
     assert abs(-(rew_c + rew_r).mean().item() / (2 * 0.5) - 0.5) < 1e-6
 
 
@@ -174,12 +170,12 @@ def test_a_schedule_spanning_the_campaign_continues_across_rounds(accelerator):
                     mixed_precision="no", lr_schedule_span="campaign")
     pairs, prompt_ids = synthetic_pairs(2)
     model = tiny_llama()
-    optimizer = training.build_optimizer(model, cfg)
+    optimizer = optim.build_optimizer(model, cfg)
     lrs = []
     for r in range(3):
-        batches = dpo.make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=3)
-        ref = dpo.reference_logps(model, batches, accelerator)
-        lrs += [m["lr"] for m in dpo.train_round(model, optimizer, batches, ref, cfg, accelerator, schedule_rounds=(r, 3))]
+        batches, _ = make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=3)
+        ref = reference_logps(model, batches, accelerator)
+        lrs += [m["lr"] for m in train_round(model, optimizer, batches, ref, cfg, accelerator, schedule_rounds=(r, 3))]
     assert lrs == pytest.approx([1e-2 * e for e in [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]], abs=1e-12)
 
 
@@ -220,17 +216,17 @@ def test_gradients_are_clipped_to_max_grad_norm(accelerator):
     pairs, prompt_ids = synthetic_pairs(4)
     cfg = DPOConfig(beta=0.5, batch_size=4, max_steps=1, mixed_precision="no", rpo_alpha=0.0)  # the DPO term alone
     model = tiny_llama()
-    batches = dpo.make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=3)
-    ref = dpo.reference_logps(model, batches, accelerator)
+    batches, _ = make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=3)
+    ref = reference_logps(model, batches, accelerator)
     # the full-batch gradient norm, by hand
     probe = copy.deepcopy(model).train()
-    losses, _, _ = dpo.sigmoid_dpo_loss(*dpo.batch_logps(probe, batches[0]), *ref[0], beta=0.5)
+    losses, _, _ = sigmoid_dpo_loss(*batch_logps(probe, batches[0]), *ref[0], beta=0.5)
     losses.mean().backward()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in probe.parameters()])).item()
     # plain SGD with lr 1: the step is exactly the clipped gradient
     cfg.learning_rate, cfg.max_grad_norm = 1.0, norm / 4
     before = copy.deepcopy(model)
-    metrics = dpo.train_round(model, torch.optim.SGD(model.parameters(), lr=1.0), batches, ref, cfg, accelerator)
+    metrics = train_round(model, torch.optim.SGD(model.parameters(), lr=1.0), batches, ref, cfg, accelerator)
     step = torch.linalg.vector_norm(torch.stack([(a - b).norm() for a, b in zip(model.parameters(), before.parameters())]))
     assert abs(metrics[0]["grad_norm"] - norm) < 1e-4 * norm  # logged: the norm before clipping
     assert abs(step.item() - norm / 4) < 1e-3 * norm
@@ -240,17 +236,17 @@ def test_gradients_are_clipped_to_max_grad_norm(accelerator):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     pairs, prompt_ids = synthetic_pairs(4)
-    batch = dpo.make_batches(pairs, prompt_ids, DPOConfig(batch_size=4), pad_id=0, seed=3)[0]
+    batch = make_batches(pairs, prompt_ids, DPOConfig(batch_size=4), pad_id=0, seed=3)[0][0]
     results = []
     for checkpointing in (False, True):
         model = tiny_llama().train()
         if checkpointing:
-            training.enable_gradient_checkpointing(model)
+            optim.enable_gradient_checkpointing(model)
             assert model.is_gradient_checkpointing
         calls = []
         model.model.layers[0].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
-        chosen, rejected = dpo.batch_logps(model, batch)
-        losses, _, _ = dpo.sigmoid_dpo_loss(chosen, rejected, chosen.detach() * 0.9, rejected.detach() * 1.1, beta=0.5)
+        chosen, rejected = batch_logps(model, batch)
+        losses, _, _ = sigmoid_dpo_loss(chosen, rejected, chosen.detach() * 0.9, rejected.detach() * 1.1, beta=0.5)
         losses.mean().backward()
         results.append((losses.detach(), [p.grad.clone() for p in model.parameters()], len(calls)))
     (loss_a, grads_a, calls_a), (loss_b, grads_b, calls_b) = results
@@ -315,7 +311,7 @@ def test_adapter_disabled_is_the_base_model(lora_policy):
 def test_lora_optimizer_and_update_touch_only_the_adapters(lora_policy, accelerator):
     base, model = lora_policy
     cfg = DPOConfig(beta=0.5, learning_rate=1e-2, batch_size=4, max_steps=2, mixed_precision="no")
-    optimizer = training.build_optimizer(model, cfg)
+    optimizer = optim.build_optimizer(model, cfg)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     adapters = {id(p) for n, p in model.named_parameters() if "lora_" in n}
     assert in_optimizer == adapters and len(adapters) == 2 * 2 * 2  # A and B, 2 modules, 2 layers
@@ -356,27 +352,27 @@ def test_optimizer_state_save_and_load_continue_identically(accelerator, tmp_pat
     pairs, prompt_ids = synthetic_pairs(6)
     cfg = DPOConfig(beta=0.5, learning_rate=1e-3, batch_size=2, epochs=1, mixed_precision="no", optimizer_state="carry")
     model = tiny_llama()
-    optimizer = training.build_optimizer(model, cfg)
+    optimizer = optim.build_optimizer(model, cfg)
     run_update(model, pairs, prompt_ids, cfg, accelerator, optimizer=optimizer)  # round 0
-    training.save_optimizer_state(optimizer, tmp_path)
+    optim.save_optimizer_state(optimizer, tmp_path)
 
     resumed = copy.deepcopy(model)
-    resumed_opt = training.build_optimizer(resumed, cfg)
-    assert training.load_optimizer_state(resumed_opt, tmp_path)
+    resumed_opt = optim.build_optimizer(resumed, cfg)
+    assert optim.load_optimizer_state(resumed_opt, tmp_path)
     fresh = copy.deepcopy(model)
-    fresh_opt = training.build_optimizer(fresh, cfg)
-    assert not training.load_optimizer_state(fresh_opt, tmp_path / "no_checkpoint")
+    fresh_opt = optim.build_optimizer(fresh, cfg)
+    assert not optim.load_optimizer_state(fresh_opt, tmp_path / "no_checkpoint")
 
     for m, opt in [(model, optimizer), (resumed, resumed_opt), (fresh, fresh_opt)]:  # round 1
         run_update(m, pairs, prompt_ids, cfg, accelerator, optimizer=opt, seed=4)
     assert max_param_diff(model, resumed) == 0.0  # carried moments: the very same steps
     assert max_param_diff(model, fresh) > 1e-6  # and the moments matter
 
-    training.reset_optimizer_state(optimizer)  # optimizer_state=fresh: zeroed in place
+    optim.reset_optimizer_state(optimizer)  # optimizer_state=fresh: zeroed in place
     assert optimizer.state and all(float(t.abs().max()) == 0 for st in optimizer.state.values() for t in st.values())
     # a reset optimizer takes the very steps a brand-new one takes
     again = copy.deepcopy(model)
-    again_opt = training.build_optimizer(again, cfg)
+    again_opt = optim.build_optimizer(again, cfg)
     run_update(model, pairs, prompt_ids, cfg, accelerator, optimizer=optimizer, seed=6)
     run_update(again, pairs, prompt_ids, cfg, accelerator, optimizer=again_opt, seed=6)
     assert max_param_diff(model, again) == 0.0

@@ -15,7 +15,7 @@ from typing import Iterable, Protocol
 import torch
 
 from online_dpo.config import GenerationConfig
-from online_dpo.data import Prompt, chat_prompt_ids
+from online_dpo.data.prompts import Prompt, chat_prompt_ids
 
 
 @dataclass
@@ -142,22 +142,13 @@ class VLLMGenerator:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
-    def completion_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
-        """Per-token log-probs vLLM assigns to `completion_ids` after `prompt_ids`."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        out = self.llm.generate([{"prompt_token_ids": prompt_ids + completion_ids}], params, use_tqdm=False)[0]
-        start = len(prompt_ids)
-        return [out.prompt_logprobs[start + i][tok].logprob for i, tok in enumerate(completion_ids)]
-
 
 class HFGenerator:
     """HF `generate` on the policy module itself, so it always samples the current weights.
 
     Prompts go in left-padded batches of up to `max_batch_sequences` sequences (prompts x
-    K): a decode step on CPU is bound by reading the weights, so a batch of 64 costs about
-    what a batch of 3 does (one call per prompt was 2.2x slower in bench/throughput.py).
+    K): a decode step on CPU is bound by reading the weights, so a wide batch costs little
+    more than a narrow one.
     Each batch is seeded from `sampling.seed` and its position, so a call is reproducible
     for the same prompts in the same order, as with vLLM.
     """

@@ -1,9 +1,7 @@
-"""PNG plots of a run, one figure per question: did the rounds win (with CI bands), did
-responses grow, how did the DPO update go, and what did each round cost.
-
-Figures are built with matplotlib's object API on the Agg canvas (no display, no global
-pyplot state), so a report can run in a headless job or beside a running campaign.
-"""
+"""The report's PNG plots, one figure per question: did the rounds win (with CI bands), did
+responses grow, how did the DPO update go, what did each round cost; and the figure helpers
+(`new_figure`, `save_png`: matplotlib's object API on the Agg canvas, no display and no global
+pyplot state, so a report can run in a headless job or beside a running campaign)."""
 
 from __future__ import annotations
 
@@ -14,8 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from online_dpo.report import RunView, finite, judge_cost, mean_tokens, p90_tokens
-from online_dpo.rundir import atomic_path
+from online_dpo.report.view import RunView, finite, judge_cost, mean_tokens, p90_tokens
+from online_dpo.rundir import RunDir, atomic_path
 
 BASELINE_COLOR, PREV_COLOR, LC_COLOR = "tab:blue", "tab:orange", "tab:green"
 
@@ -186,12 +184,12 @@ def plot_costs(run: RunView, path: Path) -> Path:
     return save_png(fig, path)
 
 
-def write_plots(run: RunView, out_dir: Path, length_factor: float) -> dict[str, Path]:
-    """Every plot as PNG under `out_dir`; returns {name: path}."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_plots(run: RunView, run_dir: RunDir, length_factor: float) -> dict[str, Path]:
+    """Every plot as PNG under the run's plots/; returns {name: path}."""
+    run_dir.plots_dir.mkdir(parents=True, exist_ok=True)
     return {
-        "win_rate": plot_win_rates(run, out_dir / "win_rate.png"),
-        "length": plot_lengths(run, out_dir / "length.png", length_factor),
-        "margins": plot_margins(run, out_dir / "margins.png"),
-        "cost": plot_costs(run, out_dir / "cost.png"),
+        "win_rate": plot_win_rates(run, run_dir.plot_png("win_rate")),
+        "length": plot_lengths(run, run_dir.plot_png("length"), length_factor),
+        "margins": plot_margins(run, run_dir.plot_png("margins")),
+        "cost": plot_costs(run, run_dir.plot_png("cost")),
     }

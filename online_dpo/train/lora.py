@@ -117,7 +117,7 @@ def adapter_disabled(model):
     never change, so under dpo.reference=initial they are the reference, with no second copy:
 
         with adapter_disabled(policy):
-            ref = dpo.reference_logps(policy, batches, accelerator)
+            ref = reference_logps(policy, batches, accelerator)
     """
     inner = _unwrap(model)
     if not is_peft_model(inner):
@@ -134,10 +134,13 @@ def save_adapter(model, directory: str | Path, state_dict: dict[str, torch.Tenso
     return Path(directory)
 
 
-def save_merged(model, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_merged(model, directory: str | Path, weights: list[tuple[str, torch.Tensor]] | None = None) -> Path:
     """A plain HF checkpoint (config + safetensors) of the merged policy -> `directory`,
-    loadable with `AutoModelForCausalLM.from_pretrained` and by vLLM. Returns `directory`."""
+    loadable with `AutoModelForCausalLM.from_pretrained` and by vLLM. `weights`: the merged
+    weights when the caller has them already (`merged_weights` of a gathered state dict, under
+    FSDP / ZeRO-3); else they are merged here. Returns `directory`."""
     inner = _unwrap(model)
     base = inner.get_base_model() if is_peft_model(inner) else inner
-    base.save_pretrained(str(directory), state_dict=dict(merged_weights(inner, state_dict)), safe_serialization=True)
+    merged = dict(weights if weights is not None else merged_weights(inner))
+    base.save_pretrained(str(directory), state_dict=merged, safe_serialization=True)
     return Path(directory)

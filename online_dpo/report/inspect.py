@@ -1,16 +1,5 @@
-"""`online-dpo inspect runs/<name> --round N`: a round's pairs and judgments in the terminal.
-
-Three views of a round, each a list of plain dicts (so filters are pure functions):
-- pairs       the preference pairs the update trained on (pairs/), with score margins;
-- candidates  every train prompt's K candidates with the judge's score, error and raw text;
-- eval        the held-out comparisons (eval.json): the round's response vs the initial
-              (or previous) policy's, the verdict, its rationale and position consistency.
-
-Filters: --largest/--smallest margins (pairs; candidates by score spread), --ties
-(candidates: prompts dropped as ties; eval: tied verdicts), --errors (judge failures),
---inconsistent (eval verdicts that flipped when A and B were swapped), --grep on the
-prompt text, --limit.
-"""
+"""`online-dpo inspect runs/<name> --round N`: one round's pairs, candidates with their judge
+scores, or held-out verdicts, read from the run directory, filtered, and shown in the terminal."""
 
 from __future__ import annotations
 
@@ -23,8 +12,18 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from online_dpo.report import ReportError, read_json_or_none, read_jsonl_tolerant
+from online_dpo.report.view import ReportError, open_run_dir, read_json_or_none, read_jsonl_tolerant
+from online_dpo.rundir import RoundPaths, RunDir, read_parquet
 
+# Three views of a round, each a list of plain dicts (so filters are pure functions):
+# - pairs       the preference pairs the update trained on (pairs/), with score margins;
+# - candidates  every train prompt's K candidates with the judge's score, error and raw text;
+# - eval        the held-out comparisons (eval.json): the round's response vs the initial
+#               (or previous) policy's, the verdict, its rationale and position consistency.
+# Filters: --largest/--smallest margins (pairs; candidates by score spread), --ties
+# (candidates: prompts dropped as ties; eval: tied verdicts), --errors (judge failures),
+# --inconsistent (eval verdicts that flipped when A and B were swapped), --grep on the
+# prompt text, --limit.
 View = Literal["pairs", "candidates", "eval"]
 SUPPORTED = {  # view -> the filters that mean something there
     "pairs": {"largest", "smallest", "grep"},
@@ -71,19 +70,20 @@ def check_filters(view: View, f: Filters) -> None:
 
 # --- reading a round --------------------------------------------------------------------
 
-def _round_dir(root: Path, r: int) -> Path:
-    rdir = root / f"round_{r:03d}"
-    if not (root / "manifest.json").exists():
+def _round(root: Path, r: int) -> tuple[RunDir, RoundPaths]:
+    run_dir = open_run_dir(root)
+    if run_dir is None:
         raise ReportError(f"{root} is not a run directory (no manifest.json)")
-    if not rdir.is_dir():
-        have = sorted(int(p.name[6:]) for p in root.glob("round_*") if p.name[6:].isdigit())
+    paths = run_dir.round_paths(r)
+    if not paths.dir.is_dir():
+        have = run_dir.rounds_on_disk()
         raise ReportError(f"{root} has no round {r}; rounds on disk: {have or 'none yet'}")
-    return rdir
+    return run_dir, paths
 
 
-def _prompts(rdir: Path) -> dict[str, dict]:
+def _prompts(paths: RoundPaths) -> dict[str, dict]:
     out = {}
-    for rec in read_jsonl_tolerant(rdir / "prompts.jsonl"):
+    for rec in read_jsonl_tolerant(paths.prompts):
         messages = rec.get("messages") or []
         text = messages[0]["content"] if len(messages) == 1 else "\n".join(f"{m['role']}: {m['content']}" for m in messages)
         out[rec["id"]] = {"text": text, "reference": rec.get("reference")}
@@ -106,11 +106,11 @@ def _messages_text(value) -> str:
 def pair_rows(root: Path, r: int) -> list[dict]:
     from datasets import load_from_disk
 
-    rdir = _round_dir(root, r)
-    if (rdir / "examples").exists():
-        raise ReportError(f"{rdir} holds KTO examples (dpo.loss=kto), not pairs; see each candidate's score "
-                          f"with --what candidates, or load {rdir / 'examples'} with datasets.load_from_disk")
-    pairs = load_from_disk(str(_need(rdir / "pairs", "pair selection")))
+    _, paths = _round(root, r)
+    if paths.examples.exists():
+        raise ReportError(f"{paths.dir} holds KTO examples (dpo.loss=kto), not pairs; see each candidate's score "
+                          f"with --what candidates, or load {paths.examples} with datasets.load_from_disk")
+    pairs = load_from_disk(str(_need(paths.pairs, "pair selection")))
     return [{"prompt_id": row.get("prompt_id"), "prompt": _messages_text(row["prompt"]),
              "chosen": _messages_text(row["chosen"]), "rejected": _messages_text(row["rejected"]),
              "score_chosen": row.get("score_chosen"), "score_rejected": row.get("score_rejected"),
@@ -119,14 +119,12 @@ def pair_rows(root: Path, r: int) -> list[dict]:
 
 def candidate_groups(root: Path, r: int) -> list[dict]:
     """One dict per train prompt: its candidates with scores, the score spread, tie / error flags."""
-    from online_dpo.rundir import read_parquet
-
-    rdir = _round_dir(root, r)
-    candidates = read_parquet(_need(rdir / "candidates.parquet", "generation"))
-    judged = {(j["prompt_id"], j["index"]): j for j in read_parquet(_need(rdir / "judgments.parquet", "judging"))}
-    prompts = _prompts(rdir)
+    run_dir, paths = _round(root, r)
+    candidates = read_parquet(_need(paths.candidates, "generation"))
+    judged = {(j["prompt_id"], j["index"]): j for j in read_parquet(_need(paths.judgments, "judging"))}
+    prompts = _prompts(paths)
     try:
-        min_margin = float((yaml.safe_load((root / "config.yaml").read_text()) or {}).get("pairs", {}).get("min_margin", 0.0))
+        min_margin = float((yaml.safe_load(run_dir.config_path.read_text()) or {}).get("pairs", {}).get("min_margin", 0.0))
     except (FileNotFoundError, yaml.YAMLError, AttributeError):
         min_margin = 0.0
     groups: dict[str, dict] = {}
@@ -148,16 +146,16 @@ def candidate_groups(root: Path, r: int) -> list[dict]:
 
 def eval_rows(root: Path, r: int, vs: Literal["baseline", "previous"] = "baseline") -> list[dict]:
     """The held-out comparisons of round r vs the baseline (or round r-1), with both responses."""
-    rdir = _round_dir(root, r)
-    result = read_json_or_none(_need(rdir / "eval.json", "evaluation"))
+    run_dir, paths = _round(root, r)
+    result = read_json_or_none(_need(paths.eval_json, "evaluation"))
     items = ((result.get("eval") or {}).get("comparisons") or {}).get(f"vs_{vs}")
     if items is None:
-        raise ReportError(f"{rdir / 'eval.json'} records no per-comparison verdicts vs {vs} "
+        raise ReportError(f"{paths.eval_json} records no per-comparison verdicts vs {vs} "
                           f"({'round 0 has no previous round; ' if vs == 'previous' and r == 0 else ''}"
                           f"eval.json files written before verdicts were kept only hold the totals)")
-    other = root / "baseline" if vs == "baseline" else root / f"round_{r - 1:03d}"
-    texts_a = {row["prompt_id"]: row["text"] for row in read_jsonl_tolerant(rdir / "eval_responses.jsonl")}
-    texts_b = {row["prompt_id"]: row["text"] for row in read_jsonl_tolerant(other / "eval_responses.jsonl")}
+    other = run_dir.baseline if vs == "baseline" else run_dir.round_paths(r - 1)
+    texts_a = {row["prompt_id"]: row["text"] for row in read_jsonl_tolerant(paths.eval_responses)}
+    texts_b = {row["prompt_id"]: row["text"] for row in read_jsonl_tolerant(other.eval_responses)}
     return [{**it, "response": texts_a.get(it["prompt_id"], "-"), "other": texts_b.get(it["prompt_id"], "-")}
             for it in items]
 

@@ -1,9 +1,6 @@
-"""Per-round results for people: one table for the terminal (printed after each round and
-by `online-dpo report`), reward-hacking warnings, and `build_report` (table + PNG plots +
-a self-contained report.html).
-
-A run directory is read as it stands: a round without eval.json (still running, or
-interrupted) is shown as incomplete, and anything a round did not record reads "-".
+"""What the report knows about a run, with no rendering: the rounds read from a run directory
+(RunView, RoundView, load_run), their numbers, the reward-hacking warnings, the round guard
+and the best round, and the table cells as plain strings for every renderer to share.
 """
 
 from __future__ import annotations
@@ -14,15 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+
+from online_dpo.errors import ReportError
+from online_dpo.rundir import RunDir
 
 DEFAULT_LENGTH_FACTOR = 1.5
-
-
-class ReportError(ValueError):
-    """A run directory the report cannot read; the message says what is wrong and what to do."""
 
 
 # --- reading a run directory ------------------------------------------------------------
@@ -57,13 +50,29 @@ class RoundView:
 
 @dataclass
 class RunView:
-    root: Path
+    """A run's rounds; `dir` is None for the rounds a running campaign holds in memory."""
+
+    dir: RunDir | None
     name: str
     rounds: list[RoundView]
     baseline_accuracy: float | None = None
     baseline_tokens: list[int] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     baseline_diversity: dict | None = None  # the initial policy's (manifest: baseline/diversity)
+
+    @property
+    def root(self) -> Path | None:
+        return self.dir.root if self.dir else None
+
+    @property
+    def results(self) -> list[dict]:
+        """The eval.json of every complete round."""
+        return [v.result for v in self.rounds if v.complete]
+
+    @property
+    def best(self) -> BestPolicy:
+        """The best policy so far: the round `runs/<name>/best` points to (None: the initial one)."""
+        return best_policy(self.results)
 
 
 def read_json_or_none(path: Path) -> dict | None:
@@ -85,38 +94,55 @@ def read_jsonl_tolerant(path: Path) -> list[dict]:
     return rows
 
 
+def open_run_dir(root: str | Path) -> RunDir | None:
+    """The RunDir of `root` as it stands; None when it holds no readable manifest.json."""
+    try:
+        run_dir = RunDir(Path(root))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return run_dir if run_dir.manifest_path.exists() else None
+
+
 def round_from_result(result: dict) -> RoundView:
     """A RoundView from an eval.json dict alone (what the campaign holds while it runs)."""
     return RoundView(int(result["round"]), result=result)
 
 
+def run_from_results(results: list[dict], baseline_accuracy: float | None = None,
+                     baseline_diversity: dict | None = None) -> RunView:
+    """The rounds a running campaign holds (eval.json dicts), with the warnings they support."""
+    run = RunView(None, "", [round_from_result(r) for r in results], baseline_accuracy,
+                  baseline_diversity=baseline_diversity)
+    add_warnings(run.rounds)
+    return run
+
+
 def load_run(root: str | Path, length_factor: float = DEFAULT_LENGTH_FACTOR) -> RunView:
     """Read every round of `root`, finished or not, and attach the warnings."""
     root = Path(root)
-    manifest = read_json_or_none(root / "manifest.json")
-    if manifest is None:
+    run_dir = open_run_dir(root)
+    if run_dir is None:
         raise ReportError(f"{root} is not a run directory (no readable manifest.json); "
                           f"pass runs/<name> of a campaign started with `online-dpo run CONFIG`")
     try:
-        config = yaml.safe_load((root / "config.yaml").read_text()) or {}
+        config = yaml.safe_load(run_dir.config_path.read_text()) or {}
     except (FileNotFoundError, yaml.YAMLError):
         config = {}
-    stages = {k: list(v) for k, v in manifest.get("rounds", {}).items()}
-    on_disk = [int(p.name.split("_")[1]) for p in root.glob("round_*") if p.name.split("_")[1].isdigit()]
+    marked = run_dir.manifest.get("rounds", {})
+    stages = {k: list(v) for k, v in marked.items()}
     numbered = [int(k) for k in stages if k.isdigit()]
-    count = max([config.get("rounds", 0), *(r + 1 for r in on_disk + numbered)])
+    count = max([config.get("rounds", 0), *(r + 1 for r in run_dir.rounds_on_disk() + numbered)])
     rounds = []
     for r in range(count):
-        rdir = root / f"round_{r:03d}"
-        view = RoundView(r, result=read_json_or_none(rdir / "eval.json"), stages=stages.get(str(r), []),
-                         train_steps=read_jsonl_tolerant(rdir / "train_metrics.jsonl"),
-                         response_tokens=[row.get("tokens") for row in read_jsonl_tolerant(rdir / "eval_responses.jsonl")
-                                          if row.get("tokens") is not None])
-        rounds.append(view)
-    base = manifest.get("rounds", {}).get("baseline", {}).get("eval", {})
-    run = RunView(root, config.get("name", root.name), rounds, base.get("accuracy"),
-                  [row["tokens"] for row in read_jsonl_tolerant(root / "baseline" / "eval_responses.jsonl") if "tokens" in row],
-                  config, manifest.get("rounds", {}).get("baseline", {}).get("diversity", {}).get("metrics"))
+        paths = run_dir.round_paths(r)
+        rounds.append(RoundView(r, result=read_json_or_none(paths.eval_json), stages=stages.get(str(r), []),
+                                train_steps=read_jsonl_tolerant(paths.train_metrics),
+                                response_tokens=[row.get("tokens") for row in read_jsonl_tolerant(paths.eval_responses)
+                                                 if row.get("tokens") is not None]))
+    base = marked.get("baseline", {})
+    run = RunView(run_dir, config.get("name", root.name), rounds, base.get("eval", {}).get("accuracy"),
+                  [row["tokens"] for row in read_jsonl_tolerant(run_dir.baseline.eval_responses) if "tokens" in row],
+                  config, base.get("diversity", {}).get("metrics"))
     add_warnings(run.rounds, length_factor, run.baseline_tokens)
     return run
 
@@ -258,22 +284,30 @@ def best_round(results: list[dict]) -> int | None:
     return r if win >= 0.5 else None
 
 
-def best_line(results: list[dict]) -> str:
+@dataclass
+class BestPolicy:
+    """The best policy of a run: `round` None is the initial one; `win_rate` its win rate vs the
+    initial policy; `rejected` the rounds the round guard rejected."""
+
+    round: int | None
+    win_rate: float | None
+    rejected: list[int]
+
+
+def best_policy(results: list[dict]) -> BestPolicy:
     best = best_round(results)
     rejected = [res["round"] for res in results if res and not res.get("guard", {}).get("accepted", True)]
-    note = f"; rejected by the round guard: {', '.join(map(str, rejected))}" if rejected else ""
     if best is None:
-        return f"best policy: the initial one (no accepted round wins against it){note}"
+        return BestPolicy(None, None, rejected)
     win = ((next(res for res in results if res and res["round"] == best).get("eval") or {}).get("vs_baseline") or {})
-    return f"best policy: round {best} (win rate vs the initial policy {pct(win.get('win_rate'))}; runs/.../best){note}"
+    return BestPolicy(best, win.get("win_rate"), rejected)
 
 
-# --- the table ------------------------------------------------------------------------
+# --- the tables as plain cells ------------------------------------------------------------
 
 COLUMNS = ("round", "win rate (95% CI)", "LC win", "ties", "errors", "vs prev (95% CI)", "accuracy",
            "len mean/p90", "pairs", "DPO loss", "margin", "pair acc", "KL", "Δlogp c/r", "consist.", "judge cost",
-           "wall s",
-           "warnings")
+           "wall s", "warnings")
 
 
 def pct(x: float | None) -> str:
@@ -327,21 +361,6 @@ def table_rows(rounds: list[RoundView]) -> list[list[str]]:
     return rows
 
 
-def round_table(rows: list[dict] | list[RoundView], title: str | None = None) -> Table:
-    """The per-round table. `rows`: RoundViews, or eval.json dicts (what the campaign holds)."""
-    views = [r if isinstance(r, RoundView) else round_from_result(r) for r in rows]
-    if views and not isinstance(rows[0], RoundView):
-        add_warnings(views)
-    table = Table(title=title or "online-dpo: held-out evaluation per round (vs the initial policy = baseline)")
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col == "warnings" else "right",
-                         style="bold red" if col == "warnings" else None, overflow="fold")
-    for view, cells in zip(views, table_rows(views)):
-        style = "dim" if not view.complete else ("red" if view.warnings else None)
-        table.add_row(*[Text(c) for c in cells], style=style)
-    return table
-
-
 DIVERSITY_COLUMNS = ("round", "distinct-1", "distinct-2", "pairwise overlap", "token entropy", "samples")
 
 
@@ -354,7 +373,7 @@ def diversity_rows(rounds: list[RoundView], baseline: dict | None) -> list[list[
             value, ref = finite(d.get(key)), finite((baseline or {}).get(key))
             share = ""
             if value is not None and ref and d is not baseline:
-                # overlap grows as diversity falls: a multiple reads better than "548%"
+                # overlap grows as diversity falls, by several times: a multiple reads better than a percentage
                 share = f" ({value / ref:.1f}x)" if key == "pairwise_overlap" else f" ({value / ref:.0%})"
             out.append(_num(value, fmt) + share)
         out.append(f"{d.get('prompts', '-')} x {d.get('samples_per_prompt', '-')}")
@@ -362,76 +381,3 @@ def diversity_rows(rounds: list[RoundView], baseline: dict | None) -> list[list[
 
     rows = [cells("initial", baseline)] if baseline else []
     return rows + [cells(str(v.round), v.eval["diversity"]) for v in rounds if v.eval.get("diversity")]
-
-
-def diversity_table(rounds: list[RoundView], baseline: dict | None) -> Table | None:
-    rows = diversity_rows(rounds, baseline)
-    if not rows:
-        return None
-    table = Table(title="diversity of K samples per held-out prompt (share of the initial policy's); "
-                        "overlap: lower is more diverse; entropy in nats/token")
-    for col in DIVERSITY_COLUMNS:
-        table.add_column(col, justify="right")
-    for cells in rows:
-        table.add_row(*cells)
-    return table
-
-
-def wide_console() -> Console:
-    # Logs and CI are not terminals (rich would fold the table to 80 columns there); a real
-    # terminal keeps its own width (rich folds the cells to fit).
-    console = Console()
-    return console if console.is_terminal else Console(width=220)
-
-
-def print_rounds(rows: list[dict], baseline_accuracy: float | None = None, console: Console | None = None,
-                 baseline_diversity: dict | None = None) -> None:
-    console = console or wide_console()
-    if baseline_accuracy is not None:
-        console.print(f"baseline (initial policy) accuracy on held-out prompts: {pct(baseline_accuracy)}")
-    console.print(round_table(rows))
-    console.print(best_line(rows))
-    div = diversity_table([round_from_result(r) for r in rows], baseline_diversity)
-    if div is not None:
-        console.print(div)
-
-
-# --- the whole report -----------------------------------------------------------------
-
-def build_report(root: str | Path, length_factor: float = DEFAULT_LENGTH_FACTOR, examples: int = 3,
-                 console: Console | None = None, plots: bool = True, html: bool = True,
-                 log_with: list | None = None) -> dict:
-    """Print the table, write plots/*.png and report.html under `root`; returns what was written.
-
-    `log_with`: accelerate trackers ("tensorboard", "wandb", or GeneralTracker instances) that
-    also receive every finished round's numbers (logs under `root`/trackers); off by default.
-    """
-    from online_dpo import plots as plotting
-    from online_dpo.report_html import write_html
-
-    run = load_run(root, length_factor)
-    console = console or wide_console()
-    if run.baseline_accuracy is not None:
-        console.print(f"baseline (initial policy) accuracy on held-out prompts: {pct(run.baseline_accuracy)}")
-    console.print(round_table(run.rounds, title=f"online-dpo report: {run.name}"))
-    console.print(best_line([v.result for v in run.rounds if v.complete]))
-    div = diversity_table(run.rounds, run.baseline_diversity)
-    if div is not None:
-        console.print(div)
-    done = sum(v.complete for v in run.rounds)
-    if done < len(run.rounds):
-        console.print(f"[yellow]{done} of {len(run.rounds)} rounds finished; the others are shown as incomplete[/]")
-    written: dict = {"rounds": len(run.rounds), "complete": done, "plots": {}}
-    if plots:
-        written["plots"] = plotting.write_plots(run, run.root / "plots", length_factor)
-    if html:
-        written["html"] = write_html(run, run.root / "report.html", written["plots"], examples)
-    if log_with:
-        from online_dpo.trackers import log_run
-
-        written["tracked_rounds"] = log_run(run, log_with, run.root / "trackers")
-        console.print(f"logged {written['tracked_rounds']} rounds to {', '.join(map(str, log_with))}")
-    for label, path in [*written["plots"].items(), ("report", written.get("html"))]:
-        if path:
-            console.print(f"{label}: {path}")
-    return written

@@ -1,11 +1,6 @@
-"""report.html: one self-contained file (plots inlined as base64 data URIs, no external
-asset) with the per-round table, its warnings, the plots, and for each round a few
-held-out prompts side by side: the initial policy's (baseline) response, the round's response,
-and the judge's verdict with its rationale.
-
-A small inline script marks, once the page has loaded, how many plot images decoded
-(#image-check), so a headless browser (and a person) can see that nothing is broken.
-"""
+"""The report as report.html: one self-contained file (plots inlined as base64, no external asset)
+with the per-round table, its warnings, the plots, and for each round a few held-out prompts
+side by side: the initial policy's (baseline) response, the round's, and the judge's verdict."""
 
 from __future__ import annotations
 
@@ -15,9 +10,20 @@ from pathlib import Path
 
 import jinja2
 
-from online_dpo.report import COLUMNS, DIVERSITY_COLUMNS, RunView, diversity_rows, pct, read_jsonl_tolerant, table_rows
+from online_dpo.report.view import (
+    COLUMNS,
+    DIVERSITY_COLUMNS,
+    RoundView,
+    RunView,
+    diversity_rows,
+    pct,
+    read_jsonl_tolerant,
+    table_rows,
+)
 from online_dpo.rundir import write_text
 
+# A small inline script marks, once the page has loaded, how many plot images decoded
+# (#image-check), so a headless browser (and a person) can see that nothing is broken.
 TEMPLATE = jinja2.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>online-dpo report: {{ name }}</title>
@@ -114,10 +120,10 @@ def pick_examples(items: list[dict], k: int) -> list[dict]:
     return picked
 
 
-def round_examples(run: RunView, view, baseline: dict[str, dict], k: int) -> list[dict]:
+def round_examples(run: RunView, view: RoundView, baseline: dict[str, dict], k: int) -> list[dict]:
     if not view.complete or k <= 0:
         return []
-    current = {row["prompt_id"]: row for row in read_jsonl_tolerant(run.root / f"round_{view.round:03d}" / "eval_responses.jsonl")}
+    current = {row["prompt_id"]: row for row in read_jsonl_tolerant(run.dir.round_paths(view.round).eval_responses)}
     items = (view.eval.get("comparisons") or {}).get("vs_baseline")
     if not items:  # eval.json from before verdicts were kept: the responses without a verdict
         items = [{"prompt_id": pid} for pid in current][:k]
@@ -142,7 +148,7 @@ def round_examples(run: RunView, view, baseline: dict[str, dict], k: int) -> lis
 
 
 def render_html(run: RunView, plots: dict[str, Path], examples: int = 3) -> str:
-    baseline = {row["prompt_id"]: row for row in read_jsonl_tolerant(run.root / "baseline" / "eval_responses.jsonl")}
+    baseline = {row["prompt_id"]: row for row in read_jsonl_tolerant(run.dir.baseline.eval_responses)}
     rounds = []
     for view, cells in zip(run.rounds, table_rows(run.rounds)):
         rounds.append({

@@ -1,7 +1,7 @@
 """Setting the policy up for the DPO update: gradient checkpointing, the optimizer over the
 trainable parameters, its state across rounds (dpo.optimizer_state) and DeepSpeed's batch sizes.
 
-The update loop itself is `dpo.train_round`; LoRA wrapping is `lora.py`.
+The update loop itself is `train.update.train_round`; LoRA wrapping is `train/lora.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ OPTIMIZER_FILE = "optimizer.pt"  # inside a round's checkpoint/ (dpo.optimizer_s
 
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each layer's activations during backward instead of keeping them: less
-    memory, about 30% more compute. Non-reentrant checkpointing, so it works with frozen
+    memory, one more forward per layer of compute. Non-reentrant checkpointing, so it works with frozen
     inputs (LoRA) without `enable_input_require_grads`."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -31,11 +31,11 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def build_optimizer(model, cfg: DPOConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only; the LR is set each round by `dpo.make_scheduler`.
+    """AdamW over the trainable parameters only; the LR is set each round by `update.make_scheduler`.
 
     The fused implementation (one kernel over all parameters; CPU and CUDA) where torch has
-    it for these parameters: the per-tensor loop was 18% of the update's time in the profile
-    (bench/README.md). Same math, different rounding order."""
+    it for these parameters, since the per-tensor loop shows in the update's profile (see
+    bench/). Same math, different rounding order."""
     params = trainable_parameters(model)
     try:
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
@@ -91,7 +91,7 @@ def load_optimizer_state(optimizer, directory: str | Path, accelerator=None) -> 
 def configure_deepspeed(accelerator, cfg: DPOConfig) -> None:
     """Fill the DeepSpeed config fields accelerate cannot infer without a dataloader; call
     before `accelerator.prepare`. Each process runs batch_size / processes pairs per
-    micro-batch; accumulation and clipping: `dpo.train_round` accumulates itself (telling
+    micro-batch; accumulation and clipping: `train_round` accumulates itself (telling
     the engine which micro-batch ends a step) and DeepSpeed clips at dpo.max_grad_norm."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:

@@ -1,0 +1,1 @@
+"""Generation engines (the `Generator` protocol: vLLM in-process, HF `generate`) and model loading."""

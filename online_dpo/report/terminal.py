@@ -1,0 +1,86 @@
+"""The report in the terminal (rich): the per-round table, the best policy, the diversity
+table. `print_run` is the one printer: the campaign calls it after each round (through
+`print_rounds`, on the rounds it holds) and `online-dpo report` on a run read from disk.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from online_dpo.report.view import (
+    COLUMNS,
+    DIVERSITY_COLUMNS,
+    BestPolicy,
+    RoundView,
+    RunView,
+    best_policy,
+    diversity_rows,
+    pct,
+    run_from_results,
+    table_rows,
+)
+
+CAMPAIGN_TITLE = "online-dpo: held-out evaluation per round (vs the initial policy = baseline)"
+
+
+def round_table(views: list[RoundView], title: str | None = None) -> Table:
+    """The per-round table of `views` (their warnings already attached)."""
+    table = Table(title=title or CAMPAIGN_TITLE)
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "warnings" else "right",
+                         style="bold red" if col == "warnings" else None, overflow="fold")
+    for view, cells in zip(views, table_rows(views)):
+        style = "dim" if not view.complete else ("red" if view.warnings else None)
+        table.add_row(*[Text(c) for c in cells], style=style)
+    return table
+
+
+def diversity_table(rounds: list[RoundView], baseline: dict | None) -> Table | None:
+    rows = diversity_rows(rounds, baseline)
+    if not rows:
+        return None
+    table = Table(title="diversity of K samples per held-out prompt (share of the initial policy's); "
+                        "overlap: lower is more diverse; entropy in nats/token")
+    for col in DIVERSITY_COLUMNS:
+        table.add_column(col, justify="right")
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
+def best_line(best: BestPolicy) -> str:
+    note = f"; rejected by the round guard: {', '.join(map(str, best.rejected))}" if best.rejected else ""
+    if best.round is None:
+        return f"best policy: the initial one (no accepted round wins against it){note}"
+    return f"best policy: round {best.round} (win rate vs the initial policy {pct(best.win_rate)}; runs/.../best){note}"
+
+
+def wide_console() -> Console:
+    # Logs and CI are not terminals (rich would fold the table to 80 columns there); a real
+    # terminal keeps its own width (rich folds the cells to fit).
+    console = Console()
+    return console if console.is_terminal else Console(width=220)
+
+
+def print_run(run: RunView, title: str | None = None, console: Console | None = None) -> None:
+    """The baseline's accuracy, the per-round table, the best policy, the diversity table, and
+    how many rounds are finished when some are not."""
+    console = console or wide_console()
+    if run.baseline_accuracy is not None:
+        console.print(f"baseline (initial policy) accuracy on held-out prompts: {pct(run.baseline_accuracy)}")
+    console.print(round_table(run.rounds, title=title))
+    console.print(best_line(best_policy(run.results)))
+    div = diversity_table(run.rounds, run.baseline_diversity)
+    if div is not None:
+        console.print(div)
+    done = sum(v.complete for v in run.rounds)
+    if done < len(run.rounds):
+        console.print(f"[yellow]{done} of {len(run.rounds)} rounds finished; the others are shown as incomplete[/]")
+
+
+def print_rounds(results: list[dict], baseline_accuracy: float | None = None, console: Console | None = None,
+                 baseline_diversity: dict | None = None) -> None:
+    """The campaign's table after each round, from the eval.json dicts of its rounds so far."""
+    print_run(run_from_results(results, baseline_accuracy, baseline_diversity), console=console)

@@ -1,0 +1,129 @@
+"""The evaluate stage: held-out responses of the initial policy (once) and of each round's,
+judged against the initial and the previous policy, the diversity watch, and the round's
+record (eval.json) that the report reads."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from judges import as_pairwise
+from judges.base import judge_stats as judge_stats_of
+from judges.base import template_hashes
+from online_dpo import diversity, evaluate
+from online_dpo.campaign import Campaign, guard_mode, last_checkpoint, timed
+from online_dpo.engines.generate import Sampling
+from online_dpo.report.view import guard_verdict
+from online_dpo.rundir import read_jsonl, write_json, write_jsonl
+from online_dpo.seeds import stable_seed
+
+log = logging.getLogger("online_dpo")
+
+
+def generate_eval(c: Campaign, seed: int, save_to=None) -> tuple[list[str], list[int]]:
+    """One response per held-out prompt: (texts, token counts), also saved as JSONL to `save_to` if given."""
+    sampling = Sampling(1, c.cfg.eval.temperature, 1.0, c.cfg.eval.max_new_tokens, seed)
+    outs = c.generator.generate(c.split.eval, sampling)
+    texts, lengths = [o[0].text for o in outs], [len(o[0].token_ids) for o in outs]
+    if save_to is not None:
+        write_jsonl(save_to, [{"prompt_id": p.id, "text": t, "tokens": n} for p, t, n in zip(c.split.eval, texts, lengths)])
+    return texts, lengths
+
+
+def measure_diversity(c: Campaign, seed: int, save_to) -> dict | None:
+    """The diversity watch: eval.diversity_samples samples for each of the first
+    eval.diversity_prompts held-out prompts, with their log-probs -> `diversity.diversity_metrics`.
+    The samples are saved as JSONL to `save_to`. None when the watch is off."""
+    e = c.cfg.eval
+    prompts = c.split.eval[: e.diversity_prompts]
+    if not prompts:
+        return None
+    sampling = Sampling(e.diversity_samples, e.temperature, 1.0, e.max_new_tokens, seed, logprobs=True)
+    outs = c.generator.generate(prompts, sampling)
+    write_jsonl(save_to, [{"prompt_id": p.id, "index": i, "text": o.text, "token_ids": o.token_ids, "logprobs": o.logprobs}
+                          for p, samples in zip(prompts, outs) for i, o in enumerate(samples)])
+    return diversity.diversity_metrics([[o.text for o in samples] for samples in outs],
+                                       [[o.logprobs for o in samples] for samples in outs])
+
+
+def baseline(c: Campaign) -> dict:
+    """The round-0 policy's eval responses and diversity: measured once, reused by every round."""
+    paths = c.run.baseline
+    if c.run.is_done("baseline", "eval"):
+        texts = [row["text"] for row in read_jsonl(paths.eval_responses)]
+        done = c.run.manifest["rounds"]["baseline"]
+        base = {"texts": texts, "accuracy": done["eval"]["accuracy"]}
+    else:
+        texts, _ = generate_eval(c, stable_seed(c.cfg.seed, "baseline-eval"), save_to=paths.eval_responses)
+        acc = evaluate.accuracy(c.split.eval, texts)
+        c.run.mark_done("baseline", "eval", accuracy=acc)
+        base = {"texts": texts, "accuracy": acc}
+    if c.cfg.eval.enabled and c.cfg.eval.diversity_prompts:
+        if not c.run.is_done("baseline", "diversity"):
+            if last_checkpoint(c.run, c.cfg.rounds) is not None:
+                # A run started before the diversity watch existed: the generator now holds a later
+                # round's weights, so measuring "the initial policy" here would measure the wrong one.
+                log.warning("this run has no diversity measurement of its initial policy (it was started before "
+                            "the diversity watch existed); the diversity watch is off for it")
+                return base
+            metrics = measure_diversity(c, stable_seed(c.cfg.seed, "baseline-diversity"), paths.diversity_samples)
+            c.run.mark_done("baseline", "diversity", metrics=metrics)
+        base["diversity"] = c.run.manifest["rounds"]["baseline"]["diversity"]["metrics"]
+    return base
+
+
+def stage_eval(c: Campaign, r: int, base: dict, prev_texts: list[str] | None, timings: dict) -> dict | None:
+    """Held-out responses of the updated policy, judged against the round-0 and previous
+    policies, and its diversity (with a warning where it fell well below the initial policy's).
+    None with eval.enabled=false."""
+    if not c.cfg.eval.enabled:
+        return None
+    with timed("eval", timings):
+        return held_out_eval(c, r, base, prev_texts)
+
+
+def held_out_eval(c: Campaign, r: int, base: dict, prev_texts: list[str] | None) -> dict:
+    log.info("round %d eval: %d held-out prompts", r, len(c.split.eval))
+    paths = c.run.round_paths(r)
+    texts, lengths = generate_eval(c, stable_seed(c.cfg.seed, r, "eval"), save_to=paths.eval_responses)
+    result = evaluate.evaluate_round(as_pairwise(c.judge), c.split.eval, texts, lengths, base["texts"],
+                                     prev_texts if c.cfg.eval.compare_previous else None)
+    if base.get("diversity"):
+        result["diversity"] = measure_diversity(c, stable_seed(c.cfg.seed, r, "diversity"), paths.diversity_samples)
+        result["diversity_warnings"] = diversity.collapse_warnings(
+            result["diversity"], base["diversity"], c.cfg.eval.diversity_warn_fraction, "the initial policy")
+        for warning in result["diversity_warnings"]:
+            log.warning("round %d: %s", r, warning)
+    return result
+
+
+def judge_stats(c: Campaign):
+    """A copy of the judge's running stats (API judges: requests, cache hits, cost), or None."""
+    return copy.deepcopy(judge_stats_of(c.judge))
+
+
+def record_round(c: Campaign, r: int, funnel, held_out: dict | None, train_metrics: list[dict], drift: dict | None,
+                 stats_before, timings: dict, against_previous: bool) -> dict:
+    """The round's record -> eval.json, and the round marked done (with the guard's verdict)."""
+    counts = funnel.as_dict()
+    result = {"round": r, c.objective.name: counts[c.objective.name], "replayed": funnel.replayed, "funnel": counts}
+    if held_out is not None:
+        result["eval"] = held_out
+    if train_metrics:
+        last = train_metrics[-1]
+        result["train"] = {"steps": len(train_metrics), "final_loss": last["loss"],
+                           "final_reward_margin": last["reward_margin"], "final_kl": last.get("kl"),
+                           "final_pair_accuracy": last.get("pair_accuracy"),
+                           "train_tokens_per_s": last["train_tokens_per_s"], "logp_drift": drift}
+    if stats_before is not None:  # API judges: this round's requests, cache hits, cost, position consistency
+        result["judge_stats"] = judge_stats_of(c.judge).since(stats_before).as_dict()
+    templates = template_hashes(c.judge)  # LLM judges: which templates (by hash) produced this round's verdicts
+    if templates is not None:
+        result["judge_templates"] = templates
+    result["timings"] = timings
+    result["wall_s"] = sum(timings.values())
+    if guard_mode(c.cfg) != "off":
+        result["guard"] = guard_verdict(result["eval"], against_previous=against_previous)
+    write_json(c.run.round_paths(r).eval_json, result)
+    c.run.mark_done(r, "eval", wall_s=result["wall_s"], accepted=result.get("guard", {}).get("accepted", True))
+    return result

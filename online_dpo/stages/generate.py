@@ -1,0 +1,106 @@
+"""The generate stage: K candidates per prompt from the current policy -> candidates.parquet;
+with a remote judge, in slices that are judged while the next slice generates."""
+
+from __future__ import annotations
+
+import logging
+
+from judges.base import is_remote
+from online_dpo.campaign import Campaign, once, timed
+from online_dpo.engines.generate import Completion, Sampling
+from online_dpo.pairs import Candidate
+from online_dpo.rundir import read_parquet, write_parquet
+from online_dpo.seeds import stable_seed
+from online_dpo.stages.judge import judge_candidates, save_judgments, scores_of, stage_judge
+
+log = logging.getLogger("online_dpo")
+
+
+def generate_and_judge(c: Campaign, r: int, prompts, timings: dict) -> tuple[list[list[Candidate]], list[list]]:
+    """The round's candidates and their scores: generated then judged, or, for a judge that
+    waits on a remote API, judged slice by slice while generation goes on."""
+    if overlaps_judging(c) and not c.run.is_done(r, "generate"):
+        return stage_generate_while_judging(c, r, prompts, timings)
+    with timed("generate", timings):
+        candidates = stage_generate(c, r, prompts)
+    with timed("judge", timings):
+        scores = stage_judge(c, r, prompts, candidates)
+    return candidates, scores
+
+
+def completion_rows(prompts, completions: list[list[Completion]]) -> list[dict]:
+    return [{"prompt_id": p.id, "index": i, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+             "token_logprobs": c.logprobs}
+            for p, cs in zip(prompts, completions) for i, c in enumerate(cs)]
+
+
+def rows_to_candidates(prompts, rows: list[dict]) -> list[list[Candidate]]:
+    by_prompt: dict[str, list[Candidate]] = {p.id: [] for p in prompts}
+    for row in rows:
+        logprobs = row.get("token_logprobs")  # absent in runs saved before they were kept
+        by_prompt[row["prompt_id"]].append(Candidate(row["prompt_id"], row["index"], row["text"],
+                                                     list(row["token_ids"]), row["finish_reason"],
+                                                     list(logprobs) if logprobs is not None else None))
+    return [sorted(by_prompt[p.id], key=lambda c: c.index) for p in prompts]
+
+
+def stage_generate(c: Campaign, r: int, prompts) -> list[list[Candidate]]:
+    """K samples per prompt from the current policy -> candidates.parquet."""
+    def generate() -> list[dict]:
+        log.info("round %d generate: %d prompts x %d samples", r, len(prompts), c.cfg.generation.samples_per_prompt)
+        rows = completion_rows(prompts, c.generator.generate(prompts, train_sampling(c, r)))
+        save_candidates(c, r, rows)
+        return rows
+
+    rows = once(c.run, r, "generate", generate, lambda: read_parquet(c.run.round_paths(r).candidates))
+    return rows_to_candidates(prompts, rows)
+
+
+def train_sampling(c: Campaign, r: int, *slice_index: int) -> Sampling:
+    """The K-candidate sampling of round r (of one slice of it, when judging overlaps generation)."""
+    g = c.cfg.generation
+    return Sampling(g.samples_per_prompt, g.temperature, g.top_p, g.max_new_tokens,
+                    stable_seed(c.cfg.seed, r, "train-generate", *slice_index),
+                    logprobs=c.reference_source == "generation")
+
+
+def save_candidates(c: Campaign, r: int, rows: list[dict]) -> None:
+    write_parquet(c.run.round_paths(r).candidates, rows)
+    c.run.mark_done(r, "generate", candidates=len(rows))
+
+
+def overlaps_judging(c: Campaign) -> bool:
+    """judge.overlap_generation: auto = for judges that wait on a remote API (`judges.base.is_remote`)."""
+    choice = c.cfg.judge.overlap_generation
+    return is_remote(c.judge) if choice == "auto" else bool(choice)
+
+
+def stage_generate_while_judging(c: Campaign, r: int, prompts, timings: dict):
+    """Generate and judge at once: the round's prompts go to the generator in
+    judge.overlap_chunks slices, and each slice is judged in a background thread while the
+    next one generates, so a remote judge's latency hides behind generation. Writes the
+    same candidates.parquet and judgments.parquet, with the same markers, as the two stages
+    one after the other. Each slice has its own seed, so a resumed round regenerates the same
+    candidates and a caching judge answers them from its cache. timings: "generate" is the
+    generation wall time, "judge" the wait for the judge after the last slice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = c.cfg.generation
+    size = -(-len(prompts) // c.cfg.judge.overlap_chunks)
+    slices = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    log.info("round %d generate: %d prompts x %d samples in %d slices, each judged while the next generates",
+             r, len(prompts), g.samples_per_prompt, len(slices))
+    rows, futures = [], []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge") as pool:
+        with timed("generate", timings):
+            for k, part in enumerate(slices):
+                part_rows = completion_rows(part, c.generator.generate(part, train_sampling(c, r, k)))
+                rows += part_rows
+                futures.append(pool.submit(judge_candidates, c, r, part, rows_to_candidates(part, part_rows),
+                                           f" (slice {k + 1}/{len(slices)})"))
+            save_candidates(c, r, rows)
+        with timed("judge", timings):  # only the wait after the last slice: the rest overlapped generation
+            scores = [s for f in futures for s in f.result()]  # re-raises a judge error (e.g. its budget)
+            candidates = rows_to_candidates(prompts, rows)
+            judged = save_judgments(c, r, prompts, candidates, scores)
+    return candidates, scores_of(judged, candidates)

@@ -1,0 +1,63 @@
+"""The select stage: the round's fresh training records from judged candidates (pairs, or
+KTO's labelled examples: the campaign's `Objective` decides), the draw replayed from earlier
+rounds, and the funnel of what was kept and dropped."""
+
+from __future__ import annotations
+
+import logging
+
+from online_dpo import labels
+from online_dpo.campaign import Campaign
+from online_dpo.pairs import Funnel, replay_pairs
+from online_dpo.rundir import atomic_path, write_json, write_jsonl
+from online_dpo.seeds import stable_seed
+
+log = logging.getLogger("online_dpo")
+
+
+def stage_pairs(c: Campaign, r: int, prompts, candidates, scores) -> Funnel | labels.LabelFunnel:
+    """The round's training data: fresh preference pairs -> pairs/ (an HF dataset, TRL's
+    conversational format) or, for KTO's objective, fresh labelled examples -> examples/ (TRL's
+    unpaired format); the draw from earlier rounds' -> replay.jsonl; and the
+    funnel of what was kept and dropped -> funnel.json. Selection, labelling and replay are
+    pure functions of saved inputs and seeds, so on resume they are recomputed and equal what
+    was saved.
+    """
+    objective, paths = c.objective, c.run.round_paths(r)
+    fresh, funnel = objective.select(prompts, candidates, scores, seed=stable_seed(c.cfg.seed, r, "pairs"))
+    replayed = replayed_pairs(c, r, len(fresh))
+    funnel.replayed = len(replayed)
+    if not c.run.is_done(r, "pairs"):
+        from datasets import Dataset
+
+        with atomic_path(paths.records(objective.name), is_dir=True) as tmp:
+            Dataset.from_list(fresh).save_to_disk(str(tmp))
+        write_jsonl(paths.replay, [{k: p[k] for k in objective.replay_keys} for p in replayed])
+        write_json(paths.funnel, funnel.as_dict())
+        c.run.mark_done(r, "pairs", pairs=len(fresh), replayed=len(replayed))
+    log.info("round %d %s: %s", r, objective.name, funnel.summary())
+    return funnel
+
+
+def round_pairs(c: Campaign, r: int) -> list[dict]:
+    """Round r's fresh pairs (or labelled examples, for KTO), read back from its run directory.
+    The manifest's "pairs" marker counts either."""
+    from datasets import load_from_disk
+
+    if c.run.manifest["rounds"][str(r)]["pairs"]["pairs"] == 0:
+        return []  # `datasets` saves an empty dataset but cannot load one back
+    return load_from_disk(str(c.run.round_paths(r).records(c.objective.name))).to_list()
+
+
+def replayed_pairs(c: Campaign, r: int, fresh_count: int) -> list[dict]:
+    """With pairs.replay_fraction > 0: a seeded draw from earlier rounds' pairs (examples) for this update."""
+    if c.cfg.pairs.replay_fraction <= 0 or r == 0 or fresh_count == 0:
+        return []
+    earlier = [round_pairs(c, q) for q in range(r)]
+    return replay_pairs(earlier, fresh_count, c.cfg.pairs.replay_fraction, stable_seed(c.cfg.seed, r, "replay"))
+
+
+def training_set(c: Campaign, r: int) -> list[dict]:
+    """The round's update data, read from the run directory: fresh pairs (examples) + replayed ones."""
+    fresh = round_pairs(c, r)
+    return fresh + replayed_pairs(c, r, len(fresh))

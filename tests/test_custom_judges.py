@@ -1,0 +1,72 @@
+"""A judge of your own without packaging it: `judge.name` takes `package.module:Class` or
+`path/to/file.py:Class`, a plain scoring function becomes a judge, and a plugin that is not a
+judge, or a misspelt name, is refused at load with what to do instead."""
+
+import pytest
+
+from judges import FunctionScorer, NotAJudge, PairwiseItem, PointwiseItem, UnknownJudgeError, as_judge, as_pairwise
+from judges.registry import load_judge
+from tests.conftest import ROOT
+
+ITEMS = [PointwiseItem("2+2?", "It is 4.", "4"), PointwiseItem("2+2?", "It is 5.", "4")]
+
+
+@pytest.mark.parametrize("name", ["tests.custom_judges:CorrectFirst", f"{ROOT}/tests/custom_judges.py:CorrectFirst",
+                                  "tests/custom_judges.py:CorrectFirst"])
+def test_a_judge_class_is_loaded_by_module_or_file_reference_with_its_options(name, monkeypatch):
+    monkeypatch.chdir(ROOT)  # a relative file reference is read from where the campaign runs
+    judge = load_judge(name, bonus=0.5)
+    assert type(judge).__name__ == "CorrectFirst" and judge.bonus == 0.5
+    assert [s.value for s in judge.score(ITEMS)] == [1.5, 0.0]
+    assert [v.winner for v in as_pairwise(judge).compare([PairwiseItem("2+2?", "4", "5", "4")])] == ["a"]
+
+
+def test_a_file_reference_loads_its_module_once():
+    first = load_judge(f"{ROOT}/tests/custom_judges.py:CorrectFirst")
+    second = load_judge(f"{ROOT}/tests/custom_judges.py:CorrectFirst")
+    assert type(first) is type(second)
+
+
+def test_references_that_lead_nowhere_say_what_is_there(tmp_path):
+    with pytest.raises(UnknownJudgeError, match="no file"):
+        load_judge(f"{tmp_path}/missing.py:Judge")
+    with pytest.raises(UnknownJudgeError, match=r"has no 'Nope'; it defines CorrectFirst, NotAJudgeAtAll"):
+        load_judge("tests.custom_judges:Nope")
+    with pytest.raises(UnknownJudgeError, match="cannot import 'no_such_pkg.judges'.*path/to/judges.py:J"):
+        load_judge("no_such_pkg.judges:J")
+
+
+def test_a_plugin_that_is_not_a_judge_is_refused_at_load():
+    from tests.custom_judges import CorrectFirst
+
+    with pytest.raises(NotAJudge, match=r"NotAJudgeAtAll, which is not a judge: it has no compare\(items\) or score"):
+        load_judge("tests.custom_judges:NotAJudgeAtAll")
+    with pytest.raises(NotAJudge, match=r"the class CorrectFirst; pass an instance of it, e.g. CorrectFirst\(\)"):
+        as_judge(CorrectFirst)
+
+
+def test_a_misspelt_judge_name_gets_a_suggestion_and_the_list():
+    with pytest.raises(UnknownJudgeError) as e:
+        load_judge("arithmatic")
+    message = str(e.value)
+    assert "did you mean 'arithmetic'?" in message and "Available: " in message and "openai" in message
+    assert "path/to/judge.py:MyJudge" in message and "online_dpo.judges" in message
+
+
+def test_a_run_judged_by_a_python_object_cannot_be_resumed_by_name():
+    with pytest.raises(UnknownJudgeError, match=r"online_dpo.resume\(run_dir, judge=...\)"):
+        load_judge("python:shorter_is_better")
+
+
+def test_a_plain_function_is_a_pointwise_judge_whose_failures_are_counted_apart():
+    from tests.custom_judges import shorter_is_better
+
+    judge = as_judge(shorter_is_better)
+    assert isinstance(judge, FunctionScorer) and judge.name == "shorter_is_better"
+    scores = judge.score([PointwiseItem("q", "ab", None), PointwiseItem("q", "", None)])
+    assert scores[0].value == -2.0 and scores[1].value is None and "ValueError: empty response" in scores[1].error
+    not_numbers = as_judge(lambda p, r, ref: None if r == "a" else "high")
+    assert [s.error for s in not_numbers.score([PointwiseItem("q", "a", None), PointwiseItem("q", "b", None)])] == [
+        "<lambda> returned None, not a number", "<lambda> returned 'high', not a number"]
+    verdicts = as_pairwise(judge).compare([PairwiseItem("q", "short", "longer"), PairwiseItem("q", "", "x")])
+    assert verdicts[0].winner == "a" and verdicts[1].winner is None  # an error is neither a win nor a loss
