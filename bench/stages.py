@@ -91,8 +91,8 @@ def bench_round(c, rows: list[dict], n_params: int) -> None:
         Console().print("[yellow]no pairs this round: reference, update and sync are skipped")
     else:
         prompt_ids = {p.id: chat_prompt_ids(c.tokenizer, p.messages) for p in prompts}
-        batches, _ = make_batches(pairs, prompt_ids, cfg.dpo, c.tokenizer.pad_token_id,
-                                   stable_seed(cfg.seed, 0, "batches"))
+        batches, _ = make_batches(pairs, prompt_ids, batch_size=cfg.dpo.batch_size, max_length=cfg.dpo.max_length,
+                                  pad_id=c.tokenizer.pad_token_id, seed=stable_seed(cfg.seed, 0, "batches"))
         pass_tokens = sum(b.rows.num_tokens for b in batches)  # the prompt once per pair
 
         with stage(rows, "reference", 2 * n_params, train_dtype, f"{len(batches)} batch(es)") as row:

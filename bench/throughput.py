@@ -188,7 +188,8 @@ def bench_train(path: str, args, prompts, tokenizer, completions, device: str) -
     n_pairs = args.batch_size * args.train_steps
     pairs, prompt_ids = make_pairs(prompts, tokenizer, completions, n_pairs, args.max_new_tokens, seed=0)
     source = "the HF backend's completions" if completions else f"synthetic responses <= {args.max_new_tokens} tokens"
-    batches, _ = make_batches(pairs, prompt_ids, cfg, tokenizer.pad_token_id, seed=0)
+    batches, _ = make_batches(pairs, prompt_ids, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                              pad_id=tokenizer.pad_token_id, seed=0)
     # Tokens the model runs on: one shared-prompt row per pair, the prompt once (Rows).
     useful = sum(b.rows.num_tokens for b in batches)
     padded = sum(b.rows.input_ids.numel() for b in batches)

@@ -55,7 +55,8 @@ class PairwiseDPO:
         return select_pairs(prompts, candidates, scores, self.pairs_cfg, seed=seed)
 
     def batches(self, records, prompt_ids, pad_id, seed, num_processes):
-        return make_batches(records, prompt_ids, self.dpo_cfg, pad_id, seed, num_processes=num_processes)
+        return make_batches(records, prompt_ids, **batching(self.dpo_cfg), pad_id=pad_id, seed=seed,
+                            num_processes=num_processes)
 
     def check(self, r, records):
         pass
@@ -81,7 +82,8 @@ class KTO:
         return labels.label_candidates(prompts, candidates, scores, self.kto_cfg)
 
     def batches(self, records, prompt_ids, pad_id, seed, num_processes):
-        return make_example_batches(records, prompt_ids, self.dpo_cfg, pad_id, seed, num_processes=num_processes)
+        return make_example_batches(records, prompt_ids, **batching(self.dpo_cfg), pad_id=pad_id, seed=seed,
+                                    num_processes=num_processes)
 
     def check(self, r, records):
         """Warn when λ_D·n_D / (λ_U·n_U) is outside the KTO paper's advised [1, 4/3], with the weight that fixes it."""
@@ -97,6 +99,11 @@ class KTO:
     def reference_row(self, record, values):
         return {"prompt_id": record["prompt_id"], "index": record["index"], "label": record["label"],
                 "replay_from_round": record.get("replay_from_round"), "ref_logp": values[0]}
+
+
+def batching(dpo: DPOConfig) -> dict:
+    """The builder from the dpo section to the packing functions' arguments."""
+    return {"batch_size": dpo.batch_size, "max_length": dpo.max_length}
 
 
 def build_objective(cfg: CampaignConfig) -> Objective:

@@ -64,11 +64,11 @@ def run_scenario(accelerator: Accelerator, scenario: str, out: Path) -> None:
         optim.enable_gradient_checkpointing(model)
     if kto:
         examples, prompt_ids = synthetic_examples(NUM_PAIRS)
-        batches, _ = make_example_batches(examples, prompt_ids, cfg, pad_id=0, seed=5,
+        batches, _ = make_example_batches(examples, prompt_ids, batch_size=cfg.batch_size, max_length=cfg.max_length, pad_id=0, seed=5,
                                            num_processes=accelerator.num_processes)
     else:
         pairs, prompt_ids = synthetic_pairs(NUM_PAIRS)
-        batches, _ = make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=5, num_processes=accelerator.num_processes)
+        batches, _ = make_batches(pairs, prompt_ids, batch_size=cfg.batch_size, max_length=cfg.max_length, pad_id=0, seed=5, num_processes=accelerator.num_processes)
     optimizer = optim.build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     ref = reference_logps(model, batches, accelerator)

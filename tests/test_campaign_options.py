@@ -244,7 +244,8 @@ def test_kto_round_of_the_quickstart_labels_every_candidate_by_the_verifier(tmp_
     for row in rows[:3]:
         e = by_key[(row["prompt_id"], row["index"])]
         batch = make_example_batches([e], {e["prompt_id"]: chat_prompt_ids(tokenizer, e["prompt"])},
-                                         DPOConfig(batch_size=1), tokenizer.pad_token_id, seed=0)[0][0]
+                                         batch_size=1, max_length=DPOConfig().max_length, pad_id=tokenizer.pad_token_id,
+                                         seed=0)[0][0]
         with torch.no_grad():
             (logp,) = batch_logps(model, batch)
         assert row["ref_logp"] == pytest.approx(float(logp), abs=2e-3) and row["label"] == e["label"]

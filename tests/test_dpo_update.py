@@ -93,7 +93,8 @@ def test_kto_raises_desirable_and_lowers_undesirable_examples(tiny_policy):
                 {"prompt_id": "p", "completion_token_ids": [20, 21, 2], "label": False},
                 {"prompt_id": "q", "completion_token_ids": [13, 14, 2], "label": True},
                 {"prompt_id": "q", "completion_token_ids": [22, 23, 24, 2], "label": False}]
-    batches, _ = make_example_batches(examples, {"p": [1, 2, 3], "q": [4, 5]}, cfg, pad_id=0, seed=3)
+    batches, _ = make_example_batches(examples, {"p": [1, 2, 3], "q": [4, 5]}, batch_size=cfg.batch_size,
+                                      max_length=cfg.max_length, pad_id=0, seed=3)
     assert len(batches) == 1 and batches[0].num_items == 4
     batch = batches[0]
     # each row is its example: the prompt then the response, the response mask on the response only

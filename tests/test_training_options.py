@@ -41,7 +41,7 @@ def accelerator():
 
 
 def run_update(model, pairs, prompt_ids, cfg, accelerator, optimizer=None, seed=3):
-    batches, _ = make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=seed)
+    batches, _ = make_batches(pairs, prompt_ids, batch_size=cfg.batch_size, max_length=cfg.max_length, pad_id=0, seed=seed)
     ref = reference_logps(model, batches, accelerator)
     optimizer = optimizer or optim.build_optimizer(model, cfg)
     return train_round(model, optimizer, batches, ref, cfg, accelerator), batches, ref
@@ -94,7 +94,7 @@ def test_make_batches_carries_chosen_prob_per_pair_and_missing_means_one():
     pairs, prompt_ids = synthetic_pairs(5)
     pairs[1]["chosen_prob"], pairs[3]["chosen_prob"] = 0.5, 1.0  # the others have no key
     cfg = DPOConfig(batch_size=2)
-    batches, order = make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=9)
+    batches, order = make_batches(pairs, prompt_ids, batch_size=cfg.batch_size, max_length=cfg.max_length, pad_id=0, seed=9)
     assert order == torch.randperm(5, generator=torch.Generator().manual_seed(9)).tolist()  # a seeded shuffle
     got = torch.cat([b.chosen_prob for b in batches]).tolist()
     assert got == [0.5 if i == 1 else 1.0 for i in order]
@@ -112,14 +112,14 @@ def test_kept_ties_need_the_sigmoid_loss(accelerator):
 
 def test_make_batches_splits_evenly_over_processes_or_says_why():
     pairs, prompt_ids = synthetic_pairs(7)
-    batches, order = make_batches(pairs, prompt_ids, DPOConfig(batch_size=4), pad_id=0, seed=1, num_processes=2)
+    batches, order = make_batches(pairs, prompt_ids, batch_size=4, max_length=192, pad_id=0, seed=1, num_processes=2)
     assert len(order) == 6 and len(set(order)) == 6  # the pair left out is in no batch
     assert [b.num_pairs for b in batches] == [4, 2]  # 7 pairs: one left out so the last batch splits
     shards = [batches[0].shard(i, 2) for i in range(2)]
     for field in ("input_ids", "position_ids", "segment", "predictor"):  # one row per pair, in order
         assert torch.equal(torch.cat([getattr(s.rows, field) for s in shards]), getattr(batches[0].rows, field))
     with pytest.raises(ValueError, match="multiple of 2"):
-        make_batches(pairs, prompt_ids, DPOConfig(batch_size=3), pad_id=0, seed=1, num_processes=2)
+        make_batches(pairs, prompt_ids, batch_size=3, max_length=192, pad_id=0, seed=1, num_processes=2)
     with pytest.raises(ValueError, match="cannot be split evenly over 4 processes"):
         batches[1].shard(0, 4)
 
@@ -173,7 +173,7 @@ def test_a_schedule_spanning_the_campaign_continues_across_rounds(accelerator):
     optimizer = optim.build_optimizer(model, cfg)
     lrs = []
     for r in range(3):
-        batches, _ = make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=3)
+        batches, _ = make_batches(pairs, prompt_ids, batch_size=cfg.batch_size, max_length=cfg.max_length, pad_id=0, seed=3)
         ref = reference_logps(model, batches, accelerator)
         lrs += [m["lr"] for m in train_round(model, optimizer, batches, ref, cfg, accelerator, schedule_rounds=(r, 3))]
     assert lrs == pytest.approx([1e-2 * e for e in [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]], abs=1e-12)
@@ -216,7 +216,7 @@ def test_gradients_are_clipped_to_max_grad_norm(accelerator):
     pairs, prompt_ids = synthetic_pairs(4)
     cfg = DPOConfig(beta=0.5, batch_size=4, max_steps=1, mixed_precision="no", rpo_alpha=0.0)  # the DPO term alone
     model = tiny_llama()
-    batches, _ = make_batches(pairs, prompt_ids, cfg, pad_id=0, seed=3)
+    batches, _ = make_batches(pairs, prompt_ids, batch_size=cfg.batch_size, max_length=cfg.max_length, pad_id=0, seed=3)
     ref = reference_logps(model, batches, accelerator)
     # the full-batch gradient norm, by hand
     probe = copy.deepcopy(model).train()
@@ -236,7 +236,7 @@ def test_gradients_are_clipped_to_max_grad_norm(accelerator):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     pairs, prompt_ids = synthetic_pairs(4)
-    batch = make_batches(pairs, prompt_ids, DPOConfig(batch_size=4), pad_id=0, seed=3)[0][0]
+    batch = make_batches(pairs, prompt_ids, batch_size=4, max_length=192, pad_id=0, seed=3)[0][0]
     results = []
     for checkpointing in (False, True):
         model = tiny_llama().train()

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from online_dpo.config import DPOConfig
-
 log = logging.getLogger("online_dpo")
 
 PROMPT, PAD = 0, -1  # segment ids; the responses of a row are 1, 2, ...
@@ -191,20 +189,20 @@ class ExampleBatch:
         return ExampleBatch(self.rows.select(slice(lo, hi)), self.desirable[lo:hi])
 
 
-def make_example_batches(examples: list[dict], prompt_ids: dict[str, list[int]], cfg: DPOConfig, pad_id: int,
-                         seed: int, num_processes: int = 1) -> tuple[list[ExampleBatch], list[int]]:
-    """Shuffle labelled examples with `seed` and cut them into batches of `cfg.batch_size`
+def make_example_batches(examples: list[dict], prompt_ids: dict[str, list[int]], *, batch_size: int, max_length: int,
+                         pad_id: int, seed: int, num_processes: int = 1) -> tuple[list[ExampleBatch], list[int]]:
+    """Shuffle labelled examples with `seed` and cut them into batches of `batch_size`
     examples (the same order and the same even-split rule as `make_batches`).
     Returns (batches, order): order[i] is the index in `examples` of the i-th batched example."""
-    order = even_order(len(examples), cfg, seed, num_processes, "examples")
+    order = even_order(len(examples), batch_size, seed, num_processes, "examples")
     rows, labels = [], []
     for i in order:
         prompt = prompt_ids[examples[i]["prompt_id"]]
-        rows.append((prompt, [list(examples[i]["completion_token_ids"])[: response_room(prompt, cfg.max_length)]]))
+        rows.append((prompt, [list(examples[i]["completion_token_ids"])[: response_room(prompt, max_length)]]))
         labels.append(bool(examples[i]["label"]))
-    batches = [ExampleBatch(pack_rows(rows[i : i + cfg.batch_size], pad_id),
-                            torch.tensor(labels[i : i + cfg.batch_size], dtype=torch.bool))
-               for i in range(0, len(rows), cfg.batch_size)]
+    batches = [ExampleBatch(pack_rows(rows[i : i + batch_size], pad_id),
+                            torch.tensor(labels[i : i + batch_size], dtype=torch.bool))
+               for i in range(0, len(rows), batch_size)]
     return batches, order
 
 
@@ -215,11 +213,11 @@ def shuffled_order(count: int, seed: int, num_processes: int = 1) -> list[int]:
     return order[: count - count % num_processes]
 
 
-def even_order(count: int, cfg: DPOConfig, seed: int, num_processes: int, unit: str) -> list[int]:
+def even_order(count: int, batch_size: int, seed: int, num_processes: int, unit: str) -> list[int]:
     """`shuffled_order` after checking that dpo.batch_size splits over the processes; warns about
     the items (`unit`: "pairs" or "examples") left out so every batch splits evenly."""
-    if cfg.batch_size % num_processes:
-        raise ValueError(f"dpo.batch_size={cfg.batch_size} {unit} cannot be split evenly over {num_processes} "
+    if batch_size % num_processes:
+        raise ValueError(f"dpo.batch_size={batch_size} {unit} cannot be split evenly over {num_processes} "
                          f"processes; set dpo.batch_size to a multiple of {num_processes}")
     order = shuffled_order(count, seed, num_processes)
     if len(order) < count:
@@ -228,19 +226,20 @@ def even_order(count: int, cfg: DPOConfig, seed: int, num_processes: int, unit: 
     return order
 
 
-def make_batches(pairs: list[dict], prompt_ids: dict[str, list[int]], cfg: DPOConfig, pad_id: int, seed: int,
-                 num_processes: int = 1) -> tuple[list[PairBatch], list[int]]:
-    """Shuffle pairs with `seed` and cut them into batches of `cfg.batch_size` pairs.
+def make_batches(pairs: list[dict], prompt_ids: dict[str, list[int]], *, batch_size: int, max_length: int, pad_id: int,
+                 seed: int, num_processes: int = 1) -> tuple[list[PairBatch], list[int]]:
+    """Shuffle pairs with `seed` and cut them into batches of `batch_size` pairs; each response
+    is cut so that prompt + response fits `max_length`.
     Returns (batches, order): order[i] is the index in `pairs` of the i-th batched pair.
 
     A pair's `chosen_prob` (0.5 for a kept tie; missing means 1.0) travels with it.
-    With several processes every batch must split evenly: `cfg.batch_size` must be a
+    With several processes every batch must split evenly: `batch_size` must be a
     multiple of `num_processes`, and the last (num_pairs % num_processes) shuffled pairs
     are left out of this round, so the last, smaller batch splits too."""
-    order = even_order(len(pairs), cfg, seed, num_processes, "pairs")
+    order = even_order(len(pairs), batch_size, seed, num_processes, "pairs")
     encoded = [encode_pair(prompt_ids[pairs[i]["prompt_id"]], pairs[i]["chosen_token_ids"],
-                           pairs[i]["rejected_token_ids"], cfg.max_length) for i in order]
+                           pairs[i]["rejected_token_ids"], max_length) for i in order]
     probs = [float(pairs[i].get("chosen_prob", 1.0)) for i in order]
-    batches = [collate_pairs(encoded[i : i + cfg.batch_size], pad_id, probs[i : i + cfg.batch_size])
-               for i in range(0, len(encoded), cfg.batch_size)]
+    batches = [collate_pairs(encoded[i : i + batch_size], pad_id, probs[i : i + batch_size])
+               for i in range(0, len(encoded), batch_size)]
     return batches, order

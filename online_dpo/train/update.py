@@ -39,10 +39,11 @@ def loss_fn_from_config(cfg: DPOConfig, kto: KTOConfig | None = None):
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
-def make_scheduler(optimizer, cfg: DPOConfig, total_steps: int, start_step: int = 0):
-    """transformers' schedule: `cfg.warmup_steps` of linear warmup from 0, then constant, linear
-    decay to 0 or cosine decay to 0 at `total_steps`, entered at `start_step`. A round's own
-    schedule starts at 0 (restarting at `cfg.learning_rate` every round, also when the
+def make_scheduler(optimizer, *, learning_rate: float, schedule: str, warmup_steps: int, total_steps: int,
+                   start_step: int = 0):
+    """transformers' schedule: `warmup_steps` of linear warmup from 0, then constant, linear
+    decay to 0 or cosine decay to 0 at `total_steps` (`schedule`: a key of SCHEDULES), entered at
+    `start_step`. A round's own schedule starts at 0 (restarting at `learning_rate` every round, also when the
     optimizer's moments are carried over); with dpo.lr_schedule_span=campaign, round r enters
     one schedule over all rounds at r x dpo.max_steps."""
     from torch.optim.lr_scheduler import LambdaLR
@@ -50,12 +51,11 @@ def make_scheduler(optimizer, cfg: DPOConfig, total_steps: int, start_step: int 
 
     base = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> the torch optimizer
     for group in base.param_groups:
-        group["lr"] = group["initial_lr"] = cfg.learning_rate
-    schedule = get_scheduler(SCHEDULES[cfg.lr_schedule], base, num_warmup_steps=cfg.warmup_steps,
-                             num_training_steps=total_steps)
+        group["lr"] = group["initial_lr"] = learning_rate
+    scheduler = get_scheduler(SCHEDULES[schedule], base, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
     if start_step == 0:
-        return schedule
-    multiplier = schedule.lr_lambdas[0]  # LR / cfg.learning_rate at a step of the whole schedule
+        return scheduler
+    multiplier = scheduler.lr_lambdas[0]  # LR / learning_rate at a step of the whole schedule
     return LambdaLR(base, lambda step: multiplier(start_step + step))
 
 
@@ -98,7 +98,7 @@ def metric_names(loss: str) -> tuple[str, ...]:
     return PAIR_METRICS if loss.needs_reference else PAIR_METRICS[:-1]
 
 
-def pair_step_sums(loss_fn, cfg: DPOConfig, local: PairBatch, policy: tuple, ref: tuple | None, soft):
+def pair_step_sums(loss_fn, nll_alpha: float, local: PairBatch, policy: tuple, ref: tuple | None, soft):
     """One pair micro-batch: (mean loss 0-dim, {metric: (sum, count)} over its pairs)."""
     pol_c, pol_r = policy
     if ref is None:  # reference-free: per-token averages
@@ -107,9 +107,8 @@ def pair_step_sums(loss_fn, cfg: DPOConfig, local: PairBatch, policy: tuple, ref
     else:
         extra = {"chosen_prob": soft} if soft is not None else {}
         losses, rew_c, rew_r = loss_fn(pol_c, pol_r, *ref, **extra)
-    alpha = nll_weight(cfg)
-    if alpha > 0:
-        losses = losses + alpha * chosen_nll(pol_c, response_token_counts(local)[0])
+    if nll_alpha > 0:
+        losses = losses + nll_alpha * chosen_nll(pol_c, response_token_counts(local)[0])
     n = local.num_pairs
     sums = {"loss": losses.detach().sum(), "reward_margin": (rew_c - rew_r).sum(),
             "pair_accuracy": (rew_c > rew_r).float().sum(), "chosen_logps": pol_c.detach().sum(),
@@ -180,10 +179,14 @@ def train_round(model, optimizer, batches: list[PairBatch] | list[ExampleBatch],
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     groups = accumulation_groups(len(batches), cfg.grad_accum_steps)
     total_steps = len(groups) * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
+    schedule = {"learning_rate": cfg.learning_rate, "schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps}
     if cfg.lr_schedule_span == "campaign":  # one schedule over every round: enter it where this round starts
-        scheduler = make_scheduler(optimizer, cfg, schedule_rounds[1] * total_steps, schedule_rounds[0] * total_steps)
+        this_round, rounds = schedule_rounds
+        scheduler = make_scheduler(optimizer, **schedule, total_steps=rounds * total_steps,
+                                   start_step=this_round * total_steps)
     else:
-        scheduler = make_scheduler(optimizer, cfg, total_steps)
+        scheduler = make_scheduler(optimizer, **schedule, total_steps=total_steps)
+    nll_alpha = nll_weight(cfg)
     model.train()
     metrics = []
     t0, tokens = time.perf_counter(), 0
@@ -205,7 +208,7 @@ def train_round(model, optimizer, batches: list[PairBatch] | list[ExampleBatch],
                 if unpaired:
                     loss, sums = kto_step_sums(loss_fn, local, policy, local_ref, accelerator)
                 else:
-                    loss, sums = pair_step_sums(loss_fn, cfg, local, policy, local_ref, soft)
+                    loss, sums = pair_step_sums(loss_fn, nll_alpha, local, policy, local_ref, soft)
                 # this batch's share of the group's items (== 1/grad_accum_steps for equal batches)
                 accelerator.backward(loss / (group_items / batch.num_items))
             for k, name in enumerate(names):
