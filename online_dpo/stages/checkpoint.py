@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 
-from online_dpo.campaign import Campaign, build_policy, last_accepted_round, policy_weights, timed
+from online_dpo.campaign import Campaign, build_policy, last_accepted_round, once, policy_weights, timed
 from online_dpo.report.view import best_round
 from online_dpo.rundir import atomic_path
 from online_dpo.train import lora, optim
@@ -16,9 +16,11 @@ log = logging.getLogger("online_dpo")
 
 def stage_checkpoint(c: Campaign, r: int, timings: dict) -> None:
     """Save round r's policy unless a resumed run saved it already (every process calls it)."""
-    if not c.run.is_done(r, "checkpoint"):
+    def save() -> None:
         with timed("checkpoint", timings):
             save_checkpoint(c, r)
+
+    once(c.run, r, "checkpoint", save, lambda: None)
 
 
 def save_checkpoint(c: Campaign, r: int) -> None:

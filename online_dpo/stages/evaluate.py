@@ -11,7 +11,7 @@ from judges import as_pairwise
 from judges.base import judge_stats as judge_stats_of
 from judges.base import template_hashes
 from online_dpo import diversity, evaluate
-from online_dpo.campaign import Campaign, guard_mode, last_checkpoint, timed
+from online_dpo.campaign import Campaign, guard_mode, last_checkpoint, once, timed
 from online_dpo.engines.generate import Sampling
 from online_dpo.report.view import guard_verdict
 from online_dpo.rundir import read_jsonl, write_json, write_jsonl
@@ -48,27 +48,30 @@ def measure_diversity(c: Campaign, seed: int, save_to) -> dict | None:
 
 def baseline(c: Campaign) -> dict:
     """The round-0 policy's eval responses and diversity: measured once, reused by every round."""
-    paths = c.run.baseline
-    if c.run.is_done("baseline", "eval"):
-        texts = [row["text"] for row in read_jsonl(paths.eval_responses)]
-        done = c.run.manifest["rounds"]["baseline"]
-        base = {"texts": texts, "accuracy": done["eval"]["accuracy"]}
-    else:
+    paths, done = c.run.baseline, c.run.manifest["rounds"]
+
+    def measure_eval() -> list[str]:
         texts, _ = generate_eval(c, stable_seed(c.cfg.seed, "baseline-eval"), save_to=paths.eval_responses)
-        acc = evaluate.accuracy(c.split.eval, texts)
-        c.run.mark_done("baseline", "eval", accuracy=acc)
-        base = {"texts": texts, "accuracy": acc}
-    if c.cfg.eval.enabled and c.cfg.eval.diversity_prompts:
-        if not c.run.is_done("baseline", "diversity"):
-            if last_checkpoint(c.run, c.cfg.rounds) is not None:
-                # A run started before the diversity watch existed: the generator now holds a later
-                # round's weights, so measuring "the initial policy" here would measure the wrong one.
-                log.warning("this run has no diversity measurement of its initial policy (it was started before "
-                            "the diversity watch existed); the diversity watch is off for it")
-                return base
-            metrics = measure_diversity(c, stable_seed(c.cfg.seed, "baseline-diversity"), paths.diversity_samples)
-            c.run.mark_done("baseline", "diversity", metrics=metrics)
-        base["diversity"] = c.run.manifest["rounds"]["baseline"]["diversity"]["metrics"]
+        c.run.mark_done("baseline", "eval", accuracy=evaluate.accuracy(c.split.eval, texts))
+        return texts
+
+    texts = once(c.run, "baseline", "eval", measure_eval, lambda: [row["text"] for row in read_jsonl(paths.eval_responses)])
+    base = {"texts": texts, "accuracy": done["baseline"]["eval"]["accuracy"]}
+    if not (c.cfg.eval.enabled and c.cfg.eval.diversity_prompts):
+        return base
+    if not c.run.is_done("baseline", "diversity") and last_checkpoint(c.run, c.cfg.rounds) is not None:
+        # A run started before the diversity watch existed: the generator now holds a later
+        # round's weights, so measuring "the initial policy" here would measure the wrong one.
+        log.warning("this run has no diversity measurement of its initial policy (it was started before "
+                    "the diversity watch existed); the diversity watch is off for it")
+        return base
+
+    def measure_baseline_diversity() -> None:
+        metrics = measure_diversity(c, stable_seed(c.cfg.seed, "baseline-diversity"), paths.diversity_samples)
+        c.run.mark_done("baseline", "diversity", metrics=metrics)
+
+    once(c.run, "baseline", "diversity", measure_baseline_diversity, lambda: None)
+    base["diversity"] = done["baseline"]["diversity"]["metrics"]
     return base
 
 
