@@ -184,11 +184,9 @@ def evaluate_round(judge, prompts, responses, response_tokens, baseline, previou
     result = {
         "vs_baseline": summarize(prompts, responses, baseline, verdicts),
         "accuracy": accuracy(prompts, responses),
-        "mean_response_tokens": sum(response_tokens) / max(len(response_tokens), 1),
         "response_tokens": length_stats(response_tokens),
         "comparisons": {"vs_baseline": comparison_items(prompts, responses, baseline, verdicts)},
     }
-    result["lc_win_rate"] = result["vs_baseline"]["lc_win_rate"]
     if previous is not None:
         prev_verdicts = compare(judge, prompts, responses, previous)
         result["vs_previous"] = summarize(prompts, responses, previous, prev_verdicts)

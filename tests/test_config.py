@@ -89,3 +89,11 @@ def test_a_bare_no_in_yaml_or_an_override_is_the_choice_no_not_a_boolean(tmp_pat
     assert load_config(None, ["dpo.mixed_precision=no"]).dpo.mixed_precision == "no"
     with pytest.raises(ConfigError, match="is not one of"):
         load_config(None, ["dpo.lr_schedule=no"])  # no choice spelled no/off/false there: still an error
+
+
+def test_a_key_earlier_versions_wrote_and_nothing_reads_still_loads(tmp_path):
+    """policy.seed was never read; a run directory's config.yaml that still has it resumes."""
+    path = tmp_path / "config.yaml"
+    path.write_text("policy:\n  model: embedded\n  seed: 0\n")
+    assert load_config(path).policy.model == "embedded"
+    assert not hasattr(load_config(path).policy, "seed")

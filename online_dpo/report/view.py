@@ -155,7 +155,7 @@ def finite(x) -> float | None:
 
 def mean_tokens(view: RoundView) -> float | None:
     stats = view.eval.get("response_tokens") or {}
-    return finite(stats.get("mean", view.eval.get("mean_response_tokens")))
+    return finite(stats.get("mean", view.eval.get("mean_response_tokens")))  # the latter: eval.json of earlier versions
 
 
 def p90_tokens(view: RoundView) -> float | None:
