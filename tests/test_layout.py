@@ -134,7 +134,10 @@ def test_modules_open_with_a_docstring_and_stay_small():
         tree = ast.parse(path.read_text())
         if not tree.body and path.name == "__init__.py":
             continue
-        assert ast.get_docstring(tree), f"{path.relative_to(ROOT)} opens without a docstring saying what it owns"
+        doc = ast.get_docstring(tree)
+        assert doc, f"{path.relative_to(ROOT)} opens without a docstring saying what it owns"
+        summary = doc.split("\n\n")[0].splitlines()
+        assert 1 <= len(summary) <= 4, f"{path.relative_to(ROOT)}: say what the module owns in 1-4 lines, then the details"
         lines = len(path.read_text().splitlines())
         assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (at most {MAX_LINES}): split it"
 
