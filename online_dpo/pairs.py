@@ -132,9 +132,10 @@ def select_pairs(
             funnel.dropped[TOO_FEW_JUDGED] += 1
             continue
         rng = random.Random(stable_seed(seed, prompt.id)) if cfg.strategy == "random" else None
+        length_tolerance = cfg.length_tolerance if cfg.length_aware else None
 
         if cfg.strategy == "best_vs_worst":
-            found = _best_vs_worst(usable, cfg)
+            found = _best_vs_worst(usable, cfg.min_margin, length_tolerance)
         elif cfg.strategy == "divpo":
             found = _divpo(usable, cfg.divpo_rho, cfg.min_margin)
         elif cfg.strategy == "random":
@@ -151,7 +152,7 @@ def select_pairs(
             funnel.dropped[TIE] += 1
             continue
         else:
-            (s_c, c), (s_r, r) = _tie_pair(usable, cfg, rng)
+            (s_c, c), (s_r, r) = _tie_pair(usable, length_tolerance, rng)
             pairs.append(pair_record(prompt, c, r, s_c, s_r, tie=True))
             funnel.ties_kept += 1
         funnel.prompts_paired += 1
@@ -195,16 +196,17 @@ def _longest(sc: Scored) -> tuple:
     return -len(sc[1].token_ids), sc[1].index
 
 
-def _best_vs_worst(usable: list[Scored], cfg: PairsConfig) -> list[tuple[Scored, Scored]]:
-    """The best-vs-worst pair, or [] when even it does not clear the margin (a tie)."""
+def _best_vs_worst(usable: list[Scored], min_margin: float, length_tolerance: float | None) -> list[tuple[Scored, Scored]]:
+    """The best-vs-worst pair, or [] when even it does not clear the margin (a tie);
+    length-aware within `length_tolerance` of the extremes unless it is None."""
     # max/min return the first of equal scores: the earliest sample wins, so runs reproduce.
     best = max(usable, key=lambda sc: sc[0])
     worst = min(usable, key=lambda sc: sc[0])
-    if best[0] - worst[0] <= cfg.min_margin:
+    if best[0] - worst[0] <= min_margin:
         return []
-    if not cfg.length_aware:
+    if length_tolerance is None:
         return [(best, worst)]
-    return [_length_aware_pair(usable, cfg.length_tolerance, cfg.min_margin)]
+    return [_length_aware_pair(usable, length_tolerance, min_margin)]
 
 
 def _divpo(usable: list[Scored], rho: float, min_margin: float) -> list[tuple[Scored, Scored]]:
@@ -253,13 +255,13 @@ def pairs_above_margin(usable: list[Scored], min_margin: float) -> list[tuple[Sc
     return found
 
 
-def _tie_pair(usable: list[Scored], cfg: PairsConfig, rng: random.Random | None) -> tuple[Scored, Scored]:
+def _tie_pair(usable: list[Scored], length_tolerance: float | None, rng: random.Random | None) -> tuple[Scored, Scored]:
     """The one pair a kept tie contributes; with chosen_prob 0.5 its direction does not matter."""
     if rng is not None:  # random strategy: any two distinct candidates, seeded
         first, second = rng.sample(range(len(usable)), 2)
         return usable[first], usable[second]
-    if cfg.length_aware:  # "the shortest and the longest are equally good": no reward for length
-        return _length_aware_pair(usable, cfg.length_tolerance, None)
+    if length_tolerance is not None:  # "the shortest and the longest are equally good": no reward for length
+        return _length_aware_pair(usable, length_tolerance, None)
     best = max(usable, key=lambda sc: sc[0])
     return best, min((sc for sc in usable if sc is not best), key=lambda sc: sc[0])
 
