@@ -127,8 +127,9 @@ def _size(nbytes: float) -> str:
 
 
 def _checkpoint_size(root: Path) -> int:
-    sizes = [sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) for ckpt in root.glob("round_*/checkpoint")]
-    return max(sizes, default=0)
+    run = RunDir(root)
+    checkpoints = (run.round_paths(r).checkpoint for r in run.rounds_on_disk())
+    return max((sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) for ckpt in checkpoints), default=0)
 
 
 __all__ = ["load_config", "resume", "results", "run"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from online_dpo.config import CampaignConfig, ConfigError
+from online_dpo.rundir import RunDir
 
 log = logging.getLogger("online_dpo")
 SCHEDULES = ("offline", "iterative", "semi-online")
@@ -101,8 +102,9 @@ def run_schedule(config_path: str, overrides: list[str], cfg: CampaignConfig, sc
     """Run (or resume) one schedule's campaign in its own process (vLLM keeps process-wide state)."""
     root = schedule_dir(cfg, schedule)
     place = [f"output_dir={root.parent}", f"name={root.name}"]
-    if (root / "manifest.json").exists():
-        if (root / "summary.json").exists():
+    run = RunDir(root)
+    if run.manifest_path.exists():
+        if run.summary_json.exists():
             log.info("%s: finished earlier (%s)", schedule.name, root)
             return root
         command = ["resume", str(root)]
@@ -122,12 +124,11 @@ def spent(root: Path) -> dict:
     """What a finished run spent, read from its files: prompts, judge calls, optimizer steps, per round."""
     from online_dpo.rundir import read_jsonl
 
-    rounds = []
-    for rdir in sorted(root.glob("round_*")):
-        funnel = json.loads((rdir / "funnel.json").read_text())
-        metrics = rdir / "train_metrics.jsonl"
+    run, rounds = RunDir(root), []
+    for paths in map(run.round_paths, run.rounds_on_disk()):
+        funnel = json.loads(paths.funnel.read_text())
         rounds.append({"prompts": funnel["prompts"], "judge_calls": funnel["judged"],
-                       "steps": len(read_jsonl(metrics)) if metrics.exists() else 0})
+                       "steps": len(read_jsonl(paths.train_metrics)) if paths.train_metrics.exists() else 0})
     total = {k: sum(r[k] for r in rounds) for k in ("prompts", "judge_calls", "steps")}
     return {**total, "rounds": rounds}
 
@@ -135,8 +136,9 @@ def spent(root: Path) -> dict:
 def final_responses(root: Path) -> dict[str, str]:
     from online_dpo.rundir import read_jsonl
 
-    last = sorted(root.glob("round_*"))[-1]
-    return {row["prompt_id"]: row["text"] for row in read_jsonl(last / "eval_responses.jsonl")}
+    run = RunDir(root)
+    last = run.round_paths(run.rounds_on_disk()[-1])
+    return {row["prompt_id"]: row["text"] for row in read_jsonl(last.eval_responses)}
 
 
 def paired_difference_interval(a: list[float], b: list[float], seed: int = 0, n_boot: int = 4000) -> tuple[float, float]:
@@ -177,11 +179,11 @@ def accuracy_row(prompts, texts: list[str]) -> dict | None:
 
 def curve(root: Path) -> list[dict]:
     """(judge calls spent, accuracy, win rate vs initial with CI) after each round; the initial policy at 0."""
-    manifest = json.loads((root / "manifest.json").read_text())
-    points = [{"judge_calls": 0, "accuracy": manifest["rounds"]["baseline"]["eval"]["accuracy"], "win_rate": 0.5}]
+    run = RunDir(root)
+    points = [{"judge_calls": 0, "accuracy": run.manifest["rounds"]["baseline"]["eval"]["accuracy"], "win_rate": 0.5}]
     calls = 0
-    for rdir in sorted(root.glob("round_*")):
-        result = json.loads((rdir / "eval.json").read_text())
+    for r in run.rounds_on_disk():
+        result = json.loads(run.round_paths(r).eval_json.read_text())
         calls += result["funnel"]["judged"]
         ev = result["eval"]
         points.append({"judge_calls": calls, "accuracy": ev["accuracy"], "win_rate": ev["vs_baseline"]["win_rate"],
@@ -244,8 +246,8 @@ def _baseline(roots: dict[str, Path]):
     """The initial policy's held-out responses (the same in every schedule: same seed, same model)."""
     from online_dpo.rundir import read_jsonl
 
-    first = next(iter(roots.values()))
-    return [(row["prompt_id"], row["text"]) for row in read_jsonl(first / "baseline" / "eval_responses.jsonl")]
+    first = RunDir(next(iter(roots.values())))
+    return [(row["prompt_id"], row["text"]) for row in read_jsonl(first.baseline.eval_responses)]
 
 
 def _pct(x) -> str:

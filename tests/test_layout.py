@@ -150,3 +150,37 @@ def test_the_checker_sees_an_upward_import_and_a_cycle(tmp_path):
     assert deps == {"online_dpo.loop", "b"}
     assert layer("online_dpo.loop") > layer("online_dpo.stages.update") > layer("online_dpo.train.losses")
     assert "a" in imported_modules(tmp_path / "b.py", {"a", "b"})
+
+
+RUN_DIR_NAMES = {"manifest.json", "config.yaml", "data.json", "summary.json", "best", "baseline", "plots", "report.html",
+                 "trackers", "prompts.jsonl", "candidates.parquet", "judgments.parquet", "pairs", "examples",
+                 "replay.jsonl", "funnel.json", "reference_logps.jsonl", "train_metrics.jsonl", "logp_drift.json",
+                 "checkpoint", "eval.json", "eval_responses.jsonl", "diversity_samples.jsonl"}
+
+
+def spelled_run_dir_paths(path: Path) -> list[str]:
+    """Places in `path` that build a run-directory path by hand: `x / "eval.json"`, a
+    "round_..." name, or a glob over round folders."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant) \
+                and node.right.value in RUN_DIR_NAMES:
+            found.append(f"line {node.lineno}: / {node.right.value!r}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("round_"):
+            found.append(f"line {node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.JoinedStr) and any(isinstance(v, ast.Constant) and str(v.value).startswith("round_")
+                                                     for v in node.values[:1]):
+            found.append(f"line {node.lineno}: f'round_...'")
+    return found
+
+
+def test_run_directory_file_names_are_spelled_only_by_rundir():
+    spelled = {str(p.relative_to(ROOT)): where for m, p in MODULES.items()
+               if m.startswith("online_dpo") and m != "online_dpo.rundir" and (where := spelled_run_dir_paths(p))}
+    assert not spelled, f"use RunDir / RoundPaths for these paths: {spelled}"
+
+
+def test_the_file_name_check_sees_a_hand_spelled_path(tmp_path):
+    (tmp_path / "m.py").write_text('"""m."""\nx = root / "eval.json"\ny = root.glob("round_*")\nz = f"round_{r:03d}"\n')
+    lines = {int(where.split(":")[0].removeprefix("line ")) for where in spelled_run_dir_paths(tmp_path / "m.py")}
+    assert lines == {2, 3, 4}
