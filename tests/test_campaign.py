@@ -136,7 +136,7 @@ def test_the_reference_comes_from_generation_and_equals_a_forward_pass(finished_
     from online_dpo.engines.models import load_policy, load_tokenizer
 
     root, proc = finished_run
-    assert "reference log-probs: generation (reference_logps=auto)" in proc.stderr
+    assert "reference log-probs: generation (dpo.reference_logps=auto)" in proc.stderr
     rdir = root / "round_000"
     pairs = {(p["prompt_id"], p["chosen_index"], p["rejected_index"]): p for p in load_from_disk(str(rdir / "pairs"))}
     rows = [json.loads(line) for line in (rdir / "reference_logps.jsonl").read_text().splitlines()]
