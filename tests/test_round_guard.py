@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from online_dpo.data import chat_prompt_ids
-from online_dpo.report import view as report_view
 from online_dpo.report.view import best_round, guard_verdict
 from online_dpo.rundir import read_jsonl
 from online_dpo.train.logps import batch_logps
@@ -50,16 +49,15 @@ TINY = ["generation.backend=hf", "data.train_prompts_per_round=3", "generation.s
 def run_in_process(out: Path, name: str, extra: list[str], reject: set[int], monkeypatch, command="run") -> Path:
     """online-dpo run (or resume) in this process, with the guard's rule made to reject the rounds in `reject`."""
     from online_dpo.cli import main
-
-    real = report_view.guard_verdict
+    from online_dpo.stages import evaluate as evaluate_stage  # where the round's record asks the guard
     rounds = itertools.count()  # one verdict per round run, in order
 
     def verdict(ev, against_previous):
         r = next(rounds)
-        decided = real(ev, against_previous)
+        decided = guard_verdict(ev, against_previous)
         return {**decided, "accepted": False, "reason": f"made to reject round {r}"} if r in reject else decided
 
-    monkeypatch.setattr(report_view, "guard_verdict", verdict)
+    monkeypatch.setattr(evaluate_stage, "guard_verdict", verdict)
     args = ["run", "configs/quickstart.yaml", f"output_dir={out}", f"name={name}", *TINY, *extra] if command == "run" \
         else ["resume", str(out / name), *extra]
     assert main(args) == 0
