@@ -60,19 +60,18 @@ def run(config: CampaignConfig | str | Path, overrides: Sequence[str] = (), *, j
 def resume(run_dir: str | Path, overrides: Sequence[str] = (), *, judge: object | None = None) -> RunView | None:
     """Continue a campaign from its run directory: unfinished stages run, finished ones are read
     back. Overrides such as `rounds=5` extend a finished campaign."""
-    root = Path(run_dir)
-    if not (root / MANIFEST).exists():
-        raise ConfigError(f"{root} is not a run directory (no {MANIFEST}); start one with `online-dpo run CONFIG`")
-    run_dir_ = RunDir(root)
-    cfg = load_config(run_dir_.config_path, list(overrides))
+    directory = RunDir(run_dir)
+    if not directory.manifest_path.exists():
+        raise ConfigError(f"{directory.root} is not a run directory (no {MANIFEST}); start one with `online-dpo run CONFIG`")
+    cfg = load_config(directory.config_path, list(overrides))
     state = process_state()
     if state.is_main_process:
-        for path in run_dir_.remove_stale_temps():
+        for path in directory.remove_stale_temps():
             print(f"removed an unfinished write left by the interrupted run: {path}")
-        run_dir_.record_resume(to_dict(cfg), list(overrides))  # e.g. rounds=5 extends a finished campaign
-        print(f"resuming {run_dir_.root}")
+        directory.record_resume(to_dict(cfg), list(overrides))  # e.g. rounds=5 extends a finished campaign
+        print(f"resuming {directory.root}")
     state.wait_for_everyone()
-    return _campaign(cfg, root, judge, state.is_main_process)
+    return _campaign(cfg, directory.root, judge, state.is_main_process)
 
 
 def results(run_dir: str | Path) -> RunView:
