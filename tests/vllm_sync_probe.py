@@ -63,7 +63,7 @@ def main():
     ref = reference_logps(policy, batches, accelerator)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate)
     metrics = train_round(policy, optimizer, batches, ref, cfg, accelerator)
-    gen.update_weights(lora.merged_weights(policy))
+    gen.update_weights(lora.merged_weights(policy), "round-0")
 
     after_vllm = vllm_logprobs(gen, prompt_ids, completion)
     after_torch = torch_logprobs(policy, prompt_ids, completion)

@@ -20,7 +20,8 @@ from online_dpo.config.sections import (
     LoRAConfig,
     PairsConfig,
     PolicyConfig,
+    ServersConfig,
 )
 from online_dpo.errors import ConfigError
 
-__all__ = ["CampaignConfig", "ConfigError", "DPOConfig", "DataConfig", "EvalConfig", "GenerationConfig", "GuardConfig", "JudgeConfig", "KTOConfig", "LoRAConfig", "PairsConfig", "PolicyConfig", "config_from_dict", "load_config", "parse_overrides", "to_dict", "validate"]
+__all__ = ["CampaignConfig", "ConfigError", "DPOConfig", "DataConfig", "EvalConfig", "GenerationConfig", "GuardConfig", "JudgeConfig", "KTOConfig", "LoRAConfig", "PairsConfig", "PolicyConfig", "ServersConfig", "config_from_dict", "load_config", "parse_overrides", "to_dict", "validate"]

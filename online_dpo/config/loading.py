@@ -157,6 +157,18 @@ def validate(cfg: CampaignConfig) -> None:
         (cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1"),
         (cfg.generation.hf_batch_sequences >= 1, "generation.hf_batch_sequences must be >= 1"),
         (cfg.judge.overlap_chunks >= 1, "judge.overlap_chunks must be >= 1"),
+        (cfg.generation.backend != "vllm_server" or bool(cfg.servers.urls),
+         "generation.backend=vllm_server generates on vLLM servers and needs their URLs: servers.urls=[http://HOST:PORT] "
+         "(start one with `online-dpo serve MODEL`)"),
+        (all(u.startswith(("http://", "https://")) for u in cfg.servers.urls),
+         f"servers.urls must be http(s) URLs such as http://localhost:8000, got {cfg.servers.urls}"),
+        (len(set(cfg.servers.urls)) == len(cfg.servers.urls), f"servers.urls lists a server twice: {cfg.servers.urls}"),
+        (cfg.servers.timeout_s > 0 and cfg.servers.max_concurrent_requests >= 1,
+         "servers.timeout_s must be > 0 and servers.max_concurrent_requests >= 1"),
+        (cfg.servers.probe_tolerance > 0, "servers.probe_tolerance must be > 0"),
+        (cfg.generation.async_rounds == 0 or cfg.generation.backend == "vllm_server",
+         "generation.async_rounds=1 generates the next round on the servers while this round's update runs; it "
+         "needs generation.backend=vllm_server"),
         (cfg.generation.kv_cache_gb == "auto" or cfg.generation.kv_cache_gb >= 0,
          "generation.kv_cache_gb must be auto, 0 (vLLM's own sizing) or a size in GiB"),
         (cfg.dpo.beta > 0, "dpo.beta must be > 0"),

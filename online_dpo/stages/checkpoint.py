@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 
-from online_dpo.campaign import Campaign, build_policy, last_accepted_round, once, policy_weights, timed
+from online_dpo.campaign import Campaign, build_policy, last_accepted_round, once, policy_version, policy_weights, timed
 from online_dpo.report.view import best_round
 from online_dpo.rundir import atomic_path
 from online_dpo.train import lora, optim
@@ -55,7 +55,7 @@ def roll_back(c: Campaign, to_round: int | None) -> None:
             optim.reset_optimizer_state(c.optimizer)
     weights = policy_weights(c)  # a collective under DDP too: every process calls it
     if c.is_main:
-        c.generator.update_weights(weights)
+        c.generator.update_weights(weights, policy_version(to_round))
     c.barrier()
 
 

@@ -8,8 +8,9 @@ import logging
 from judges.base import is_remote
 from online_dpo.campaign import Campaign, once, timed
 from online_dpo.engines.generate import Completion, Sampling
+from online_dpo.errors import StaleWeightsError
 from online_dpo.pairs import Candidate
-from online_dpo.rundir import read_parquet, write_parquet
+from online_dpo.rundir import read_parquet, write_jsonl, write_parquet
 from online_dpo.seeds import stable_seed
 from online_dpo.stages.judge import judge_candidates, save_judgments, scores_of, stage_judge
 
@@ -28,9 +29,36 @@ def generate_and_judge(c: Campaign, r: int, prompts, timings: dict) -> tuple[lis
     return candidates, scores
 
 
+def prefetch_next_round(c: Campaign, r: int):
+    """generation.async_rounds=1: round r+1's candidates, generated in a background thread by
+    the weights the servers hold now (round r's starting policy) while round r's update runs:
+    one round off-policy. The generator stays reserved until they are saved, so the push after
+    the update waits for them. Returns the Future (its result re-raises a failure), or None."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    nxt = r + 1
+    if not c.cfg.generation.async_rounds or nxt >= c.cfg.rounds or c.run.is_done(nxt, "generate"):
+        return None
+    prompts = c.split.round_prompts(nxt, c.cfg.data.train_prompts_per_round)
+    write_jsonl(c.run.round_paths(nxt).prompts, [p.to_record() for p in prompts])
+    log.info("round %d generate (async): by %s while round %d's update runs", nxt, c.generator.version, r)
+    c.generator.busy.acquire()  # taken here, not in the thread, so no push can slip in before it starts
+
+    def generate_next() -> None:
+        try:
+            stage_generate(c, nxt, prompts)
+        finally:
+            c.generator.busy.release()
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="async-generate")
+    future = pool.submit(generate_next)
+    pool.shutdown(wait=False)
+    return future
+
+
 def completion_rows(prompts, completions: list[list[Completion]]) -> list[dict]:
     return [{"prompt_id": p.id, "index": i, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-             "token_logprobs": c.logprobs}
+             "token_logprobs": c.logprobs, "weight_version": c.weight_version}
             for p, cs in zip(prompts, completions) for i, c in enumerate(cs)]
 
 
@@ -65,8 +93,13 @@ def train_sampling(c: Campaign, r: int, *slice_index: int) -> Sampling:
 
 
 def save_candidates(c: Campaign, r: int, rows: list[dict]) -> None:
+    """The round's candidates, all sampled by one policy version (recorded with the marker)."""
+    versions = sorted({row["weight_version"] for row in rows}, key=str)
+    if len(versions) > 1:
+        raise StaleWeightsError("the generator", f"round {r}'s candidates come from several policy versions "
+                                                 f"{versions}; they are refused (resume regenerates the round)")
     write_parquet(c.run.round_paths(r).candidates, rows)
-    c.run.mark_done(r, "generate", candidates=len(rows))
+    c.run.mark_done(r, "generate", candidates=len(rows), policy_version=versions[0] if versions else None)
 
 
 def overlaps_judging(c: Campaign) -> bool:

@@ -9,7 +9,7 @@ import math
 
 from tqdm.auto import tqdm
 
-from online_dpo.campaign import Campaign, once, policy_weights, timed
+from online_dpo.campaign import Campaign, once, policy_version, policy_weights, timed
 from online_dpo.config.loss_type import LossType
 from online_dpo.data import chat_prompt_ids
 from online_dpo.objectives import Objective
@@ -83,8 +83,8 @@ def update_policy(c: Campaign, r: int, timings: dict) -> tuple[list[dict], dict 
             write_json(paths.logp_drift, drift)
     with timed("sync", timings):
         weights = policy_weights(c)
-        if c.is_main and cfg.generation.backend == "vllm":
-            c.generator.update_weights(weights)
+        if c.is_main:
+            c.generator.update_weights(weights, policy_version(r))
     return train_metrics, drift
 
 

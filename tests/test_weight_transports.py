@@ -1,0 +1,49 @@
+"""The disk weight transport and the server backend's config checks, without a server."""
+
+import pytest
+import torch
+
+from online_dpo.config import ConfigError, load_config
+from online_dpo.engines.transports import DiskTransport, NcclTransport, separate_tensors
+
+
+def test_tied_weights_are_written_under_both_names_and_versions_replace_atomically(tmp_path):
+    from safetensors.torch import load_file
+
+    embed = torch.arange(6.0).reshape(3, 2)
+    weights = [("model.embed_tokens.weight", embed), ("lm_head.weight", embed), ("norm.weight", torch.ones(2))]
+    separate = separate_tensors(weights)
+    assert list(separate) == ["model.embed_tokens.weight", "lm_head.weight", "norm.weight"]
+    assert separate["lm_head.weight"].data_ptr() != separate["model.embed_tokens.weight"].data_ptr()
+    assert torch.equal(separate["lm_head.weight"], embed)
+
+    transport = DiskTransport(tmp_path / "pushed", keep=2)
+    for version in ("round-0", "round-1", "round-2"):
+        folder = transport.write(weights, version)
+        transport.prune(keep_also=folder)
+    assert sorted(p.name for p in (tmp_path / "pushed").iterdir()) == ["round-1", "round-2"]  # no temp folder left
+    loaded = load_file(str(tmp_path / "pushed" / "round-2" / "model.safetensors"))
+    assert set(loaded) == {"model.embed_tokens.weight", "lm_head.weight", "norm.weight"}
+    assert torch.equal(loaded["lm_head.weight"], embed)
+    # A version pushed again (after a roll-back) replaces its folder with the new tensors.
+    transport.write([("norm.weight", torch.zeros(2))], "round-1")
+    assert torch.equal(load_file(str(tmp_path / "pushed" / "round-1" / "model.safetensors"))["norm.weight"], torch.zeros(2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_nccl_is_refused_without_a_gpu():
+    with pytest.raises(ConfigError, match=r"weight_transport=nccl .* no CUDA GPU; use servers.weight_transport=disk"):
+        NcclTransport(port=29531, timeout_s=60)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["generation.backend=vllm_server"], r"needs their URLs: servers.urls=\[http://HOST:PORT\].*online-dpo serve"),
+    (["generation.backend=vllm_server", "servers.urls=[localhost:8000]"], r"must be http\(s\) URLs"),
+    (["generation.backend=vllm_server", "servers.urls=[http://a:1,http://a:1]"], r"lists a server twice"),
+    (["generation.async_rounds=1"], r"async_rounds=1 .* needs generation.backend=vllm_server"),
+    (["generation.backend=vllm_server", "servers.urls=[http://a:1]", "servers.weight_transport=ncl"],
+     r"did you mean 'nccl'"),
+])
+def test_server_backend_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
