@@ -58,11 +58,11 @@ def _compare(args) -> int:
 
 def _serve(args) -> int:
     from judges.models import resolve_model_path
-    from online_dpo.engines.serve import start_server, wait_ready
+    from online_dpo.engines.serve import start_server, stop_server, wait_ready
 
     process, url = start_server(resolve_model_path(args.model), host=args.host, port=args.port, dtype=args.dtype,
                                 seed=args.seed, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
-                                extra=[a for a in args.vllm_args if a != "--"])
+                                extra=args.vllm_args)
     try:
         wait_ready(url, process)
         print(f"serving {args.model} at {url}: generation.backend=vllm_server servers.urls=[{url}]", flush=True)
@@ -70,9 +70,7 @@ def _serve(args) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait()
+        stop_server(process)
 
 
 def _judge_eval(args) -> int:
@@ -170,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="the longest prompt + response in tokens (default: the model's)")
     p_serve.add_argument("--kv-cache-gb", type=float, default=None,
                          help="KV cache size (default: 1 GiB on a CPU, vLLM's own sizing on a GPU)")
-    p_serve.add_argument("vllm_args", nargs=argparse.REMAINDER,
-                         help="after --: passed to vLLM as is (e.g. -- --tensor-parallel-size 2)")
     p_serve.set_defaults(func=_serve, overrides=[])
+    p_serve.epilog = "Anything after -- goes to vLLM as is, e.g. -- --tensor-parallel-size 2"
     p_eval = sub.add_parser("judge-eval", help="agreement of a judge with labelled pairs (JSONL)")
     p_eval.add_argument("pairs", help="JSONL: prompt, response_a, response_b, label (a/b/tie), [reference]")
     p_eval.add_argument("--config", help="take the judge from this campaign config's judge section")
@@ -210,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p_inspect.set_defaults(func=_inspect, overrides=[])
     # key=value overrides may also come after options (`judge-eval pairs.jsonl --judge openai model=x`),
     # which argparse alone leaves unparsed.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    vllm_args = []  # `online-dpo serve MODEL ... -- ARGS`: ARGS go to vLLM untouched
+    if argv[:1] == ["serve"] and "--" in argv:
+        argv, vllm_args = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     args, extra = parser.parse_known_args(argv)
+    args.vllm_args = vllm_args
     if extra:
         if not all("=" in e and not e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

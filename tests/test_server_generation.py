@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -58,21 +59,20 @@ class Servers:
             pytest.fail(f"{e}\n{(self.logs / f'server{i}.log').read_text()[-3000:]}")
 
     def kill(self, i: int) -> None:
-        self.processes[i].kill()
-        self.processes[i].wait()
+        from online_dpo.engines.serve import stop_server
+
+        stop_server(self.processes[i], signal.SIGKILL)  # as a crash would: no shutdown
 
     def restart(self, i: int) -> None:
         self.start(i)
         self.wait(i)
 
     def stop(self) -> None:
+        from online_dpo.engines.serve import stop_server
+
         for p in self.processes:
-            if p is not None and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            if p is not None:
+                stop_server(p)
 
 
 @pytest.fixture(scope="module")

@@ -47,3 +47,24 @@ def test_nccl_is_refused_without_a_gpu():
 def test_server_backend_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_serve_takes_its_own_options_and_passes_what_follows_dashes_to_vllm(monkeypatch):
+    import online_dpo.engines.serve as serve
+    from online_dpo.cli import main
+
+    seen = {}
+
+    def fake_start(model_path, **options):
+        seen.update(options, model_path=model_path)
+        raise SystemExit(0)  # stop before a server would start
+
+    monkeypatch.setattr(serve, "start_server", fake_start)
+    with pytest.raises(SystemExit):
+        main(["serve", "embedded", "--port", "8134", "--max-model-len", "512", "--", "--tensor-parallel-size", "2"])
+    assert seen["port"] == 8134 and seen["max_model_len"] == 512
+    assert seen["extra"] == ["--tensor-parallel-size", "2"]
+    argv, env = serve.server_command("/m", port=8134, dtype="float32", max_model_len=512, extra=["--x"])
+    assert argv[argv.index("--port") + 1] == "8134" and argv.count("--port") == 1 and argv[-1] == "--x"
+    assert env["VLLM_SERVER_DEV_MODE"] == "1" and "--enable-scale-out" in argv
+    assert argv[argv.index("--logprobs-mode") + 1] == "raw_logprobs"

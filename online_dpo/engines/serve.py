@@ -6,6 +6,7 @@ model, dtype, seed and context length, raw log-probs), and its wait until it ans
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,9 +47,11 @@ def server_command(model_path: str, *, host: str = "127.0.0.1", port: int = 8000
 
 
 def start_server(model_path: str, log_file=None, **options) -> tuple[subprocess.Popen, str]:
-    """Start a server (`server_command`) in the background: (process, its base URL)."""
+    """Start a server (`server_command`) in the background: (process, its base URL). It leads
+    its own process group, so `stop_server` also reaches vLLM's engine processes."""
     argv, env = server_command(model_path, **options)
-    process = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
+    process = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
+                               start_new_session=True)
     host, port = options.get("host", "127.0.0.1"), options.get("port", 8000)
     return process, f"http://{host}:{port}"
 
@@ -69,3 +72,19 @@ def wait_ready(url: str, process: subprocess.Popen | None = None, timeout_s: flo
             pass
         time.sleep(1.0)
     raise GenerationServerError(url, f"not ready after {timeout_s:.0f} s")
+
+
+def stop_server(process: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: float = 30.0) -> None:
+    """Stop a server from `start_server` and its engine processes (SIGKILL if SIGTERM is not enough)."""
+    try:
+        os.killpg(process.pid, sig)
+        process.wait(timeout=wait_s)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    try:  # the engine processes may outlive the server process by a moment
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
