@@ -96,8 +96,9 @@ def save_candidates(c: Campaign, r: int, rows: list[dict]) -> None:
     """The round's candidates, all sampled by one policy version (recorded with the marker)."""
     versions = sorted({row["weight_version"] for row in rows}, key=str)
     if len(versions) > 1:
-        raise StaleWeightsError("the generator", f"round {r}'s candidates come from several policy versions "
-                                                 f"{versions}; they are refused (resume regenerates the round)")
+        raise StaleWeightsError(", ".join(c.cfg.servers.urls) or c.cfg.generation.backend,
+                                f"round {r}'s candidates come from several policy versions {versions}; they are "
+                                f"refused (resume regenerates the round)")
     write_parquet(c.run.round_paths(r).candidates, rows)
     c.run.mark_done(r, "generate", candidates=len(rows), policy_version=versions[0] if versions else None)
 
