@@ -170,7 +170,7 @@ def build_generator(c: Campaign, initial: bool) -> Generator:
         return connect_servers(c, initial)
     gen_cfg = dataclasses.replace(gen_cfg, dtype=c.resolved.generation_dtype.value,
                                   kv_cache_gb=c.resolved.kv_cache_gb.value)
-    max_len = cfg.policy.max_prompt_tokens + max(gen_cfg.max_new_tokens, cfg.eval.max_new_tokens)
+    max_len = longest_sequence(cfg)
     # the largest single generate call: a round's candidates, the held-out eval, or the diversity samples
     max_sequences = max(cfg.data.train_prompts_per_round * gen_cfg.samples_per_prompt, cfg.data.eval_prompts,
                         cfg.eval.diversity_prompts * cfg.eval.diversity_samples)
@@ -180,6 +180,11 @@ def build_generator(c: Campaign, initial: bool) -> Generator:
         log.info("vLLM KV cache %.2f GiB (generation.kv_cache_gb=%s; the largest call holds %d sequences of <= %d tokens)",
                  generator.kv_cache_bytes / 2**30, gen_cfg.kv_cache_gb, max_sequences, max_len)
     return generator
+
+
+def longest_sequence(cfg: CampaignConfig) -> int:
+    """The most tokens one generated sequence holds: the longest prompt and the longest response."""
+    return cfg.policy.max_prompt_tokens + max(cfg.generation.max_new_tokens, cfg.eval.max_new_tokens)
 
 
 def connect_servers(c: Campaign, initial: bool) -> ServerGenerator:
@@ -198,8 +203,7 @@ def connect_servers(c: Campaign, initial: bool) -> ServerGenerator:
                                 probe_policy=probe, tolerance=s.probe_tolerance,
                                 label_prefix=f"{c.cfg.name}@{c.run.manifest['created']}/", timeout_s=s.timeout_s,
                                 max_concurrent=s.max_concurrent_requests, seed_requests=s.seed_requests)
-    generator.check(longest=c.cfg.policy.max_prompt_tokens + max(c.cfg.generation.max_new_tokens,
-                                                                  c.cfg.eval.max_new_tokens))
+    generator.check(longest=longest_sequence(c.cfg))
     if initial or not c.run.server_probe.exists():
         write_json(c.run.server_probe, dataclasses.asdict(probe()))
     # A server holding none of this campaign's pushed weights must hold its initial model.

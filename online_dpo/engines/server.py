@@ -150,7 +150,6 @@ class ServerGenerator:
         self.max_concurrent = max_concurrent
         self.seed_requests = seed_requests
         self.version: str | None = None
-        self.served_by: list[str] = []  # the server of each prompt of the last call, in prompt order
         self.probe_gaps: list[float] = []  # each server's probe gap after the last push
         # Held while a generate call must finish on the current weights (an asynchronous
         # round's candidates): a push waits for it.
@@ -193,7 +192,6 @@ class ServerGenerator:
         ids = prompt_token_ids(self.tokenizer, prompts)
         share = -(-len(ids) // len(self.servers))
         owner = [self.servers[i // share] for i in range(len(ids))]
-        self.served_by = [s.url for s in owner]
 
         def one(i: int) -> list[Completion]:
             params = {"n": sampling.n, "temperature": sampling.temperature, "top_p": sampling.top_p,
