@@ -4,6 +4,7 @@
 - `run_child`: run a command as a child process and return its wall time, exit status
   and peak RSS (the child's own high-water mark from wait4, and the sampled sum over the
   child's whole process tree, for engines that spawn workers);
+- `TreeRssSampler`: the sampled peak RSS of any process tree (a generation server's);
 - `vm_hwm_bytes`: this process's peak resident set (Linux /proc), for children to report.
 """
 
@@ -86,6 +87,29 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
+class TreeRssSampler:
+    """The largest sum of RSS over a process and its descendants, sampled in a background
+    thread while the `with` block runs (`peak_bytes`)."""
+
+    def __init__(self, pid: int, every_s: float = 0.2):
+        self.pid, self.every_s, self.peak_bytes = pid, every_s, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak_bytes = max(self.peak_bytes, _tree_rss(self.pid))
+            self._done.wait(self.every_s)
+
+    def __enter__(self) -> "TreeRssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def run_child(cmd: list[str], env: dict | None = None, log_path: Path | None = None,
               sample_every_s: float = 0.2) -> dict:
     """Run `cmd`; return wall_s, returncode, ru_maxrss_bytes (the child's peak RSS, from
@@ -95,29 +119,18 @@ def run_child(cmd: list[str], env: dict | None = None, log_path: Path | None = N
     out = open(log_path, "w") if log_path else None
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
-    peak = [0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
-            done.wait(sample_every_s)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
+        with TreeRssSampler(proc.pid, sample_every_s) as tree:
+            _, status, usage = os.wait4(proc.pid, 0)
     except BaseException:
         proc.kill()
         raise
     finally:
-        done.set()
-        sampler.join()
         if out:
             out.close()
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"wall_s": time.perf_counter() - t0, "returncode": proc.returncode,
-            "ru_maxrss_bytes": usage.ru_maxrss * 1024, "tree_rss_peak_bytes": peak[0]}
+            "ru_maxrss_bytes": usage.ru_maxrss * 1024, "tree_rss_peak_bytes": tree.peak_bytes}
 
 
 def write_json(path: Path, data) -> None:

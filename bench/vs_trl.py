@@ -14,13 +14,17 @@ batch size, precision, and the same number of preference pairs and optimizer ste
   its own recipe instead (best vs worst of 8, ties dropped): pairs then differ, and the
   table compares pairs actually trained per second.
 
-Each side runs in its own child process, so each peak RSS is its own. For each side it
-prints wall seconds per preference pair (end to end, and the training loop alone), the
-time per stage, peak RSS, and the ratios; --json PATH writes the same numbers.
+Each side runs in its own child process, so each peak RSS is its own. A third side,
+online-dpo-servers, runs the same campaign with generation.backend=vllm_server against one
+vLLM server started here by `online-dpo serve`'s launcher (its start is timed apart): the
+trainer's peak RSS and the server's (its whole process tree, sampled) are reported apart.
+For each side it prints wall seconds per preference pair (end to end, and the training loop
+alone), the time per stage, peak RSS, and the ratios to TRL; --json PATH writes the same numbers.
 
     python bench/vs_trl.py                                   # defaults: 4 rounds x 32 prompts, batch 8
     python bench/vs_trl.py --rounds 2 --prompts-per-round 8 --batch-size 4 --max-new-tokens 16
     python bench/vs_trl.py --json /tmp/vs_trl.json -- generation.kv_cache_gb=0.5   # extra online-dpo overrides
+    python bench/vs_trl.py --sides trl,online-dpo                # without the server side
 
 TRL is not part of the main install: pip install -e '.[bench]' (trl==1.16.0).
 This is a benchmark, not a test: it asserts nothing and its numbers depend on the machine.
@@ -44,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gib, run_child, vm_hwm_bytes, write_json  # noqa: E402
+from common import TreeRssSampler, gib, run_child, vm_hwm_bytes, write_json  # noqa: E402
 
 T_PROCESS = time.perf_counter()
 ROOT = Path(__file__).resolve().parent.parent
@@ -366,7 +370,40 @@ def child_trl(s: Settings, out: Path, workdir: Path) -> None:
 
 # --- orchestration ------------------------------------------------------------------
 
-SIDES = {"trl": child_trl, "online-dpo": child_online_dpo}
+SIDES = {"trl": child_trl, "online-dpo": child_online_dpo, "online-dpo-servers": child_online_dpo}
+LABELS = {"trl": "TRL", "online-dpo": "online-dpo", "online-dpo-servers": "online-dpo, server"}
+
+
+def run_servers_side(s: Settings, tmp: Path) -> dict:
+    """The online-dpo campaign generating on one vLLM server, started (and timed) here with
+    `online-dpo serve`'s defaults; the server's process tree is sampled for its peak RSS."""
+    import dataclasses
+    import socket
+
+    from judges.models import resolve_model_path
+    from online_dpo.campaign import longest_sequence
+    from online_dpo.engines.serve import start_server, stop_server, wait_ready
+
+    cfg = _load_cfg(s, str(tmp))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_path = tmp / "server.log"
+    print(f"starting a vLLM server ... (log: {log_path})", flush=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        process, url = start_server(resolve_model_path(cfg.policy.model), log_file=log, port=port, seed=s.seed,
+                                    max_model_len=longest_sequence(cfg))
+        try:
+            wait_ready(url, process)
+            start_s = time.perf_counter() - t0
+            served = dataclasses.replace(s, overrides=[*s.overrides, "generation.backend=vllm_server",
+                                                       f"servers.urls=[{url}]"])
+            with TreeRssSampler(process.pid) as server:
+                result = run_side("online-dpo-servers", served, tmp)
+        finally:
+            stop_server(process)
+    return {**result, "server_start_s": start_s, "server_rss_peak_bytes": server.peak_bytes}
 
 
 def run_side(side: str, s: Settings, tmp: Path) -> dict:
@@ -381,7 +418,7 @@ def run_side(side: str, s: Settings, tmp: Path) -> dict:
         print(f"[{side}] failed with exit status {proc['returncode']}; last lines of {log}:\n{tail}", flush=True)
         return {"side": side, "failed": True, **proc}
     result = json.loads(out.read_text())
-    result.update(proc)
+    result.update(proc, side=side)
     result["peak_rss_bytes"] = max(proc["ru_maxrss_bytes"], proc["tree_rss_peak_bytes"])
     print(f"[{side}] done in {proc['wall_s']:.1f}s", flush=True)
     return result
@@ -394,22 +431,29 @@ def derived(r: dict) -> dict:
     n = r["pair_updates"]
     return {"s_per_pair": r["wall_s"] / n if n else None, "loop_s_per_pair": r["loop_s"] / n if n else None,
             "pairs_per_s": n / r["wall_s"] if r["wall_s"] else None,
-            "loop_pairs_per_s": n / r["loop_s"] if r["loop_s"] else None}
+            "loop_pairs_per_s": n / r["loop_s"] if r["loop_s"] else None,
+            "startup_s": r["wall_s"] - r["loop_s"] - r.get("baseline_s", 0.0),
+            "all_rss_bytes": r["peak_rss_bytes"] + r.get("server_rss_peak_bytes", 0)}
 
 
-def print_table(s: Settings, trl: dict, ours: dict) -> dict:
+def print_table(s: Settings, results: dict[str, dict]) -> dict:
+    """The side-by-side table; returns each online-dpo side's ratios to TRL ({side: {key: ratio}})."""
     from rich.console import Console
     from rich.table import Table
 
-    dt, do = derived(trl), derived(ours)
+    trl = results.get("trl", {"side": "trl", "failed": True})
+    ours = {side: r for side, r in results.items() if side != "trl"}
+    shown = [trl, *ours.values()]
+    extra = {r["side"]: derived(r) for r in shown}
 
-    def get(r, d, key):
+    def get(r, key):
+        d = extra[r["side"]]
         return d.get(key) if key in d else (r.get("stages", {}).get(key) if key in STAGES else r.get(key))
 
-    def ratio(key, higher_is_better):
-        if trl.get("failed") or ours.get("failed"):
+    def ratio(r, key, higher_is_better):
+        if trl.get("failed") or r.get("failed"):
             return None
-        a, b = get(trl, dt, key), get(ours, do, key)
+        a, b = get(trl, key), get(r, key)
         if not a or not b:
             return None
         if key in STAGES and min(a, b) < 0.05:  # a stage one side all but skips: a ratio of ~0 s says nothing
@@ -424,54 +468,60 @@ def print_table(s: Settings, trl: dict, ours: dict) -> dict:
         ("  of which ties", "ties_kept", "{:,}", None),
         ("optimizer steps", "steps", "{:,}", None),
         ("wall s, end to end", "wall_s", "{:.1f}", False),
-        ("  startup s (imports, model, engine)", None, "{:.1f}", None),
+        ("  startup s (imports, model, engine)", "startup_s", "{:.1f}", None),
         ("  baseline eval s (online-dpo only)", "baseline_s", "{:.1f}", None),
         ("  training loop s", "loop_s", "{:.1f}", False),
         *[(f"    {st} s", st, "{:.2f}", False) for st in STAGES],
+        ("  server start s (before, not in wall s)", "server_start_s", "{:.1f}", None),
         ("s per pair, end to end", "s_per_pair", "{:.3f}", False),
         ("s per pair, loop", "loop_s_per_pair", "{:.3f}", False),
         ("pairs per s, end to end", "pairs_per_s", "{:.3f}", True),
         ("pairs per s, loop", "loop_pairs_per_s", "{:.3f}", True),
-        ("peak RSS", "peak_rss_bytes", "gib", False),
+        ("peak RSS, trainer", "peak_rss_bytes", "gib", False),
         ("  peak RSS, child (wait4)", "ru_maxrss_bytes", "gib", False),
         ("  peak RSS, process tree (sampled)", "tree_rss_peak_bytes", "gib", False),
+        ("peak RSS, generation server (sampled tree)", "server_rss_peak_bytes", "gib", None),
+        ("peak RSS, trainer + server (sum of peaks)", "all_rss_bytes", "gib", False),
     ]
     table = Table(title=f"online-dpo vs TRL OnlineDPOTrainer {trl.get('trl_version', '')}: {s.rounds} rounds x "
                         f"{s.prompts_per_round} prompts, batch {s.batch_size}, {s.max_new_tokens} new tokens, "
                         f"T={s.temperature}, K={s.samples_per_prompt}, ties {'dropped' if s.drop_ties else 'kept'}")
-    for col in ("", "TRL", "online-dpo", "ratio (>1: online-dpo better)"):
-        table.add_column(col, justify="left" if not col else "right")
-    ratios = {}
+    table.add_column("", justify="left")
+    for r in shown:
+        table.add_column(LABELS[r["side"]], justify="right")
+    for side in ours:
+        table.add_column(f"{LABELS[side]} / TRL (>1: better)", justify="right")
+    ratios: dict[str, dict] = {side: {} for side in ours}
     for label, key, fmt, orient in rows:
         cells = []
-        for r, d in ((trl, dt), (ours, do)):
-            if r.get("failed"):
-                cells.append("failed")
-                continue
-            v = (r["wall_s"] - r["loop_s"] - r.get("baseline_s", 0.0)) if key is None else get(r, d, key)
-            cells.append("-" if v is None else gib(v) if fmt == "gib" else fmt.format(v))
-        rt = ratio(key, orient) if orient is not None and key else None
-        if rt is not None:
-            ratios[key] = rt
-        table.add_row(label, *cells, "-" if rt is None else f"{rt:.2f}x")
-    console = Console(width=max(Console().width, 110))
+        for r in shown:
+            v = None if r.get("failed") else get(r, key)
+            cells.append("failed" if r.get("failed") else "-" if v is None else gib(v) if fmt == "gib" else fmt.format(v))
+        for side, r in ours.items():
+            rt = ratio(r, key, orient) if orient is not None else None
+            if rt is not None:
+                ratios[side][key] = rt
+            cells.append("-" if rt is None else f"{rt:.2f}x")
+        table.add_row(label, *cells)
+    console = Console(width=max(Console().width, 130))
     console.print(table)
     notes = []
-    for r in (trl, ours):
+    for r in shown:
         if not r.get("failed"):
-            extra = f", gradient checkpointing {r['gradient_checkpointing']}" if "gradient_checkpointing" in r else ""
-            notes.append(f"{r['side']}: generation {r['backend']}"
+            extra_note = f", gradient checkpointing {r['gradient_checkpointing']}" if "gradient_checkpointing" in r else ""
+            notes.append(f"{LABELS[r['side']]}: generation {r['backend']}"
                          f"{' (' + r['generation_dtype'] + ')' if r.get('generation_dtype') else ''}, "
-                         f"update precision {r['mixed_precision']}{extra}")
+                         f"update precision {r['mixed_precision']}{extra_note}")
     console.print("; ".join(notes))
-    for r in (trl, ours):
+    for r in shown:
         if not r.get("failed") and r.get("hwm_growth"):
             steps = ", ".join(f"{g['after']} {g['vm_hwm_bytes'] / 2**30:.2f}" for g in r["hwm_growth"])
-            console.print(f"{r['side']} peak RSS (GiB) as it grew, after: {steps}")
-    if "loop_pairs_per_s" in ratios and "peak_rss_bytes" in ratios:
-        console.print(f"targets: pairs/s >= 3x TRL (loop {ratios['loop_pairs_per_s']:.2f}x, end to end "
-                      f"{ratios.get('pairs_per_s', float('nan')):.2f}x); peak RSS <= 0.7x TRL "
-                      f"({1 / ratios['peak_rss_bytes']:.2f}x)")
+            console.print(f"{LABELS[r['side']]} peak RSS (GiB) as it grew, after: {steps}")
+    in_process = ratios.get("online-dpo", {})
+    if "loop_pairs_per_s" in in_process and "peak_rss_bytes" in in_process:
+        console.print(f"targets: pairs/s >= 3x TRL (loop {in_process['loop_pairs_per_s']:.2f}x, end to end "
+                      f"{in_process.get('pairs_per_s', float('nan')):.2f}x); peak RSS <= 0.7x TRL "
+                      f"({1 / in_process['peak_rss_bytes']:.2f}x)")
     return ratios
 
 
@@ -497,7 +547,8 @@ def main() -> None:
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="TRL's own default (on); off by default here because online-dpo's is off")
     parser.add_argument("--trl-use-vllm", action="store_true", help="TRL generates with vLLM (colocate mode)")
-    parser.add_argument("--sides", default="trl,online-dpo", help="comma-separated: trl, online-dpo")
+    parser.add_argument("--sides", default="trl,online-dpo,online-dpo-servers",
+                        help="comma-separated: trl, online-dpo, online-dpo-servers")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--keep", type=Path, help="keep the children's logs and run folders here")
     parser.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
@@ -521,18 +572,20 @@ def main() -> None:
         parser.error("--prompts-per-round must be a multiple of --batch-size, so both sides take the same steps")
     _load_cfg(s, "/tmp")  # a bad override fails here, before either side starts
     sides = [x.strip() for x in args.sides.split(",") if x.strip()]
+    if unknown := [x for x in sides if x not in SIDES]:
+        parser.error(f"unknown --sides {unknown}: choose from {', '.join(SIDES)}")
     print(f"{s.prompts} prompts, {s.rounds * s.steps_per_round} optimizer steps per side; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp_name:
         tmp = args.keep or Path(tmp_name)
         tmp.mkdir(parents=True, exist_ok=True)
-        results = {side: run_side(side, s, tmp) for side in sides}
-    trl = results.get("trl", {"side": "trl", "failed": True})
-    ours = results.get("online-dpo", {"side": "online-dpo", "failed": True})
-    ratios = print_table(s, trl, ours)
+        results = {side: run_servers_side(s, tmp) if side == "online-dpo-servers" else run_side(side, s, tmp)
+                   for side in sides}
+    ratios = print_table(s, results)
     if args.json:
-        write_json(args.json, {"settings": asdict(s), "trl": trl, "online_dpo": ours,
-                               "derived": {"trl": derived(trl), "online_dpo": derived(ours)}, "ratios": ratios})
+        write_json(args.json, {"settings": asdict(s), **{side.replace("-", "_"): r for side, r in results.items()},
+                               "derived": {side.replace("-", "_"): derived(r) for side, r in results.items()},
+                               "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def embedded_model_dir() -> Path:
 
 
 def _dequantize_gguf(gguf_path: Path, target: Path) -> None:
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(gguf_file=gguf_path.name)
@@ -60,7 +61,13 @@ def _dequantize_gguf(gguf_path: Path, target: Path) -> None:
     # Build in a temp folder and rename, so a crash never leaves a half-written model.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # Not model.save_pretrained: under torch.distributed it writes the weights on rank 0
+        # only, and the first launch of a multi-process campaign builds this folder on every rank.
+        save_file(_untied_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.architectures = [type(model).__name__]  # as save_pretrained records it; vLLM picks its model by it
+        model.config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
             tmp.rename(target)
@@ -69,6 +76,17 @@ def _dequantize_gguf(gguf_path: Path, target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _untied_state_dict(model) -> dict:
+    """The state dict with each shared tensor once, under its first name (tied embeddings are
+    saved as the input embedding, which is what loaders tie the output head to)."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.contiguous()
+    return state
 
 
 def resolve_model_path(name: str) -> str:

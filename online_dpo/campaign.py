@@ -16,12 +16,14 @@ from typing import Callable, TypeVar
 import torch
 
 from judges import as_judge, load_judge
+from judges.base import is_remote
 from judges.models import resolve_model_path
 from online_dpo import hardware
 from online_dpo.config import CampaignConfig, ConfigError
 from online_dpo.data import load_prompts
 from online_dpo.engines.generate import Generator, HFGenerator, VLLMGenerator
 from online_dpo.engines.models import load_policy, load_tokenizer
+from online_dpo.engines.ranks import EveryRank
 from online_dpo.engines.server import Probe, ServerGenerator, policy_probe
 from online_dpo.engines.transports import build_transport
 from online_dpo.errors import servers_during
@@ -53,9 +55,12 @@ class Campaign:
     """What the loop holds between rounds (built once by `setup`).
 
     Under several processes (`torch.distributed.run` / `accelerate launch`) only the main
-    process generates, judges, evaluates and writes the run directory; every process
-    reads the round's pairs back from disk and takes part in the reference pass and the
-    update. `judge` and `generator` are None on the other processes.
+    process judges, evaluates and writes the run directory; every process reads the round's
+    pairs back from disk and takes part in the reference pass and the update. With an
+    in-process backend (vllm, hf) every process has its own `generator` and generates its
+    share of the round's candidates (`round_generator`, a collective); with servers only the
+    main process has one. `judge` is None on the other processes, and so are both generators
+    where they do not generate; evaluation runs on the main process's generator.
     """
 
     cfg: CampaignConfig
@@ -71,6 +76,9 @@ class Campaign:
     resolved: hardware.Resolution  # every hardware-dependent `auto`, as resolved for this machine
     model_path: str  # the initial model's folder
     objective: Objective  # what the round trains on: pairs, or KTO's labelled examples
+    # The round's candidates: `generator`, or over every process's own (engines.ranks.EveryRank).
+    round_generator: Generator | None = None
+    overlap_judging: bool = False  # judge.overlap_generation resolved, the same on every process
 
     @property
     def reference_source(self) -> str:
@@ -93,6 +101,7 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
     """Everything the rounds share, built once. `judge`: a judge object (or scoring function)
     that replaces the one cfg.judge names (the Python API's judge=)."""
     from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
 
     resolved = hardware.resolve(cfg)
     accelerator = Accelerator(mixed_precision=resolved.mixed_precision.value, cpu=resolved.hardware.device == "cpu")
@@ -132,6 +141,7 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
         raise ConfigError(f"guard.on_loss={guard_mode(cfg)} rolls a rejected round back by loading the previous "
                           f"policy's full weights, which a sharded ({accelerator.distributed_type.value}) policy cannot "
                           f"take here; set guard.on_loss=off, or use DDP / one process")
+    every_rank = generates_on_every_rank(cfg, accelerator)
     if cfg.dpo.optimizer_state == "carry" and last:
         optim.load_optimizer_state(optimizer, last, accelerator)
 
@@ -145,19 +155,43 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
     c = Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, None, reference_model, resolved,
                  model_path, build_objective(cfg))
     log.info("reference log-probs: %s (dpo.reference_logps=%s)", c.reference_source, cfg.dpo.reference_logps)
-    if main:
+    if main or every_rank:
         with servers_during("start"):
             c.generator = build_generator(c, initial=last is None)
+        c.round_generator = EveryRank(c.generator, accelerator) if every_rank else c.generator
+    if main:
         kv_bytes = getattr(c.generator, "kv_cache_bytes", None)
         run.record_resolution({**resolved.as_dict(), "vllm_kv_cache_bytes": kv_bytes})
+    c.overlap_judging = broadcast_object_list([overlaps_judging(cfg, judge) if main else None])[0]
     version = policy_version(last_accepted_round(run, cfg.rounds) if last else None)
     if last and cfg.generation.backend != "hf":
         weights = policy_weights(c)  # a collective under FSDP/ZeRO-3: every process calls it
-        if main:
+        if c.generator is not None:
             c.generator.update_weights(weights, version)
-    elif main:
+    elif c.generator is not None:
         c.generator.version = version
     return c
+
+
+def generates_on_every_rank(cfg: CampaignConfig, accelerator) -> bool:
+    """Whether every training process generates its share of the candidates with its own
+    engine: an in-process backend under several processes. vLLM's in-process engine joins the
+    launcher's process group as it starts, so it cannot run on the main process alone."""
+    if cfg.generation.backend == "vllm_server" or accelerator.num_processes == 1:
+        return False
+    kind = accelerator.distributed_type.value
+    if kind == "FSDP" or kind == "DEEPSPEED" and accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
+        raise ConfigError(f"generation.backend={cfg.generation.backend} under several processes runs an engine in "
+                          f"each and gives it the policy's full weights every round, which a sharded ({kind}) policy "
+                          f"gathers on the main process only; generate on vLLM servers instead "
+                          f"(generation.backend=vllm_server, README \"Scaling out\")")
+    return True
+
+
+def overlaps_judging(cfg: CampaignConfig, judge) -> bool:
+    """judge.overlap_generation: auto = for judges that wait on a remote API (`judges.base.is_remote`)."""
+    choice = cfg.judge.overlap_generation
+    return is_remote(judge) if choice == "auto" else bool(choice)
 
 
 def build_generator(c: Campaign, initial: bool) -> Generator:
@@ -174,8 +208,9 @@ def build_generator(c: Campaign, initial: bool) -> Generator:
     # the largest single generate call: a round's candidates, the held-out eval, or the diversity samples
     max_sequences = max(cfg.data.train_prompts_per_round * gen_cfg.samples_per_prompt, cfg.data.eval_prompts,
                         cfg.eval.diversity_prompts * cfg.eval.diversity_samples)
+    every_rank = c.accelerator is not None and c.accelerator.num_processes > 1
     generator = VLLMGenerator(c.model_path, c.tokenizer, gen_cfg, max_model_len=max_len, seed=cfg.seed,
-                              max_sequences=max_sequences)
+                              max_sequences=max_sequences, every_rank=every_rank)
     if generator.kv_cache_bytes:
         log.info("vLLM KV cache %.2f GiB (generation.kv_cache_gb=%s; the largest call holds %d sequences of <= %d tokens)",
                  generator.kv_cache_bytes / 2**30, gen_cfg.kv_cache_gb, max_sequences, max_len)
@@ -235,10 +270,12 @@ def build_policy(cfg: CampaignConfig, model_path: str, checkpoint: Path | None) 
 
 
 def policy_weights(c: Campaign) -> list[tuple[str, torch.Tensor]] | None:
-    """The policy's full weights under plain HF names (LoRA merged) on the main process, None elsewhere.
+    """The policy's full weights under plain HF names (LoRA merged) on the main process and on
+    every process with its own generator, None elsewhere.
     Every process must call it: gathering a sharded (FSDP/ZeRO-3) state dict is a collective."""
     full = c.accelerator.get_state_dict(c.policy)
-    return lora.merged_weights(c.accelerator.unwrap_model(c.policy), full) if c.is_main else None
+    wanted = c.is_main or c.generator is not None  # an engine in every process: each needs them
+    return lora.merged_weights(c.accelerator.unwrap_model(c.policy), full) if wanted else None
 
 
 def guard_mode(cfg: CampaignConfig) -> str:

@@ -57,12 +57,18 @@ def _compare(args) -> int:
 
 
 def _serve(args) -> int:
+    import signal
+
     from judges.models import resolve_model_path
     from online_dpo.engines.serve import start_server, stop_server, wait_ready
 
     process, url = start_server(resolve_model_path(args.model), host=args.host, port=args.port, dtype=args.dtype,
                                 seed=args.seed, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
                                 extra=args.vllm_args)
+    # The server leads its own process group, which a signal to this command does not reach:
+    # SIGTERM and SIGHUP end this command through `finally`, which stops the server too.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     try:
         wait_ready(url, process)
         print(f"serving {args.model} at {url}: generation.backend=vllm_server servers.urls=[{url}]", flush=True)

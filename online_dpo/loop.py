@@ -41,11 +41,13 @@ def run_round(c: Campaign, r: int, base: dict, prev_texts: list[str] | None) -> 
     Returns the round's record on the main process, None on the others."""
     timings: dict[str, float] = {}
     upcoming = None
-    if c.is_main:  # generation, judging and selection run on the main process only
+    prompts = c.split.round_prompts(r, c.cfg.data.train_prompts_per_round)
+    if c.is_main:
         judge_before = judge_stats(c)
-        prompts = c.split.round_prompts(r, c.cfg.data.train_prompts_per_round)
         write_jsonl(c.run.round_paths(r).prompts, [p.to_record() for p in prompts])
+    if c.round_generator is not None:  # the main process; with an in-process backend every process
         candidates, scores = generate_and_judge(c, r, prompts, timings)
+    if c.is_main:  # judging (above) and selection run on the main process only
         funnel = stage_pairs(c, r, prompts, candidates, scores)
         upcoming = prefetch_next_round(c, r)  # generation.async_rounds: round r+1 generates during this update
     c.barrier()

@@ -6,6 +6,7 @@ after generating, or slice by slice in turn, deadlocks, and the guard's timeout 
 test (a deadlock guard, not a timing assertion)."""
 
 import threading
+import types
 
 from judges.base import Score
 from online_dpo import campaign
@@ -67,15 +68,17 @@ def make_campaign(tmp_path, overlap="auto"):
     from online_dpo.hardware import Hardware, resolve
 
     resolved = resolve(cfg, Hardware("cpu", False, "AVX2", (), 2), environ={})  # stages read the reference source
-    c = campaign.Campaign(cfg, run, None, None, None, judge, None, None, generator, None, resolved, "unused",
-                          build_objective(cfg))
+    one_process = types.SimpleNamespace(is_main_process=True)
+    c = campaign.Campaign(cfg, run, one_process, None, None, judge, None, None, generator, None, resolved, "unused",
+                          build_objective(cfg), round_generator=generator,
+                          overlap_judging=campaign.overlaps_judging(cfg, judge))
     prompts = [Prompt(id=f"p{i}", messages=[{"role": "user", "content": f"question {i}"}]) for i in range(7)]
     return c, prompts, run
 
 
 def test_a_remote_judge_scores_each_slice_while_the_next_generates(tmp_path):
     c, prompts, run = make_campaign(tmp_path)
-    assert generate_stage.overlaps_judging(c)
+    assert c.overlap_judging
     timings: dict = {}
     candidates, scores = generate_stage.stage_generate_while_judging(c, 0, prompts, timings)
 
@@ -101,7 +104,8 @@ def test_a_remote_judge_scores_each_slice_while_the_next_generates(tmp_path):
 
 def test_overlap_off_or_a_local_judge_keeps_the_stages_apart(tmp_path):
     c, _, _ = make_campaign(tmp_path, overlap=False)
-    assert not generate_stage.overlaps_judging(c)
+    assert not campaign.overlaps_judging(c.cfg, c.judge)
     c.cfg.judge.overlap_generation = "auto"
+    assert campaign.overlaps_judging(c.cfg, c.judge)
     c.judge.remote = False  # a local judge (a verifier, a local model) shares the machine: no overlap
-    assert not generate_stage.overlaps_judging(c)
+    assert not campaign.overlaps_judging(c.cfg, c.judge)

@@ -25,6 +25,9 @@ from tests.conftest import ROOT, run_python
 pytestmark = pytest.mark.vllm
 
 MAX_MODEL_LEN = 512
+# The DPO steps of the push test. Larger ones drive the probe completion's tokens to log-probs
+# near -18, where bf16 rounding on both sides alone moves the probe gap past 0.1 on some CPUs.
+PUSH_LR = 5e-5
 
 
 def free_port() -> int:
@@ -130,8 +133,8 @@ def dpo_step(model, tokenizer, probe) -> None:
     batches = [collate_pairs([encode_pair(probe.prompt_ids, better, probe.completion_ids, 128)], tokenizer.pad_token_id)]
     accelerator = Accelerator(cpu=True)
     ref = reference_logps(model, batches, accelerator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    train_round(model, optimizer, batches, ref, DPOConfig(learning_rate=1e-4, max_steps=2, batch_size=1,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PUSH_LR)
+    train_round(model, optimizer, batches, ref, DPOConfig(learning_rate=PUSH_LR, max_steps=2, batch_size=1,
                                                           mixed_precision="no"), accelerator)
     model.eval()
 
@@ -182,6 +185,21 @@ def test_an_answer_from_other_weights_is_refused(servers, policy, tmp_path):
     gen.servers[0].request("POST", "/update_weight_version", json={"new_version": "someone-else/v7"})
     with pytest.raises(StaleWeightsError, match=r"someone-else/v7.*not the pushed version 'v1'"):
         gen.generate([prompt], sampling)
+
+
+def test_many_seeded_requests_at_once_keep_a_cpu_server_alive(servers, policy, tmp_path):
+    """128 seeded prompts in flight: more prompt tokens than one engine step takes. With chunked
+    prefill a CPU server splits a prefill, cannot rewind that request's generator and dies
+    ('CPU Generator does not use offset'); `online-dpo serve` starts CPU servers without it."""
+    from online_dpo.data.prompts import Prompt
+
+    model, tokenizer = policy
+    gen = generator_for(servers.urls[:1], tokenizer, model, tmp_path, "burst-test/", max_concurrent=64)
+    gen.label("v1")
+    prompts = [Prompt(id=f"p{i}", messages=[{"role": "user", "content": f"What is {i} + {i + 3}? Explain step by step."}])
+               for i in range(128)]
+    out = gen.generate(prompts, Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=0))
+    assert len(out) == 128 and all(len(cs) == 1 and cs[0].token_ids for cs in out)
 
 
 def run_cli(tmp_path, name: str, *overrides: str) -> subprocess.CompletedProcess:

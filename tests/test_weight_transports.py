@@ -68,3 +68,50 @@ def test_serve_takes_its_own_options_and_passes_what_follows_dashes_to_vllm(monk
     assert argv[argv.index("--port") + 1] == "8134" and argv.count("--port") == 1 and argv[-1] == "--x"
     assert env["VLLM_SERVER_DEV_MODE"] == "1" and "--enable-scale-out" in argv
     assert argv[argv.index("--logprobs-mode") + 1] == "raw_logprobs"
+
+
+SERVE_THEN_WAIT = """
+import subprocess, sys
+import online_dpo.engines.serve as serve
+from online_dpo.cli import main
+
+def start_stand_in(model_path, **options):
+    # a process group like a vLLM server's: a leader and a child, in their own session
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"
+    process = subprocess.Popen([sys.executable, "-c", child], start_new_session=True)
+    print(process.pid, flush=True)
+    return process, "http://127.0.0.1:1"
+
+serve.start_server = start_stand_in
+serve.wait_ready = lambda url, process, timeout_s=600.0: None
+sys.exit(main(["serve", "embedded"]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_signal_to_serve_stops_its_server_and_the_server_s_processes(sig):
+    """The server leads its own process group, out of reach of a signal to `online-dpo serve`;
+    serve must stop it on its way out."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    serve = subprocess.Popen([sys.executable, "-c", SERVE_THEN_WAIT], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    group = int(serve.stdout.readline())
+    time.sleep(1.0)  # serve is now waiting on its server
+    os.killpg(group, 0)  # the stand-in server's group is alive
+    serve.send_signal(getattr(signal, sig))
+    assert serve.wait(timeout=60) == 128 + getattr(signal, sig)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return  # no process of the group is left
+        time.sleep(0.2)
+    os.killpg(group, signal.SIGKILL)
+    raise AssertionError(f"{sig} to serve left its server's processes running")

@@ -46,9 +46,10 @@ class DataConfig:
 
 @dataclass
 class GenerationConfig:
-    # vllm: a vLLM engine in the trainer process (one per training process under accelerate,
-    # each generating its share of the prompts); vllm_server: vLLM servers (the servers
-    # section); hf: HF `generate` on the policy module itself.
+    # vllm: a vLLM engine in the trainer process; vllm_server: vLLM servers (the servers
+    # section); hf: HF `generate` on the policy module itself. Under several training
+    # processes (accelerate launch) each process runs its own vllm engine (or hf generate)
+    # and samples its share of each round's candidates; the main process judges and evaluates.
     backend: Literal["vllm", "hf", "vllm_server"] = "vllm"
     samples_per_prompt: int = 8  # K candidates per train prompt
     temperature: float = 1.0

@@ -77,7 +77,7 @@ class VLLMGenerator:
     """
 
     def __init__(self, model_path: str, tokenizer, cfg: GenerationConfig, max_model_len: int, seed: int = 0,
-                 max_sequences: int = 256):
+                 max_sequences: int = 256, every_rank: bool = False):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             from vllm import LLM
@@ -107,6 +107,10 @@ class VLLMGenerator:
             # Sampled tokens' log-probs from the raw logits (before temperature / top-p): the
             # policy's own log π(token | prefix), which the DPO reference can use as is.
             logprobs_mode="raw_logprobs",
+            # One engine in each process of a torchrun / accelerate launch: vLLM joins the
+            # launcher's process group (RANK, LOCAL_RANK: each engine on its own process's device)
+            # instead of building a group of its own.
+            distributed_executor_backend="external_launcher" if every_rank else None,
         )
 
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]:

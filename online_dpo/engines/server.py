@@ -23,6 +23,7 @@ import torch
 
 from online_dpo.data.prompts import Prompt
 from online_dpo.engines.generate import Completion, Sampling, prompt_token_ids
+from online_dpo.engines.ranks import rank_share
 from online_dpo.errors import GenerationServerError, StaleWeightsError
 from online_dpo.seeds import stable_seed
 
@@ -32,6 +33,9 @@ log = logging.getLogger("online_dpo")
 REQUIRED_ROUTES = {"/inference/v1/generate": "--enable-scale-out", "/pause": "VLLM_SERVER_DEV_MODE=1",
                    "/collective_rpc": "VLLM_SERVER_DEV_MODE=1", "/update_weight_version": "VLLM_SERVER_DEV_MODE=1"}
 START_HINT = "start it with `online-dpo serve MODEL` (dev mode and the scale-out endpoints on)"
+SEEDED_CPU_HINT = ("; on a CPU server, seeded requests (servers.seed_requests) crash vLLM's engine when a prompt's "
+                   "prefill is split over steps ('CPU Generator does not use offset' in its log): restart it with "
+                   "--no-enable-chunked-prefill (`online-dpo serve` does), or set servers.seed_requests=false")
 
 
 class Server:
@@ -190,8 +194,8 @@ class ServerGenerator:
 
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]:
         ids = prompt_token_ids(self.tokenizer, prompts)
-        share = -(-len(ids) // len(self.servers))
-        owner = [self.servers[i // share] for i in range(len(ids))]
+        owner = [server for k, server in enumerate(self.servers)
+                 for _ in range(len(ids))[rank_share(len(ids), k, len(self.servers))]]
 
         def one(i: int) -> list[Completion]:
             params = {"n": sampling.n, "temperature": sampling.temperature, "top_p": sampling.top_p,
@@ -200,7 +204,13 @@ class ServerGenerator:
                 params["logprobs"] = 0
             if self.seed_requests:
                 params["seed"] = stable_seed(sampling.seed, i) % 2**31
-            return self.completions(owner[i], owner[i].generate(ids[i], params), sampling)
+            try:
+                answer = owner[i].generate(ids[i], params)
+            except GenerationServerError as e:
+                if self.seed_requests and "HTTP 500" in e.problem:
+                    raise GenerationServerError(e.url, e.problem + SEEDED_CPU_HINT) from None
+                raise
+            return self.completions(owner[i], answer, sampling)
 
         workers = self.max_concurrent * len(self.servers)
         with ThreadPoolExecutor(max_workers=min(workers, max(1, len(ids))), thread_name_prefix="generate") as pool:

@@ -54,7 +54,7 @@ def roll_back(c: Campaign, to_round: int | None) -> None:
         if checkpoint is None or not optim.load_optimizer_state(c.optimizer, checkpoint, c.accelerator):
             optim.reset_optimizer_state(c.optimizer)
     weights = policy_weights(c)  # a collective under DDP too: every process calls it
-    if c.is_main:
+    if c.generator is not None:
         c.generator.update_weights(weights, policy_version(to_round))
     c.barrier()
 

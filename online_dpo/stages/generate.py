@@ -1,11 +1,12 @@
 """The generate stage: K candidates per prompt from the current policy -> candidates.parquet;
-with a remote judge, in slices that are judged while the next slice generates."""
+with a remote judge, in slices that are judged while the next slice generates. With
+an in-process backend under several processes every process calls it and generates its
+share (engines.ranks); the main process alone judges and saves."""
 
 from __future__ import annotations
 
 import logging
 
-from judges.base import is_remote
 from online_dpo.campaign import Campaign, once, timed
 from online_dpo.engines.generate import Completion, Sampling
 from online_dpo.errors import StaleWeightsError
@@ -17,13 +18,16 @@ from online_dpo.stages.judge import judge_candidates, save_judgments, scores_of,
 log = logging.getLogger("online_dpo")
 
 
-def generate_and_judge(c: Campaign, r: int, prompts, timings: dict) -> tuple[list[list[Candidate]], list[list]]:
+def generate_and_judge(c: Campaign, r: int, prompts, timings: dict) -> tuple[list[list[Candidate]], list[list] | None]:
     """The round's candidates and their scores: generated then judged, or, for a judge that
-    waits on a remote API, judged slice by slice while generation goes on."""
-    if overlaps_judging(c) and not c.run.is_done(r, "generate"):
+    waits on a remote API, judged slice by slice while generation goes on. Scores are None
+    on the processes that only generate."""
+    if c.overlap_judging and not c.run.is_done(r, "generate"):
         return stage_generate_while_judging(c, r, prompts, timings)
     with timed("generate", timings):
         candidates = stage_generate(c, r, prompts)
+    if not c.is_main:
+        return candidates, None
     with timed("judge", timings):
         scores = stage_judge(c, r, prompts, candidates)
     return candidates, scores
@@ -76,8 +80,9 @@ def stage_generate(c: Campaign, r: int, prompts) -> list[list[Candidate]]:
     """K samples per prompt from the current policy -> candidates.parquet."""
     def generate() -> list[dict]:
         log.info("round %d generate: %d prompts x %d samples", r, len(prompts), c.cfg.generation.samples_per_prompt)
-        rows = completion_rows(prompts, c.generator.generate(prompts, train_sampling(c, r)))
-        save_candidates(c, r, rows)
+        rows = completion_rows(prompts, c.round_generator.generate(prompts, train_sampling(c, r)))
+        if c.is_main:
+            save_candidates(c, r, rows)
         return rows
 
     rows = once(c.run, r, "generate", generate, lambda: read_parquet(c.run.round_paths(r).candidates))
@@ -103,12 +108,6 @@ def save_candidates(c: Campaign, r: int, rows: list[dict]) -> None:
     c.run.mark_done(r, "generate", candidates=len(rows), policy_version=versions[0] if versions else None)
 
 
-def overlaps_judging(c: Campaign) -> bool:
-    """judge.overlap_generation: auto = for judges that wait on a remote API (`judges.base.is_remote`)."""
-    choice = c.cfg.judge.overlap_generation
-    return is_remote(c.judge) if choice == "auto" else bool(choice)
-
-
 def stage_generate_while_judging(c: Campaign, r: int, prompts, timings: dict):
     """Generate and judge at once: the round's prompts go to the generator in
     judge.overlap_chunks slices, and each slice is judged in a background thread while the
@@ -116,7 +115,8 @@ def stage_generate_while_judging(c: Campaign, r: int, prompts, timings: dict):
     same candidates.parquet and judgments.parquet, with the same markers, as the two stages
     one after the other. Each slice has its own seed, so a resumed round regenerates the same
     candidates and a caching judge answers them from its cache. timings: "generate" is the
-    generation wall time, "judge" the wait for the judge after the last slice."""
+    generation wall time, "judge" the wait for the judge after the last slice. A process that
+    only generates (any but the main one) takes part in each slice and returns (candidates, None)."""
     from concurrent.futures import ThreadPoolExecutor
 
     g = c.cfg.generation
@@ -128,10 +128,13 @@ def stage_generate_while_judging(c: Campaign, r: int, prompts, timings: dict):
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge") as pool:
         with timed("generate", timings):
             for k, part in enumerate(slices):
-                part_rows = completion_rows(part, c.generator.generate(part, train_sampling(c, r, k)))
+                part_rows = completion_rows(part, c.round_generator.generate(part, train_sampling(c, r, k)))
                 rows += part_rows
-                futures.append(pool.submit(judge_candidates, c, r, part, rows_to_candidates(part, part_rows),
-                                           f" (slice {k + 1}/{len(slices)})"))
+                if c.is_main:
+                    futures.append(pool.submit(judge_candidates, c, r, part, rows_to_candidates(part, part_rows),
+                                               f" (slice {k + 1}/{len(slices)})"))
+            if not c.is_main:
+                return rows_to_candidates(prompts, rows), None
             save_candidates(c, r, rows)
         with timed("judge", timings):  # only the wait after the last slice: the rest overlapped generation
             scores = [s for f in futures for s in f.result()]  # re-raises a judge error (e.g. its budget)

@@ -83,7 +83,7 @@ def update_policy(c: Campaign, r: int, timings: dict) -> tuple[list[dict], dict 
             write_json(paths.logp_drift, drift)
     with timed("sync", timings):
         weights = policy_weights(c)
-        if c.is_main:
+        if c.generator is not None:  # the main process's, and with an in-process backend every process's own
             c.generator.update_weights(weights, policy_version(r))
     return train_metrics, drift
 
