@@ -157,7 +157,7 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
     log.info("reference log-probs: %s (dpo.reference_logps=%s)", c.reference_source, cfg.dpo.reference_logps)
     if main or every_rank:
         with servers_during("start"):
-            c.generator = build_generator(c, initial=last is None)
+            c.generator = build_generator(c, initial=last is None, every_rank=every_rank)
         c.round_generator = EveryRank(c.generator, accelerator) if every_rank else c.generator
     if main:
         kv_bytes = getattr(c.generator, "kv_cache_bytes", None)
@@ -194,9 +194,10 @@ def overlaps_judging(cfg: CampaignConfig, judge) -> bool:
     return is_remote(judge) if choice == "auto" else bool(choice)
 
 
-def build_generator(c: Campaign, initial: bool) -> Generator:
+def build_generator(c: Campaign, initial: bool, every_rank: bool = False) -> Generator:
     """The generator generation.backend names. `initial`: the policy is the initial model (a
-    fresh campaign), which generation servers must already hold."""
+    fresh campaign), which generation servers must already hold. `every_rank`: one engine in
+    each training process (`generates_on_every_rank`)."""
     cfg, gen_cfg = c.cfg, c.cfg.generation
     if gen_cfg.backend == "hf":
         return HFGenerator(c.accelerator.unwrap_model(c.policy), c.tokenizer, gen_cfg.hf_batch_sequences)
@@ -208,7 +209,6 @@ def build_generator(c: Campaign, initial: bool) -> Generator:
     # the largest single generate call: a round's candidates, the held-out eval, or the diversity samples
     max_sequences = max(cfg.data.train_prompts_per_round * gen_cfg.samples_per_prompt, cfg.data.eval_prompts,
                         cfg.eval.diversity_prompts * cfg.eval.diversity_samples)
-    every_rank = c.accelerator is not None and c.accelerator.num_processes > 1
     generator = VLLMGenerator(c.model_path, c.tokenizer, gen_cfg, max_model_len=max_len, seed=cfg.seed,
                               max_sequences=max_sequences, every_rank=every_rank)
     if generator.kv_cache_bytes:

@@ -46,7 +46,7 @@ from online_dpo.seeds import stable_seed
 root, r, model = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 cfg = load_config(str(root / "config.yaml"))
 tokenizer = load_tokenizer(model)
-c = types.SimpleNamespace(cfg=cfg, resolved=hardware.resolve(cfg), model_path=model, tokenizer=tokenizer, accelerator=None)
+c = types.SimpleNamespace(cfg=cfg, resolved=hardware.resolve(cfg), model_path=model, tokenizer=tokenizer)
 generator = build_generator(c, initial=True)
 prompts = [Prompt(**{k: row[k] for k in ("id", "messages")}) for row in map(json.loads,
            (root / f"round_{r:03d}" / "prompts.jsonl").read_text().splitlines())]
