@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -171,6 +172,9 @@ class RunDir:
         self.root = Path(root)
         self.manifest_path = self.root / MANIFEST
         self.manifest: dict = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
+        # generation.async_rounds marks round r+1's generate from a thread while the main
+        # thread marks round r's stages: one marker at a time, each write a whole manifest
+        self._manifest_lock = threading.RLock()
 
     # --- file names: every path of the run directory is spelled here -----------------------
 
@@ -271,14 +275,17 @@ class RunDir:
 
     def reload(self) -> None:
         """Re-read the manifest from disk (processes that do not write it, after a barrier)."""
-        self.manifest = json.loads(self.manifest_path.read_text())
+        with self._manifest_lock:
+            self.manifest = json.loads(self.manifest_path.read_text())
 
     def save_manifest(self) -> None:
-        write_json(self.manifest_path, self.manifest)
+        with self._manifest_lock:
+            write_json(self.manifest_path, self.manifest)
 
     def is_done(self, r: int | str, stage: str) -> bool:
         return stage in self.manifest["rounds"].get(str(r), {})
 
     def mark_done(self, r: int | str, stage: str, **info: Any) -> None:
-        self.manifest["rounds"].setdefault(str(r), {})[stage] = {"at": time.time(), **info}
-        self.save_manifest()
+        with self._manifest_lock:
+            self.manifest["rounds"].setdefault(str(r), {})[stage] = {"at": time.time(), **info}
+            self.save_manifest()
