@@ -52,7 +52,7 @@ from common import TreeRssSampler, gib, run_child, vm_hwm_bytes, write_json  # n
 
 T_PROCESS = time.perf_counter()
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("generate", "judge", "reference", "update", "sync", "checkpoint", "other")
+STAGES = ("generate", "judge", "reference", "update", "drift", "sync", "checkpoint", "other")
 
 
 @dataclass
