@@ -241,13 +241,21 @@ def connect_servers(c: Campaign, initial: bool) -> ServerGenerator:
     generator.check(longest=longest_sequence(c.cfg))
     if initial or not c.run.server_probe.exists():
         write_json(c.run.server_probe, dataclasses.asdict(probe()))
-    # A server holding none of this campaign's pushed weights must hold its initial model.
+    # A server holding none of this campaign's pushed weights holds either the model it was
+    # started with, which must be the policy's initial model, or weights another campaign
+    # pushed, which are replaced by the initial model before round 0.
     fresh = [server for server in generator.servers if not generator.holds_ours(server)]
-    generator.check_policy(Probe(**json.loads(c.run.server_probe.read_text())), "the policy's initial model", fresh)
+    reused = [server for server in fresh if generator.holds_anothers(server)]
+    started = [server for server in fresh if server not in reused]
+    generator.check_policy(Probe(**json.loads(c.run.server_probe.read_text())), "the policy's initial model", started)
     generator.label("initial", fresh)
-    if initial and len(fresh) < len(generator.servers):
-        # A crash after a push but before its round was saved: the campaign goes on from the
-        # initial model, so that is what every server must hold again.
+    if initial and (len(fresh) < len(generator.servers) or reused):
+        # Also a crash after a push but before its round was saved: the campaign goes on from
+        # the initial model, so that is what every server must hold again. The push checks
+        # each server's log-probs against the policy afterwards.
+        if reused:
+            log.info("generation server(s) %s hold another campaign's weights; loading the initial model",
+                     ", ".join(server.url for server in reused))
         generator.update_weights(lora.merged_weights(policy), "initial")
     return generator
 

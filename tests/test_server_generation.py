@@ -5,6 +5,7 @@ Fault paths that need a server to misbehave on purpose use a small local HTTP se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -119,6 +120,18 @@ def generator_for(urls, tokenizer, model, root: Path, prefix: str, **options):
                            tolerance=0.1, label_prefix=prefix, **options)
 
 
+def as_started(servers, policy, tmp_path, i: int = 0) -> None:
+    """Server i holds the embedded model under vLLM's never-pushed label, as one just started
+    does (the tests before have pushed other campaigns' weights to it)."""
+    from online_dpo.engines.server import NEVER_PUSHED
+    from online_dpo.train import lora
+
+    initial, tokenizer = policy
+    gen = generator_for([servers.urls[i]], tokenizer, initial, tmp_path / "as-started", "as-started/")
+    gen.update_weights(lora.merged_weights(initial), "initial")
+    gen.servers[0].request("POST", "/update_weight_version", json={"new_version": NEVER_PUSHED})
+
+
 def dpo_step(model, tokenizer, probe) -> None:
     """A real DPO update that makes the probe's completion less likely (it is the rejected side)."""
     import torch
@@ -202,6 +215,35 @@ def test_many_seeded_requests_at_once_keep_a_cpu_server_alive(servers, policy, t
     assert len(out) == 128 and all(len(cs) == 1 and cs[0].token_ids for cs in out)
 
 
+def test_a_seeded_request_samples_the_same_alone_among_others_and_on_either_server(servers, policy, tmp_path):
+    """What per-request seeds reproduce on CPU servers (started without chunked prefill): a
+    prompt's K samples are the same whether its request runs alone or among 23 others, and on
+    either server (each started with its own --seed); another seed samples others. So a
+    round regenerated on resume samples the round's candidates again."""
+    from online_dpo.data.prompts import Prompt
+    from online_dpo.train import lora
+
+    initial, tokenizer = policy
+    both = generator_for(servers.urls, tokenizer, initial, tmp_path / "pushed", "seed-test/")
+    both.update_weights(lora.merged_weights(initial), "initial")  # both hold exactly the same weights
+    prompts = [Prompt(id=f"p{i}", messages=[{"role": "user", "content": f"What is {i % 9 + 1} x {i % 7 + 2}?"}])
+               for i in range(24)]
+    sampling = Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=0)
+
+    def samples(urls, seed=0, max_concurrent=64):
+        gen = generator_for(urls, tokenizer, initial, tmp_path, "seed-test/", max_concurrent=max_concurrent)
+        gen.version = "initial"
+        out = gen.generate(prompts, dataclasses.replace(sampling, seed=seed))
+        return [[c.token_ids for c in cs] for cs in out]
+
+    alone = samples(servers.urls[:1], max_concurrent=1)  # one request in flight at a time
+    among_others = samples(servers.urls[:1])
+    assert among_others == alone
+    assert samples(servers.urls[1:]) == alone
+    other_seed = samples(servers.urls[:1], seed=1)
+    assert sum(a != b for a, b in zip(other_seed, alone)) > len(prompts) // 2
+
+
 def run_cli(tmp_path, name: str, *overrides: str) -> subprocess.CompletedProcess:
     """`online-dpo run configs/quickstart.yaml` with a server backend, in a fresh process."""
     return run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={tmp_path}",
@@ -209,10 +251,11 @@ def run_cli(tmp_path, name: str, *overrides: str) -> subprocess.CompletedProcess
 
 
 def test_a_server_with_another_model_is_refused_at_start(servers, policy, tmp_path):
-    """The policy is a changed copy of the embedded model: the server (running the embedded
-    model) fails the start check, and the error says how to start the right one."""
+    """The policy is a changed copy of the embedded model: the server (started with the
+    embedded model) fails the start check, and the error says how to start the right one."""
     import torch
 
+    as_started(servers, policy, tmp_path)
     model, tokenizer = policy
     other = tmp_path / "other-model"
     changed = type(model).from_pretrained(servers.model_path)
@@ -297,8 +340,11 @@ def request_counts(url: str) -> int:
 def test_two_rounds_on_two_servers_survive_a_killed_server(servers, tmp_path):
     """A 2-round campaign split across both servers. Server 1 is killed as round 1 starts
     generating: the run stops with an error naming it and the round; once it is back, resume
-    finishes with every round's candidates there exactly once, from the right policy version."""
+    finishes with every round's candidates there exactly once, from the right policy version,
+    and with the same candidates and pairs as the same campaign run without the kill (both
+    start on servers another campaign pushed to, which get the initial model loaded)."""
     import pandas as pd
+    from datasets import load_from_disk
 
     from online_dpo.rundir import RunDir
 
@@ -340,3 +386,14 @@ def test_two_rounds_on_two_servers_survive_a_killed_server(servers, tmp_path):
     assert run.is_done(1, "eval")
     # both servers took a share: server 1 answered requests after its restart (round 1, the evals)
     assert request_counts(servers.urls[1]) > 0 and request_counts(servers.urls[0]) > after_round0[0]
+
+    uninterrupted = subprocess.run([a if not a.startswith("name=") else "name=uninterrupted" for a in cmd], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=900)
+    assert uninterrupted.returncode == 0, (uninterrupted.stdout + uninterrupted.stderr)[-3000:]
+    assert "hold another campaign's weights; loading the initial model" in uninterrupted.stderr
+    clean = RunDir(tmp_path / "uninterrupted")
+    for r in (0, 1):
+        pd.testing.assert_frame_equal(pd.read_parquet(run.round_paths(r).candidates),
+                                      pd.read_parquet(clean.round_paths(r).candidates), obj=f"round {r} candidates")
+        pd.testing.assert_frame_equal(load_from_disk(str(run.round_paths(r).pairs)).to_pandas(),
+                                      load_from_disk(str(clean.round_paths(r).pairs)).to_pandas(), obj=f"round {r} pairs")

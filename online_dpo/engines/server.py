@@ -32,6 +32,8 @@ log = logging.getLogger("online_dpo")
 # The endpoints a server must expose; a plain `vllm serve` without dev mode or scale-out lacks them.
 REQUIRED_ROUTES = {"/inference/v1/generate": "--enable-scale-out", "/pause": "VLLM_SERVER_DEV_MODE=1",
                    "/collective_rpc": "VLLM_SERVER_DEV_MODE=1", "/update_weight_version": "VLLM_SERVER_DEV_MODE=1"}
+# vLLM's weight version until someone sets one: the server holds the model it started with.
+NEVER_PUSHED = "default"
 START_HINT = "start it with `online-dpo serve MODEL` (dev mode and the scale-out endpoints on)"
 SEEDED_CPU_HINT = ("; on a CPU server, seeded requests (servers.seed_requests) crash vLLM's engine when a prompt's "
                    "prefill is split over steps ('CPU Generator does not use offset' in its log): restart it with "
@@ -160,8 +162,14 @@ class ServerGenerator:
         self.busy = threading.Lock()
 
     def holds_ours(self, server: Server) -> bool:
-        """Whether the server holds weights this campaign pushed (else: what it started with)."""
+        """Whether the server holds weights this campaign pushed."""
         return server.weight_version().startswith(self.label_prefix)
+
+    def holds_anothers(self, server: Server) -> bool:
+        """Whether the server holds weights some other campaign pushed (neither ours nor the
+        model it started with)."""
+        version = server.weight_version()
+        return version != NEVER_PUSHED and not version.startswith(self.label_prefix)
 
     def check(self, longest: int) -> None:
         """Every server is up, exposes the endpoints the loop needs, and fits `longest` tokens
