@@ -24,7 +24,7 @@ from online_dpo.data import load_prompts
 from online_dpo.engines.generate import Generator, HFGenerator, VLLMGenerator
 from online_dpo.engines.models import load_policy, load_tokenizer
 from online_dpo.engines.ranks import EveryRank
-from online_dpo.engines.server import Probe, ServerGenerator, policy_probe
+from online_dpo.engines.server import ANOTHERS, AS_STARTED, OURS, Probe, ServerGenerator, policy_probe
 from online_dpo.engines.transports import build_transport
 from online_dpo.errors import servers_during
 from online_dpo.objectives import Objective, build_objective
@@ -244,9 +244,10 @@ def connect_servers(c: Campaign, initial: bool) -> ServerGenerator:
     # A server holding none of this campaign's pushed weights holds either the model it was
     # started with, which must be the policy's initial model, or weights another campaign
     # pushed, which are replaced by the initial model before round 0.
-    fresh = [server for server in generator.servers if not generator.holds_ours(server)]
-    reused = [server for server in fresh if generator.holds_anothers(server)]
-    started = [server for server in fresh if server not in reused]
+    holds = {server: generator.holds(server) for server in generator.servers}
+    fresh = [server for server in generator.servers if holds[server] != OURS]
+    reused = [server for server in fresh if holds[server] == ANOTHERS]
+    started = [server for server in fresh if holds[server] == AS_STARTED]
     generator.check_policy(Probe(**json.loads(c.run.server_probe.read_text())), "the policy's initial model", started)
     generator.label("initial", fresh)
     if initial and (len(fresh) < len(generator.servers) or reused):

@@ -12,9 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ import pytest
 from online_dpo.engines.generate import Sampling
 from online_dpo.errors import GenerationServerError, StaleWeightsError
 from tests.conftest import ROOT, run_python
+from tests.local_http import LocalHTTPServer, QuietHandler
 
 pytestmark = pytest.mark.vllm
 
@@ -70,6 +69,15 @@ class Servers:
     def restart(self, i: int) -> None:
         self.start(i)
         self.wait(i)
+
+    def log_tails(self, lines: int = 30) -> str:
+        """The end of each server's log for a failure message, without the weight-loading noise."""
+        def tail(i: int) -> str:
+            kept = [line for line in (self.logs / f"server{i}.log").read_text(errors="replace").splitlines()
+                    if "Attempted to load weight" not in line]
+            return "\n".join(kept[-lines:])
+
+        return "".join(f"\n--- server {i} ({self.urls[i]}) log ---\n{tail(i)}" for i in range(len(self.ports)))
 
     def stop(self) -> None:
         from online_dpo.engines.serve import stop_server
@@ -290,28 +298,15 @@ def test_errors_name_the_server_down_at_start_and_a_server_without_dev_mode(tmp_
         Server(servers.urls[0], timeout_s=0.001).generate(list(range(1, 200)), {"n": 4, "max_tokens": 32})
 
 
-class PlainOpenAIServer:
+class PlainOpenAIServer(LocalHTTPServer):
     """Answers /openapi.json with the plain OpenAI routes only, as `vllm serve` without dev mode would."""
 
     def __init__(self):
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):
-                body = json.dumps({"paths": {"/v1/completions": {}, "/v1/models": {}, "/health": {}}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send_json({"paths": {"/v1/completions": {}, "/v1/models": {}, "/health": {}}})
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
+        super().__init__(Handler)
 
 
 def test_async_rounds_generate_the_next_round_during_the_update(servers, tmp_path):
@@ -322,7 +317,7 @@ def test_async_rounds_generate_the_next_round_during_the_update(servers, tmp_pat
     out = run_cli(tmp_path, "async", "rounds=2", "data.train_prompts_per_round=4", "generation.samples_per_prompt=4",
                   "data.eval_prompts=8", "eval.diversity_prompts=0", "dpo.max_steps=2", "generation.async_rounds=1",
                   f"servers.urls=[{servers.urls[0]},{servers.urls[1]}]")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-3000:] + servers.log_tails()
     rounds = RunDir(tmp_path / "async").manifest["rounds"]
     assert [rounds[r]["generate"]["policy_version"] for r in ("0", "1")] == ["initial", "initial"]
     assert rounds["1"]["generate"]["at"] < rounds["0"]["checkpoint"]["at"]  # before round 0's update was saved
@@ -358,12 +353,12 @@ def test_two_rounds_on_two_servers_survive_a_killed_server(servers, tmp_path):
     run = RunDir(tmp_path / name)
     deadline = time.monotonic() + 600
     while not (run.manifest_path.exists() and RunDir(run.root).is_done(0, "eval")):
-        assert campaign.poll() is None, campaign.stdout.read()[-3000:]
+        assert campaign.poll() is None, campaign.stdout.read()[-3000:] + servers.log_tails()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     servers.kill(1)  # round 1 is generating now
     out, _ = campaign.communicate(timeout=300)
-    assert campaign.returncode == 5, out[-3000:]
+    assert campaign.returncode == 5, out[-3000:] + servers.log_tails()
     assert re.search(rf"stopped: generation server {re.escape(servers.urls[1])} during round 1: cannot reach it", out)
     assert f"online-dpo resume {tmp_path / name}" in out
     assert not RunDir(run.root).is_done(1, "generate")
@@ -373,7 +368,7 @@ def test_two_rounds_on_two_servers_survive_a_killed_server(servers, tmp_path):
     servers.restart(1)
     resumed = subprocess.run([sys.executable, "-m", "online_dpo.cli", "resume", str(run.root)], cwd=ROOT,
                              capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:] + servers.log_tails()
     run = RunDir(run.root)
     prompts_of = {r: [json.loads(line)["id"] for line in run.round_paths(r).prompts.read_text().splitlines()]
                   for r in (0, 1)}
@@ -389,7 +384,7 @@ def test_two_rounds_on_two_servers_survive_a_killed_server(servers, tmp_path):
 
     uninterrupted = subprocess.run([a if not a.startswith("name=") else "name=uninterrupted" for a in cmd], cwd=ROOT,
                                    capture_output=True, text=True, timeout=900)
-    assert uninterrupted.returncode == 0, (uninterrupted.stdout + uninterrupted.stderr)[-3000:]
+    assert uninterrupted.returncode == 0, (uninterrupted.stdout + uninterrupted.stderr)[-3000:] + servers.log_tails()
     assert "hold another campaign's weights; loading the initial model" in uninterrupted.stderr
     clean = RunDir(tmp_path / "uninterrupted")
     for r in (0, 1):

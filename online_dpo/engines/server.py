@@ -32,8 +32,12 @@ log = logging.getLogger("online_dpo")
 # The endpoints a server must expose; a plain `vllm serve` without dev mode or scale-out lacks them.
 REQUIRED_ROUTES = {"/inference/v1/generate": "--enable-scale-out", "/pause": "VLLM_SERVER_DEV_MODE=1",
                    "/collective_rpc": "VLLM_SERVER_DEV_MODE=1", "/update_weight_version": "VLLM_SERVER_DEV_MODE=1"}
+# A server closes a keep-alive connection left idle for its timeout (vLLM's and httpx's default are
+# both 5 s, so a request can go out on a connection the server is closing): drop them sooner.
+IDLE_CONNECTION_S = 2.0
 # vLLM's weight version until someone sets one: the server holds the model it started with.
 NEVER_PUSHED = "default"
+OURS, AS_STARTED, ANOTHERS = "this campaign's", "as started", "another campaign's"  # ServerGenerator.holds
 START_HINT = "start it with `online-dpo serve MODEL` (dev mode and the scale-out endpoints on)"
 SEEDED_CPU_HINT = ("; on a CPU server, seeded requests (servers.seed_requests) crash vLLM's engine when a prompt's "
                    "prefill is split over steps ('CPU Generator does not use offset' in its log): restart it with "
@@ -48,13 +52,20 @@ class Server:
         import httpx
 
         self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0),
+                                   limits=httpx.Limits(keepalive_expiry=IDLE_CONNECTION_S))
 
     def request(self, method: str, path: str, **kwargs):
         import httpx
 
         try:
-            response = self.client.request(method, path, **kwargs)
+            try:
+                response = self.client.request(method, path, **kwargs)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                # The server may have closed this pooled connection as the request went out. Every
+                # request here may be sent twice (a seeded generate samples the same again); a
+                # server that is down fails the second try too.
+                response = self.client.request(method, path, **kwargs)
         except httpx.TimeoutException:
             raise GenerationServerError(self.url, f"{path} timed out after {self.client.timeout.read:.0f} s "
                                                   f"(servers.timeout_s)") from None
@@ -161,15 +172,11 @@ class ServerGenerator:
         # round's candidates): a push waits for it.
         self.busy = threading.Lock()
 
-    def holds_ours(self, server: Server) -> bool:
-        """Whether the server holds weights this campaign pushed."""
-        return server.weight_version().startswith(self.label_prefix)
-
-    def holds_anothers(self, server: Server) -> bool:
-        """Whether the server holds weights some other campaign pushed (neither ours nor the
-        model it started with)."""
+    def holds(self, server: Server) -> str:
+        """Whose weights the server holds: OURS (this campaign pushed them), AS_STARTED (nobody
+        pushed any: the model it was started with) or ANOTHERS (another campaign pushed them)."""
         version = server.weight_version()
-        return version != NEVER_PUSHED and not version.startswith(self.label_prefix)
+        return OURS if version.startswith(self.label_prefix) else AS_STARTED if version == NEVER_PUSHED else ANOTHERS
 
     def check(self, longest: int) -> None:
         """Every server is up, exposes the endpoints the loop needs, and fits `longest` tokens
