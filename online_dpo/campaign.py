@@ -24,7 +24,7 @@ from online_dpo.data import load_prompts
 from online_dpo.engines.generate import Generator, HFGenerator, VLLMGenerator
 from online_dpo.engines.models import load_policy, load_tokenizer
 from online_dpo.engines.ranks import EveryRank
-from online_dpo.engines.server import ANOTHERS, AS_STARTED, OURS, Probe, ServerGenerator, policy_probe
+from online_dpo.engines.server import ANOTHERS, AS_STARTED, Probe, ServerGenerator, policy_probe
 from online_dpo.engines.transports import build_transport
 from online_dpo.errors import servers_during
 from online_dpo.objectives import Objective, build_objective
@@ -242,15 +242,14 @@ def connect_servers(c: Campaign, initial: bool) -> ServerGenerator:
     if initial or not c.run.server_probe.exists():
         write_json(c.run.server_probe, dataclasses.asdict(probe()))
     # A server holding none of this campaign's pushed weights holds either the model it was
-    # started with, which must be the policy's initial model, or weights another campaign
-    # pushed, which are replaced by the initial model before round 0.
+    # started with, which must be the policy's initial model and takes its label unpushed, or
+    # weights another campaign pushed, which are replaced (this label comes with the push).
     holds = {server: generator.holds(server) for server in generator.servers}
-    fresh = [server for server in generator.servers if holds[server] != OURS]
-    reused = [server for server in fresh if holds[server] == ANOTHERS]
-    started = [server for server in fresh if holds[server] == AS_STARTED]
+    started = [server for server in generator.servers if holds[server] == AS_STARTED]
+    reused = [server for server in generator.servers if holds[server] == ANOTHERS]
     generator.check_policy(Probe(**json.loads(c.run.server_probe.read_text())), "the policy's initial model", started)
-    generator.label("initial", fresh)
-    if initial and (len(fresh) < len(generator.servers) or reused):
+    generator.label("initial", started)
+    if initial and len(started) < len(generator.servers):
         # Also a crash after a push but before its round was saved: the campaign goes on from
         # the initial model, so that is what every server must hold again. The push checks
         # each server's log-probs against the policy afterwards.
