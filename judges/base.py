@@ -126,13 +126,19 @@ def template_hashes(judge: object) -> dict[str, str] | None:
 
 
 def check_judge(judge: object, where: str) -> object:
-    """`judge` if it implements a judge protocol, else a `NotAJudge` naming what it lacks."""
+    """`judge` if it implements a judge protocol, else a `NotAJudge` naming what it lacks.
+    A judge without a `name` is named after its class: compare() or score() is the contract."""
+    methods = [m for m in ("compare", "score") if callable(getattr(judge, m, None))]
+    if methods and not hasattr(judge, "name"):
+        try:
+            judge.name = type(judge).__name__
+        except AttributeError:  # __slots__ without a name: say so rather than guess
+            pass
     if isinstance(judge, (PairwiseJudge, PointwiseScorer)):
         return judge
-    methods = [m for m in ("compare", "score") if callable(getattr(judge, m, None))]
-    lacks = "`name` attribute" if methods else "compare(items) or score(items) method"
+    lacks = "`name` attribute (and none can be set on it)" if methods else "compare(items) or score(items) method"
     raise NotAJudge(f"{where} gave a {type(judge).__name__}, which is not a judge: it has no {lacks}. "
-                    f"A judge has `name` and compare(list[PairwiseItem]) -> list[Verdict] or "
+                    f"A judge has compare(list[PairwiseItem]) -> list[Verdict] or "
                     f"score(list[PointwiseItem]) -> list[Score] (see judges/base.py)")
 
 
@@ -183,6 +189,11 @@ class NotAJudge(JudgeError, TypeError):
     """A loaded plugin that implements neither judge protocol."""
 
 
+class JudgeLoadError(JudgeError, RuntimeError):
+    """A judge's own code failed as it was loaded or built: a syntax error, an import that
+    fails inside it, an exception in its constructor. The message names the file and line."""
+
+
 class MissingAPIKey(JudgeError, RuntimeError):
     """An API judge whose key variable is not set."""
 
@@ -220,6 +231,20 @@ class ScorerAsPairwise:
             else:
                 verdicts.append(Verdict("a" if sa.value > sb.value else "b", raw=raw))
         return verdicts
+
+
+IDENTICAL = "identical responses: a tie, not asked"
+
+
+def compare_distinct(judge: PairwiseJudge, items: Sequence[PairwiseItem]) -> list[Verdict]:
+    """judge.compare(items), with every pair of identical responses a tie that costs no call:
+    no judge can prefer a text to itself, and an LLM asked anyway answers by position."""
+    asked = [k for k, it in enumerate(items) if it.response_a != it.response_b]
+    verdicts = [Verdict("tie", raw=IDENTICAL) for _ in items]
+    if asked:
+        for k, v in zip(asked, judge.compare([items[k] for k in asked]), strict=True):
+            verdicts[k] = v
+    return verdicts
 
 
 def as_pairwise(judge: PairwiseJudge | PointwiseScorer) -> PairwiseJudge:

@@ -4,15 +4,23 @@ A pointwise scorer scores each candidate directly. A pairwise judge plays a roun
 robin among the K candidates and each candidate's score is its share of points
 (win 1, tie 0.5) over the comparisons that did not fail. A candidate whose every
 comparison failed gets an error score, never a number.
+
+A round robin scored by a noisy judge ranks its candidates even where they are all equally
+good: position bias and chance alone spread the scores. `separation_pvalue` tells the two
+apart (how likely a spread this large is from a judge that cannot tell the candidates apart),
+so pair selection can drop the prompts whose ranking is noise, as it drops a verifier's ties.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Sequence
 
-from judges.base import PairwiseItem, PairwiseJudge, PointwiseItem, PointwiseScorer, Score, Verdict
+import numpy as np
+
+from judges.base import PairwiseItem, PairwiseJudge, PointwiseItem, PointwiseScorer, Score, Verdict, compare_distinct
 
 
 @dataclass(frozen=True)
@@ -37,13 +45,18 @@ def score_groups(judge, groups: Sequence[CandidateGroup]) -> tuple[list[list[Sco
     raise TypeError(f"{type(judge).__name__} has neither score() nor compare(); it is not a judge")
 
 
+def round_robin_games(n: int) -> list[tuple[int, int]]:
+    """The comparisons of a round robin among n candidates, (i, j) with i < j, in the order played."""
+    return list(combinations(range(n), 2))
+
+
 def _round_robin(judge: PairwiseJudge, groups: Sequence[CandidateGroup]):
     index, items = [], []
     for gi, g in enumerate(groups):
-        for i, j in combinations(range(len(g.responses)), 2):
+        for i, j in round_robin_games(len(g.responses)):
             index.append((gi, i, j))
             items.append(PairwiseItem(g.prompt, g.responses[i], g.responses[j], g.reference))
-    verdicts = judge.compare(items)
+    verdicts = compare_distinct(judge, items)
     points = [[0.0] * len(g.responses) for g in groups]
     played = [[0] * len(g.responses) for g in groups]
     for (gi, i, j), v in zip(index, verdicts):
@@ -60,3 +73,55 @@ def _round_robin(judge: PairwiseJudge, groups: Sequence[CandidateGroup]):
         for pts, cnt in zip(points, played)
     ]
     return scores, verdicts
+
+
+def round_robin_shares(n: int, games: np.ndarray, outcomes: np.ndarray) -> np.ndarray:
+    """Each candidate's share of points over the games it played (NaN: it played none).
+
+    Shape: games [G, 2] (int, the two candidates), outcomes [D, G] (1 / 0.5 / 0 for the
+    first candidate of each game; D draws of the whole round robin) -> [D, n].
+    """
+    won = np.zeros((outcomes.shape[0], n))
+    np.add.at(won.T, games[:, 0], outcomes.T)
+    np.add.at(won.T, games[:, 1], 1.0 - outcomes.T)
+    played = np.bincount(games.ravel(), minlength=n).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return won / played
+
+
+def smallest_separation_pvalue(n: int) -> float:
+    """The least p-value `separation_pvalue` can give n candidates: that of a round robin with
+    every game decisive and transitive, the only kind that reaches the largest spread (the n!
+    orderings among 2^(n(n-1)/2) equally likely outcomes under the null). Under 6 candidates it
+    exceeds 0.02: too few comparisons to tell a ranking from chance."""
+    return math.factorial(n) / 2 ** (n * (n - 1) // 2)
+
+
+def separation_pvalue(n: int, games: Sequence[tuple[int, int]], outcomes: Sequence[float], seed: int,
+                      draws: int = 2000) -> float:
+    """How likely the round robin's spread of scores is from a judge that cannot tell the n
+    candidates apart: a sign-flip test.
+
+    Under that null every decisive game (outcome 1 or 0) is equally likely either way,
+    whatever the judge's tie rate or position bias (both orders make a position-biased
+    answer a tie or a coin flip); ties stay ties. The statistic is the variance of the
+    candidates' shares, which grows with any structure (one right answer among wrong ones,
+    or several). Games whose verdict failed are left out before the call.
+
+    Shape: games [G] pairs (i, j), outcomes [G] (1 / 0.5 / 0 for i). Returns p in (0, 1];
+    1.0 where no game was decisive. Seeded, so a resumed round gets the same p.
+    """
+    if not games:
+        return 1.0
+    g = np.asarray(games, dtype=int)  # [G, 2]
+    x = np.asarray(outcomes, dtype=float)  # [G]
+    decisive = x != 0.5
+    if not decisive.any():
+        return 1.0
+    observed = np.nanvar(round_robin_shares(n, g, x[None, :]), axis=1)[0]
+    rng = np.random.default_rng(seed)
+    flips = rng.random((draws, x.size)) < 0.5  # [D, G]
+    null = np.where(decisive & flips, 1.0 - x, x)  # [D, G]
+    spread = np.nanvar(round_robin_shares(n, g, null), axis=1)  # [D]
+    # Float sums of the same shares in another order differ in the last bits: compare with a tolerance.
+    return float((1 + np.sum(spread >= observed - 1e-12)) / (1 + draws))

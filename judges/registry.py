@@ -15,12 +15,15 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
+import traceback
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from judges.base import UnknownJudgeError, check_judge
+from judges.base import JudgeError, JudgeLoadError, UnknownJudgeError, as_judge, check_judge
+from judges.models import ModelError
 
 ENTRY_POINT_GROUP = "online_dpo.judges"
 PYTHON_JUDGE_PREFIX = "python:"  # judge.name of a run whose judge was passed to the Python API as an object
@@ -33,6 +36,7 @@ BUILTIN_JUDGES: dict[str, str] = {
     "length": "judges.verifiers:LengthVerifier",
     "mixture": "judges.verifiers:WeightedMixture",
     "all_must_pass": "judges.verifiers:AllMustPass",
+    "noisy": "judges.noisy:NoisyJudge",
     "openai": "judges.openai_judge:OpenAIJudge",
     "openai_rubric": "judges.openai_judge:OpenAIRubricScorer",
     "vllm_judge": "judges.vllm_judge:VLLMJudge",
@@ -86,15 +90,19 @@ def _by_reference(reference: str) -> type:
             sys.modules[module_name] = module
             try:
                 spec.loader.exec_module(module)
-            except BaseException:
+            except Exception as e:
                 del sys.modules[module_name]
-                raise
+                raise load_failure(reference, "loading it", e) from e
     else:
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as e:
-            raise UnknownJudgeError(f"judge {reference!r}: cannot import {target!r} ({e}); install it, or name "
-                                    f"the file instead: judge.name=path/to/{target.rpartition('.')[2]}.py:{attr}") from None
+            if e.name and (target == e.name or target.startswith(e.name + ".")):
+                raise UnknownJudgeError(f"judge {reference!r}: cannot import {target!r} ({e}); install it, or name "
+                                        f"the file instead: judge.name=path/to/{target.rpartition('.')[2]}.py:{attr}") from None
+            raise load_failure(reference, "importing it", e) from e  # the module exists; an import inside it failed
+        except Exception as e:
+            raise load_failure(reference, "importing it", e) from e
     found = getattr(module, attr, None)
     if found is None:
         defined = sorted(n for n, v in vars(module).items() if isinstance(v, type) and v.__module__ == module.__name__)
@@ -102,11 +110,51 @@ def _by_reference(reference: str) -> type:
     return found
 
 
+def load_failure(reference: str, doing: str, error: Exception) -> JudgeLoadError:
+    """A one-line error for a judge's own code that failed: where (its file and line) and what."""
+    if isinstance(error, SyntaxError):
+        where = f"{error.filename}, line {error.lineno}"
+        what = f"SyntaxError: {error.msg}"
+    else:
+        frame = _innermost_user_frame(error)
+        where = f"{frame.filename}, line {frame.lineno}" if frame else "its code"
+        what = f"{type(error).__name__}: {error}"
+    return JudgeLoadError(f"judge {reference!r} failed while {doing}: {what} ({where}). Fix it there, or the "
+                          f"judge.options it was given; `online-dpo --debug ...` shows the whole traceback")
+
+
+def _innermost_user_frame(error: Exception):
+    """The deepest traceback frame outside Python's import machinery (the judge's own line)."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "importlib" not in f.filename]
+    return frames[-1] if frames else None
+
+
+def _parameters(cls) -> str:
+    """The keyword options a judge's constructor takes, for an error message ('' if unknown)."""
+    try:
+        params = [p for p in inspect.signature(cls).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (TypeError, ValueError):
+        return ""
+    return ", ".join(p.name for p in params) or "no options"
+
+
 def load_judge(name: str, **options: Any):
-    """The judge `name` stands for, built with `options` and checked against the judge protocols."""
+    """The judge `name` stands for, built with `options` and checked against the judge protocols.
+    A plain function (`module:score_fn`) is a pointwise scorer: fn(prompt, response, reference) -> float."""
     cls = judge_class(name)
+    if inspect.isfunction(cls):
+        if options:
+            raise JudgeLoadError(f"judge {name!r} is a plain function, which takes no options; got {sorted(options)}: "
+                                 f"remove judge.options, or make it a class whose __init__ takes them")
+        return as_judge(cls, f"judge {name!r}")
     try:
         judge = cls(**options)
-    except TypeError as e:
-        raise TypeError(f"judge {name!r} rejected its options {sorted(options)}: {e}") from None
+    except (JudgeError, ModelError):
+        raise  # the judge's own clear error (a missing key, a model it cannot find)
+    except Exception as e:
+        if isinstance(e, TypeError) and len(traceback.extract_tb(e.__traceback__)) == 1:  # raised by the call itself
+            accepts = _parameters(cls)
+            raise JudgeLoadError(f"judge {name!r} rejected its options {sorted(options)}: {e}"
+                                 + (f"; it takes {accepts}" if accepts else "")) from None
+        raise load_failure(name, "building it", e) from e
     return check_judge(judge, f"judge {name!r}")

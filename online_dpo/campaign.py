@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 import torch
 
 from judges import as_judge, load_judge
-from judges.base import is_remote
+from judges.base import PairwiseJudge, is_remote
 from judges.models import resolve_model_path
 from online_dpo import hardware
 from online_dpo.config import CampaignConfig, ConfigError
@@ -28,6 +28,7 @@ from online_dpo.engines.server import ANOTHERS, AS_STARTED, Probe, ServerGenerat
 from online_dpo.engines.transports import build_transport
 from online_dpo.errors import servers_during
 from online_dpo.objectives import Objective, build_objective
+from online_dpo.pairs import explain_separation_alpha
 from online_dpo.rundir import RunDir, write_json
 from online_dpo.seeds import stable_seed
 from online_dpo.train import lora, optim
@@ -163,6 +164,10 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
         kv_bytes = getattr(c.generator, "kv_cache_bytes", None)
         run.record_resolution({**resolved.as_dict(), "vllm_kv_cache_bytes": kv_bytes})
     c.overlap_judging = broadcast_object_list([overlaps_judging(cfg, judge) if main else None])[0]
+    if main:
+        line, alarming = explain_separation_alpha(cfg.pairs, isinstance(judge, PairwiseJudge),
+                                                  cfg.generation.samples_per_prompt)
+        log.log(logging.WARNING if alarming else logging.INFO, "%s", line)
     version = policy_version(last_accepted_round(run, cfg.rounds) if last else None)
     if last and cfg.generation.backend != "hf":
         weights = policy_weights(c)  # a collective under FSDP/ZeRO-3: every process calls it

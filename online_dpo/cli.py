@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 TORCH_COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_threads()
     parser = argparse.ArgumentParser(prog="online-dpo", description="Online, iterative DPO with AI feedback.")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the whole traceback of an error (a judge's code failing, a config, a server)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="start a campaign from a YAML config")
     p_run.add_argument("config")
@@ -236,22 +239,34 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()  # per-file "Saving the dataset" bars drown the round table
 
-    from judges.base import BudgetExceeded, JudgeError
-    from online_dpo.errors import GenerationServerError, ModelError, OutOfDiskSpace, UserError
+    from judges.base import JudgeError
+    from online_dpo.errors import GenerationServerError, JudgeUnusableError, ModelError, OutOfDiskSpace, UserError
 
+    handled = (UserError, ModelError, FileExistsError, JudgeError, OutOfDiskSpace, GenerationServerError,
+               JudgeUnusableError)
     try:
         return args.func(args)
-    except BudgetExceeded as e:  # before JudgeError, of which it is one
+    except handled as e:
+        if args.debug:
+            traceback.print_exception(e)
+        return report_error(e)
+
+
+def report_error(e: Exception) -> int:
+    """One message on stderr for an error the user can act on, and its exit code."""
+    from judges.base import BudgetExceeded
+
+    if isinstance(e, BudgetExceeded):
         print(f"stopped: {e}. Every reply already paid for is cached and every finished stage is saved; "
               f"raise judge.options.max_cost / max_calls and continue with `online-dpo resume <run dir> "
               f"judge.options.max_calls=...`.", file=sys.stderr)
         return 3
-    except (UserError, ModelError, FileExistsError, JudgeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (OutOfDiskSpace, GenerationServerError) as e:
+    exit_code = getattr(e, "exit_code", None)
+    if exit_code is not None and exit_code != 2:  # a stop mid-campaign: finished stages are saved
         print(f"stopped: {e}", file=sys.stderr)
-        return e.exit_code
+        return exit_code
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 
 from judges.models import ModelError  # a model that cannot be found or loaded: exit code 2 (judges load models too)
 
-__all__ = ["ConfigError", "DataError", "GenerationServerError", "LabelledPairsError", "ModelError", "OutOfDiskSpace",
-           "ReportError", "StaleWeightsError", "UserError"]
+__all__ = ["ConfigError", "DataError", "GenerationServerError", "JudgeUnusableError", "LabelledPairsError", "ModelError",
+           "OutOfDiskSpace", "ReportError", "StaleWeightsError", "UserError"]
 
 
 class UserError(Exception):
@@ -59,6 +59,19 @@ class GenerationServerError(RuntimeError):
         self.where = where
         self.args = (self._message(),)
         return self
+
+
+class JudgeUnusableError(RuntimeError):
+    """A round whose judgments can teach nothing (every verdict a tie or an error): exit code 6.
+    The round stops before its judgments are saved, so nothing trains on them; the candidates
+    are kept, and `online-dpo resume` judges them again once the judge is fixed."""
+
+    exit_code = 6
+
+    def __init__(self, r: int, problem: str):
+        super().__init__(f"round {r} judge: {problem}. Nothing was trained on it. Fix the judge (its model, "
+                         f"template, server or key), then `online-dpo resume RUN_DIR` judges the round's saved "
+                         f"candidates again.")
 
 
 class StaleWeightsError(GenerationServerError):

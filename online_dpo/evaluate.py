@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from judges.base import PairwiseItem, PointwiseItem, Verdict
+from judges.base import PairwiseItem, PointwiseItem, Verdict, compare_distinct
 from judges.verifiers import FinalAnswerVerifier
 
 Z95 = 1.959963984540054
@@ -146,7 +146,7 @@ def accuracy(prompts, responses: Sequence[str]) -> float | None:
 
 def compare(judge, prompts, responses_a: Sequence[str], responses_b: Sequence[str]) -> list[Verdict]:
     items = [PairwiseItem(p.text, a, b, p.reference) for p, a, b in zip(prompts, responses_a, responses_b, strict=True)]
-    return judge.compare(items)
+    return compare_distinct(judge, items)
 
 
 def comparison_items(prompts, responses_a: Sequence[str], responses_b: Sequence[str],

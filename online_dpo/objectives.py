@@ -26,8 +26,9 @@ class Objective(Protocol):
     measures_drift: bool  # the update reports how far it moved the chosen and rejected likelihoods
 
     def select(self, prompts, candidates: list[list[Candidate]], scores: list[list[float | None]],
-               seed: int) -> tuple[list[dict], Funnel | labels.LabelFunnel]:
-        """The round's fresh records and the funnel of what was kept and dropped."""
+               seed: int, separation: list[float | None] | None = None) -> tuple[list[dict], Funnel | labels.LabelFunnel]:
+        """The round's fresh records and the funnel of what was kept and dropped. `separation`:
+        each prompt's round-robin p-value (pairwise judges), for the objectives that use it."""
 
     def batches(self, records: list[dict], prompt_ids: dict[str, list[int]], pad_id: int, seed: int,
                 num_processes: int) -> tuple[list[PairBatch] | list[ExampleBatch], list[int]]:
@@ -51,8 +52,8 @@ class PairwiseDPO:
     def __init__(self, pairs: PairsConfig, dpo: DPOConfig):
         self.pairs_cfg, self.dpo_cfg = pairs, dpo
 
-    def select(self, prompts, candidates, scores, seed):
-        return select_pairs(prompts, candidates, scores, self.pairs_cfg, seed=seed)
+    def select(self, prompts, candidates, scores, seed, separation=None):
+        return select_pairs(prompts, candidates, scores, self.pairs_cfg, seed=seed, separation=separation)
 
     def batches(self, records, prompt_ids, pad_id, seed, num_processes):
         return make_batches(records, prompt_ids, **batching(self.dpo_cfg), pad_id=pad_id, seed=seed,
@@ -78,8 +79,8 @@ class KTO:
     def __init__(self, kto: KTOConfig, dpo: DPOConfig):
         self.kto_cfg, self.dpo_cfg = kto, dpo
 
-    def select(self, prompts, candidates, scores, seed):
-        return labels.label_candidates(prompts, candidates, scores, self.kto_cfg)
+    def select(self, prompts, candidates, scores, seed, separation=None):
+        return labels.label_candidates(prompts, candidates, scores, self.kto_cfg)  # labels each response: no pairs to test
 
     def batches(self, records, prompt_ids, pad_id, seed, num_processes):
         return make_example_batches(records, prompt_ids, **batching(self.dpo_cfg), pad_id=pad_id, seed=seed,

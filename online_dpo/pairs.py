@@ -19,6 +19,9 @@ Per prompt, the K candidates with a usable score (not a judge error) are paired 
 
 A prompt with no pair clearing `min_margin` is a tie: dropped, or (drop_ties=False) kept
 as one pair with `chosen_prob` 0.5, which the DPO loss trains toward "equally good".
+A prompt whose pairwise judge did not separate its candidates beyond chance (its round
+robin's `separation` p-value above `separation_alpha`) is dropped before any strategy runs:
+its ranking is the judge's noise.
 Every record carries `tie` and `chosen_prob` (1.0 for a real preference).
 
 `replay_pairs` draws earlier rounds' pairs to mix into an update (`replay_fraction`).
@@ -33,6 +36,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+from judges.ranking import smallest_separation_pvalue
 from online_dpo.config import PairsConfig
 from online_dpo.data.prompts import Prompt
 from online_dpo.diversity import distance_to_others
@@ -41,6 +45,8 @@ from online_dpo.seeds import stable_seed
 # Funnel drop reasons; funnel.json of earlier campaigns uses these exact strings.
 TIE = "tie (margin <= min_margin)"
 TOO_FEW_JUDGED = "fewer than 2 judged candidates"
+UNSEPARATED = "judge did not separate the candidates (p > separation_alpha)"
+SEPARATION_AUTO = 0.1  # pairs.separation_alpha=auto for a pairwise judge
 
 STRATEGIES = ("best_vs_worst", "random", "all_above_margin", "divpo")
 
@@ -114,11 +120,15 @@ def select_pairs(
     scores: list[list[float | None]],
     cfg: PairsConfig,
     seed: int = 0,
+    separation: list[float | None] | None = None,
 ) -> tuple[list[dict], Funnel]:
     """Preference pairs for one round, by `cfg.strategy`.
 
     Args: `candidates[i]` and `scores[i]` are the K candidates of `prompts[i]` and their
-    scores (None where the judge failed). `seed` drives the random strategy only (each
+    scores (None where the judge failed). `separation[i]`: the p-value of prompts[i]'s
+    round robin (`judges.ranking.separation_pvalue`; None, or no list: a scorer's scores,
+    not tested); a prompt above `cfg.separation_alpha` is dropped (auto: SEPARATION_AUTO,
+    which applies where there are p-values, that is to a pairwise judge's round robins). `seed` drives the random strategy only (each
     prompt draws from a stream derived from (seed, prompt id), so the pick does not depend
     on the prompts' order); pass one derived from (campaign seed, round).
     Returns pair records and the funnel.
@@ -126,10 +136,16 @@ def select_pairs(
     _check(cfg)
     funnel = Funnel(prompts=len(prompts))
     pairs = []
-    for prompt, cands, cand_scores in zip(prompts, candidates, scores, strict=True):
+    separation = separation or [None] * len(prompts)
+    alpha, auto = separation_alpha(cfg), cfg.separation_alpha == "auto"
+    for prompt, cands, cand_scores, p_value in zip(prompts, candidates, scores, separation, strict=True):
         usable = judged_candidates(prompt, cands, cand_scores, funnel)
         if len(usable) < 2:
             funnel.dropped[TOO_FEW_JUDGED] += 1
+            continue
+        tested = p_value is not None and not (auto and smallest_separation_pvalue(len(cands)) > alpha)
+        if tested and p_value > alpha:
+            funnel.dropped[UNSEPARATED] += 1
             continue
         rng = random.Random(stable_seed(seed, prompt.id)) if cfg.strategy == "random" else None
         length_tolerance = cfg.length_tolerance if cfg.length_aware else None
@@ -172,7 +188,35 @@ def judged_candidates(prompt: Prompt, cands: list[Candidate], scores: list[float
     return usable
 
 
+def separation_alpha(cfg: PairsConfig) -> float:
+    """pairs.separation_alpha as a number (auto: SEPARATION_AUTO; it only acts on a pairwise judge's p-values)."""
+    return SEPARATION_AUTO if cfg.separation_alpha == "auto" else float(cfg.separation_alpha)
+
+
+def explain_separation_alpha(cfg: PairsConfig, pairwise_judge: bool, samples_per_prompt: int) -> tuple[str, bool]:
+    """The log's line on pairs.separation_alpha: what it comes to for this campaign's judge and
+    K, and why; and whether that deserves a warning (a setting that drops every prompt)."""
+    setting, alpha = cfg.separation_alpha, separation_alpha(cfg)
+    if not pairwise_judge:
+        return (f"pairs.separation_alpha={setting}: not applied (the judge scores each response, as a verifier or a "
+                f"scorer does: equal scores are ties already)"), False
+    floor = smallest_separation_pvalue(samples_per_prompt)
+    if floor > alpha:
+        why = (f"with {samples_per_prompt} candidates per prompt even a perfectly consistent ranking has p >= {floor:.2g}, "
+               f"above {alpha:g}")
+        if setting == "auto":
+            return f"pairs.separation_alpha=auto -> off: {why}; 6 or more samples per prompt let the test act", False
+        return (f"pairs.separation_alpha={setting} drops every prompt: {why}. Raise generation.samples_per_prompt "
+                f"to 6 or more, or set pairs.separation_alpha=auto"), True
+    if setting == "auto":
+        return (f"pairs.separation_alpha=auto -> {alpha:g} (the judge is pairwise: a prompt yields a pair only where "
+                f"its round robin separates the candidates beyond chance)"), False
+    return f"pairs.separation_alpha={setting} (the judge is pairwise; 1.0 keeps every prompt)", False
+
+
 def _check(cfg: PairsConfig) -> None:
+    if cfg.separation_alpha != "auto" and not 0.0 < cfg.separation_alpha <= 1.0:
+        raise ValueError(f"pairs.separation_alpha must be in (0, 1] or auto, got {cfg.separation_alpha!r}")
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"unknown pair strategy {cfg.strategy!r}; use one of {list(STRATEGIES)}")
     if cfg.min_margin < 0:

@@ -120,6 +120,10 @@ class RoundPaths(EvalPaths):
         return self.dir / "judgments.parquet"
 
     @property
+    def comparisons(self) -> Path:
+        return self.dir / "comparisons.parquet"  # a pairwise judge's round robin: one row per verdict
+
+    @property
     def pairs(self) -> Path:
         return self.dir / "pairs"  # a datasets.save_to_disk folder (preference pairs)
 

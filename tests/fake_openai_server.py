@@ -3,7 +3,10 @@
 Behaviours (set per test): "judge" answers correctly (the response containing RIGHT
 wins), "shorter" prefers the shorter response (a consistent preference that real model
 outputs produce pairs under), "always_a" answers "A" whatever the order, "unparseable" rambles, "malformed"
-returns a body that is not JSON, "hang" sleeps past the client's timeout. `failures`
+returns a body that is not JSON, "hang" sleeps past the client's timeout, "noisy" is an imperfect
+LLM judge of arithmetic (reference-guided template): the response whose final number matches
+the reference is the better one, and `noise` (a judges.noisy.NoiseModel) flips decisive answers
+and prefers the first-shown response on ties, as the in-process `noisy` judge does. `failures`
 queues HTTP errors (status, headers) served before the behaviour, e.g. a 429 with
 Retry-After. Every request is logged with its arrival time, every answered one in `answered`.
 `kill_on_request(n, pid)` SIGKILLs process `pid` when the n-th request from now arrives,
@@ -20,10 +23,14 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from judges.noisy import NoiseModel
+from judges.verifiers import final_number
+
 
 class FakeOpenAI:
-    def __init__(self, behaviour: str = "judge"):
+    def __init__(self, behaviour: str = "judge", noise: NoiseModel | None = None):
         self.behaviour = behaviour
+        self.noise = noise or NoiseModel()
         self.failures: list[tuple[int, dict]] = []
         self.requests: list[dict] = []
         self.hang_s = 3.0
@@ -100,10 +107,18 @@ class FakeOpenAI:
         if single:  # pointwise rubric
             return "8" if "RIGHT" in single.group(1) else "3"
         m = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)\n\n", prompt, re.S)
+        if self.behaviour == "noisy":
+            return self.noisy_answer(prompt, m.group(1), m.group(2))
         if self.behaviour == "shorter":
             a, b = len(m.group(1)), len(m.group(2))
             return "A" if a < b else "B" if b < a else "tie"
         return "A" if "RIGHT" in m.group(1) else "B"
+
+    def noisy_answer(self, prompt: str, first: str, second: str) -> str:
+        reference = float(re.search(r"\[Reference answer\]\n(.*?)\n\n", prompt, re.S).group(1))
+        right = [final_number(text) == reference for text in (first, second)]
+        better = None if right[0] == right[1] else "first" if right[0] else "second"
+        return "A" if self.noise.answer(better, prompt) == "first" else "B"
 
     def __enter__(self):
         self.thread.start()

@@ -70,3 +70,79 @@ def test_a_plain_function_is_a_pointwise_judge_whose_failures_are_counted_apart(
         "<lambda> returned None, not a number", "<lambda> returned 'high', not a number"]
     verdicts = as_pairwise(judge).compare([PairwiseItem("q", "short", "longer"), PairwiseItem("q", "", "x")])
     assert verdicts[0].winner == "a" and verdicts[1].winner is None  # an error is neither a win nor a loss
+
+
+PLAIN = """
+from judges import Score
+
+
+class LongerIsBetter:
+    def score(self, items):
+        return [Score(float(len(it.response))) for it in items]
+
+
+def by_length(prompt, response, reference):
+    return float(len(response))
+"""
+
+
+def test_a_plain_class_without_a_name_and_a_plain_function_are_judges(tmp_path):
+    path = tmp_path / "my_judge.py"
+    path.write_text(PLAIN)
+    judge = load_judge(f"{path}:LongerIsBetter")
+    assert judge.name == "LongerIsBetter"
+    assert [s.value for s in judge.score(ITEMS)] == [8.0, 8.0]
+    scorer = load_judge(f"{path}:by_length")
+    assert isinstance(scorer, FunctionScorer) and scorer.name == "by_length"
+    assert as_judge(judge).name == "LongerIsBetter"  # the Python API's judge= takes it as it is too
+
+
+BROKEN = {
+    "syntax": ("class J:\n    def score(self, items)\n        return []\n", "SyntaxError: expected ':'", 2, "loading"),
+    "import": ("import no_such_module_xyz\n\nclass J:\n    def score(self, items): return []\n",
+               "ModuleNotFoundError: No module named 'no_such_module_xyz'", 1, "loading"),
+    "raises": ("x = 1\n\n\nclass J:\n    def __init__(self):\n        raise RuntimeError('weights missing')\n\n"
+               "    def score(self, items): return []\n", "RuntimeError: weights missing", 6, "building"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_a_judge_whose_own_code_fails_gets_one_line_naming_its_file_and_line(kind, tmp_path):
+    from judges.base import JudgeLoadError
+
+    source, what, line, doing = BROKEN[kind]
+    path = tmp_path / f"judge_{kind}.py"
+    path.write_text(source)
+    with pytest.raises(JudgeLoadError) as e:
+        load_judge(f"{path}:J")
+    message = str(e.value)
+    assert f"failed while {doing} it: {what}" in message and f"({path}, line {line})" in message
+    assert "--debug" in message and "\n" not in message
+
+
+def test_options_a_judge_does_not_take_are_named_with_those_it_does(tmp_path):
+    from judges.base import JudgeLoadError
+
+    with pytest.raises(JudgeLoadError, match=r"rejected its options \['bogus'\].*it takes truth, flip_rate"):
+        load_judge("noisy", bogus=1)
+    path = tmp_path / "my_judge.py"
+    path.write_text(PLAIN)
+    with pytest.raises(JudgeLoadError, match="plain function, which takes no options"):
+        load_judge(f"{path}:by_length", weight=2)
+
+
+def test_the_cli_gives_exit_2_and_one_line_for_a_broken_judge_file_and_the_traceback_with_debug(tmp_path):
+    from tests.conftest import run_python
+
+    path = tmp_path / "judge_syntax.py"
+    path.write_text(BROKEN["syntax"][0])
+    args = ["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={tmp_path}", f"judge.name={path}:J"]
+    plain = run_python(args, timeout=300)
+    assert plain.returncode == 2, plain.stderr[-2000:]
+    errors = [line for line in plain.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: judge '{path}:J' failed while loading it: SyntaxError: expected ':' ({path}, line 2). "
+                      f"Fix it there, or the judge.options it was given; `online-dpo --debug ...` shows the whole "
+                      f"traceback"]
+    assert "Traceback" not in plain.stderr
+    debug = run_python(["-m", "online_dpo.cli", "--debug", *args[2:]], timeout=300)
+    assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from judges import Verdict
-from judges.base import Usage
+from judges.base import IDENTICAL, Usage
 from online_dpo.data import Prompt
 from online_dpo.evaluate import (
     bootstrap_interval,
@@ -186,21 +186,22 @@ def test_evaluate_round_keeps_every_verdict_and_is_json_ready():
         ("the answer is 3", "2"): Verdict("tie", raw="AB: 'A' | BA: 'A'", usage=usage, position_consistent=False),
         ("3", "3"): Verdict("tie", raw="AB: 'TIE' | BA: 'TIE'", usage=usage, position_consistent=True),
         ("5", "4"): Verdict.failed("timeout", usage=usage),
-        ("1", "1"): Verdict("tie"), ("3", "x"): Verdict("a"), ("5", "5"): Verdict("b"),
-    }
+        ("3", "x"): Verdict("a"),
+    }  # ("1", "1"), ("3", "3") and ("5", "5") are identical: ties without asking the judge
     # vs previous, round 1 is judged against "2" again: the table's second entry answers it.
     res = evaluate_round(ScriptedJudge(table), prompts, current, [1, 5, 1, 1], base, prev)
     json.loads(json.dumps(res))  # JSON-serializable as is
     vb = res["vs_baseline"]
     assert (vb["wins"], vb["ties"], vb["errors"]) == (1, 2, 1) and vb["win_rate"] == 2 / 3
-    assert vb["judge_calls"] == 8 and abs(vb["judge_cost"] - 0.04) < 1e-12
-    assert vb["position_consistency"] == 2 / 3  # one of three both-orders verdicts flipped
+    assert vb["judge_calls"] == 6 and abs(vb["judge_cost"] - 0.03) < 1e-12  # the identical pair cost nothing
+    assert vb["position_consistency"] == 1 / 2  # one of the two both-orders verdicts asked flipped
     assert 0.0 <= vb["lc_win_rate"] <= 1.0 and "lc_win_rate" not in res  # stored once, per comparison
     assert res["accuracy"] == 0.5  # "1" (0+1) and "3" (2+1) match the references
     items = res["comparisons"]["vs_baseline"]
     assert [i["winner"] for i in items] == ["a", "tie", "tie", None]
+    assert items[2]["rationale"] == IDENTICAL
     assert items[3]["error"] == "timeout" and items[1]["position_consistent"] is False
     assert items[1]["chars_a"] == len("the answer is 3") and items[0]["prompt"] == "0+1?"
-    assert [i["winner"] for i in res["comparisons"]["vs_previous"]] == ["tie", "tie", "a", "b"]
+    assert [i["winner"] for i in res["comparisons"]["vs_previous"]] == ["tie", "tie", "a", "tie"]
     assert res["response_tokens"]["max"] == 5 and res["response_tokens"]["mean"] == 2.0
     assert "mean_response_tokens" not in res  # stored once, in response_tokens

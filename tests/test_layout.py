@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "online_dpo.diversity": 3,
     "online_dpo.evaluate": 3,
     "online_dpo.judge_eval": 3,
+    "online_dpo.judge_quality": 3,
     "online_dpo.report": 3,
     "online_dpo.objectives": 4,
     "online_dpo.campaign": 5,

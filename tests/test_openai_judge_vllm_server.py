@@ -11,6 +11,8 @@ import urllib.request
 import pytest
 
 from judges import PairwiseItem, load_judge
+from judges.base import IDENTICAL
+from online_dpo.rundir import read_parquet
 from tests.conftest import ROOT, run_python
 
 pytestmark = pytest.mark.vllm
@@ -95,15 +97,21 @@ def test_api_judge_through_real_vllm_server(vllm_server, tmp_path):
 def test_campaign_round_with_the_api_judge(vllm_server, tmp_path):
     proc = run_python(["-m", "online_dpo.cli", "run", "configs/local_vllm_judge.yaml", f"output_dir={tmp_path}",
                        "name=api-judge", f"judge.options.base_url={vllm_server}",
-                       f"judge.options.cache_path={tmp_path / 'judge.sqlite'}", "data.train_prompts_per_round=4",
-                       "data.eval_prompts=8", "generation.max_new_tokens=16", "eval.max_new_tokens=16"],
+                       f"judge.options.cache_path={tmp_path / 'judge.sqlite'}", "rounds=1", "data.train_prompts_per_round=4",
+                       "generation.samples_per_prompt=4", "dpo.max_steps=2", "data.eval_prompts=8",
+                       "generation.max_new_tokens=16", "eval.max_new_tokens=16"],
                       timeout=900)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     import json
 
     result = json.loads((tmp_path / "api-judge" / "round_000" / "eval.json").read_text())
     stats = result["judge_stats"]
-    # 4 prompts x C(4,2) round-robin comparisons x 2 orders, then 8 eval comparisons x 2 orders
-    assert stats["requests"] + stats["cache_hits"] == 4 * 6 * 2 + 8 * 2
+    # 4 prompts x C(4,2) round-robin comparisons x 2 orders, then 8 eval comparisons x 2 orders,
+    # less the comparisons of two identical responses: ties that ask nothing
+    run_dir = tmp_path / "api-judge"
+    identical = sum(g["winner"] == "tie" and g["position_consistent"] is None and g["error"] is None
+                    for g in read_parquet(run_dir / "round_000" / "comparisons.parquet"))
+    identical += sum(c["rationale"] == IDENTICAL for c in result["eval"]["comparisons"]["vs_baseline"])
+    assert stats["requests"] + stats["cache_hits"] == 2 * (4 * 6 + 8 - identical)
     base = result["eval"]["vs_baseline"]
     assert base["n"] == 8 and base["errors"] + base["wins"] + base["losses"] + base["ties"] == 8

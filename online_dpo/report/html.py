@@ -13,9 +13,11 @@ import jinja2
 from online_dpo.report.view import (
     COLUMNS,
     DIVERSITY_COLUMNS,
+    JUDGE_COLUMNS,
     RoundView,
     RunView,
     diversity_rows,
+    judge_rows,
     pct,
     read_jsonl_tolerant,
     table_rows,
@@ -69,6 +71,18 @@ policy's mean token entropy on its own samples; in brackets, the share of the in
 <thead><tr>{% for c in diversity_columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
 <tbody>
 {% for row in diversity %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table>
+{% endif %}
+{% if judge %}
+<h2>Judge quality</h2>
+<p>From each round's round robins (pairwise judges): the share of verdicts that were ties, how often
+the judge's two orders named the same response, the prompts whose candidates it separated beyond chance
+(only those give a pair), and, where the task has reference answers, how often it picked the right
+response of two where one is right (ties half) and the per-request flip rate that implies.</p>
+<table class="rounds" id="judge">
+<thead><tr>{% for c in judge_columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
+<tbody>
+{% for row in judge %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table>
 {% endif %}
 
@@ -163,6 +177,7 @@ def render_html(run: RunView, plots: dict[str, Path], examples: int = 3) -> str:
         complete=sum(v.complete for v in run.rounds), baseline_accuracy=pct(run.baseline_accuracy)
         if run.baseline_accuracy is not None else "", columns=COLUMNS, rounds=rounds, plots=images,
         diversity=diversity_rows(run.rounds, run.baseline_diversity), diversity_columns=DIVERSITY_COLUMNS,
+        judge=judge_rows(run.rounds), judge_columns=JUDGE_COLUMNS,
     )
 
 

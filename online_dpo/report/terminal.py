@@ -1,5 +1,5 @@
 """The report in the terminal (rich): the per-round table, the best policy, the diversity
-table. `print_run` is the one printer: the campaign calls it after each round (through
+table, the judge-quality table. `print_run` is the one printer: the campaign calls it after each round (through
 `print_rounds`, on the rounds it holds) and `online-dpo report` on a run read from disk.
 """
 
@@ -12,11 +12,13 @@ from rich.text import Text
 from online_dpo.report.view import (
     COLUMNS,
     DIVERSITY_COLUMNS,
+    JUDGE_COLUMNS,
     BestPolicy,
     RoundView,
     RunView,
     best_policy,
     diversity_rows,
+    judge_rows,
     pct,
     run_from_results,
     table_rows,
@@ -37,17 +39,28 @@ def round_table(views: list[RoundView], title: str | None = None) -> Table:
     return table
 
 
-def diversity_table(rounds: list[RoundView], baseline: dict | None) -> Table | None:
-    rows = diversity_rows(rounds, baseline)
+def side_table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> Table | None:
+    """A small right-aligned table beside the per-round one (None without rows)."""
     if not rows:
         return None
-    table = Table(title="diversity of K samples per held-out prompt (share of the initial policy's); "
-                        "overlap: lower is more diverse; entropy in nats/token")
-    for col in DIVERSITY_COLUMNS:
+    table = Table(title=title)
+    for col in columns:
         table.add_column(col, justify="right")
     for cells in rows:
         table.add_row(*cells)
     return table
+
+
+def diversity_table(rounds: list[RoundView], baseline: dict | None) -> Table | None:
+    return side_table("diversity of K samples per held-out prompt (share of the initial policy's); "
+                      "overlap: lower is more diverse; entropy in nats/token", DIVERSITY_COLUMNS,
+                      diversity_rows(rounds, baseline))
+
+
+def judge_table(rounds: list[RoundView]) -> Table | None:
+    return side_table("the judge's quality, from each round's round robins (pairwise judges); right vs references: "
+                      "where one candidate is right and the other wrong, ties counted half", JUDGE_COLUMNS,
+                      judge_rows(rounds))
 
 
 def best_line(best: BestPolicy) -> str:
@@ -75,6 +88,9 @@ def print_run(run: RunView, title: str | None = None, console: Console | None = 
     div = diversity_table(run.rounds, run.baseline_diversity)
     if div is not None:
         console.print(div)
+    judged = judge_table(run.rounds)
+    if judged is not None:
+        console.print(judged)
     done = sum(v.complete for v in run.rounds)
     if done < len(run.rounds):
         console.print(f"[yellow]{done} of {len(run.rounds)} rounds finished; the others are shown as incomplete[/]")

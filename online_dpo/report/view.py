@@ -227,7 +227,8 @@ def add_warnings(rounds: list[RoundView], length_factor: float = DEFAULT_LENGTH_
     - diversity collapsing: the round's eval recorded a diversity measure below
       eval.diversity_warn_fraction of the initial policy's (`diversity.collapse_warnings`);
     - likelihood displacement: the update lowered the mean log-likelihood of the chosen
-      responses it trained on (`dpo.logp_drift`).
+      responses it trained on (`dpo.logp_drift`);
+    - a judge no better than chance (`online_dpo.judge_quality.quality_warnings`).
     """
     for view in rounds:
         view.warnings = []
@@ -244,6 +245,7 @@ def add_warnings(rounds: list[RoundView], length_factor: float = DEFAULT_LENGTH_
             view.warnings.append(f"worse than round {view.round - 1}: win rate vs previous "
                                  f"{100 * prev['win_rate']:.1f}% (95% CI up to {100 * high:.1f}%) is below 50%")
         view.warnings += view.eval.get("diversity_warnings") or []
+        view.warnings += ((view.result or {}).get("judge_quality") or {}).get("warnings") or []
         guard = (view.result or {}).get("guard") or {}
         if not guard.get("accepted", True):
             view.warnings.append(f"rejected by the round guard and rolled back: {guard.get('reason')}")
@@ -381,3 +383,28 @@ def diversity_rows(rounds: list[RoundView], baseline: dict | None) -> list[list[
 
     rows = [cells("initial", baseline)] if baseline else []
     return rows + [cells(str(v.round), v.eval["diversity"]) for v in rounds if v.eval.get("diversity")]
+
+
+JUDGE_COLUMNS = ("round", "comparisons", "ties", "errors", "position consistency", "separated prompts",
+                 "right vs references (95% CI)", "flip rate")
+
+
+def judge_rows(rounds: list[RoundView]) -> list[list[str]]:
+    """What each round's verdicts show of a pairwise judge's quality (`online_dpo.judge_quality`),
+    one row per round that has them: its round robin's ties and errors, how often its two orders
+    agreed, the prompts whose candidates it separated beyond chance, and, where the task has
+    reference answers, how often it picked the right response and the flip rate that implies."""
+    rows = []
+    for v in rounds:
+        q = (v.result or {}).get("judge_quality")
+        if not q:
+            continue
+        ref = q.get("vs_reference") or {}
+        right = "-"
+        if ref.get("accuracy") is not None:
+            low, high = ref["interval"]
+            right = f"{pct(ref['accuracy'])} ({100 * low:.1f}-{100 * high:.1f}) of {ref['decisive']}"
+        separated = f"{q['separated_prompts']}/{q['tested_prompts']}" if q.get("tested_prompts") else "-"
+        rows.append([str(v.round), str(q["comparisons"]), pct(q.get("tie_rate")), str(q["errors"]),
+                     pct(q.get("position_consistency")), separated, right, _num(ref.get("flip_rate"), ".2f")])
+    return rows

@@ -16,6 +16,7 @@ from online_dpo.engines.generate import Sampling
 from online_dpo.report.view import guard_verdict
 from online_dpo.rundir import read_jsonl, write_json, write_jsonl
 from online_dpo.seeds import stable_seed
+from online_dpo.stages.select import round_judge_quality
 
 log = logging.getLogger("online_dpo")
 
@@ -118,6 +119,9 @@ def record_round(c: Campaign, r: int, funnel, held_out: dict | None, train_metri
                            "final_reward_margin": last["reward_margin"], "final_kl": last.get("kl"),
                            "final_pair_accuracy": last.get("pair_accuracy"),
                            "train_tokens_per_s": last["train_tokens_per_s"], "logp_drift": drift}
+    judged = round_judge_quality(c, r)  # pairwise judges: consistency, ties, agreement with references, separation
+    if judged is not None:
+        result["judge_quality"] = judged
     if stats_before is not None:  # API judges: this round's requests, cache hits, cost, position consistency
         result["judge_stats"] = judge_stats_of(c.judge).since(stats_before).as_dict()
     templates = template_hashes(c.judge)  # LLM judges: which templates (by hash) produced this round's verdicts

@@ -13,7 +13,7 @@ from online_dpo.errors import StaleWeightsError
 from online_dpo.pairs import Candidate
 from online_dpo.rundir import read_parquet, write_jsonl, write_parquet
 from online_dpo.seeds import stable_seed
-from online_dpo.stages.judge import judge_candidates, save_judgments, scores_of, stage_judge
+from online_dpo.stages.judge import Judgments, judge_candidates, save_judgments, scores_of, stage_judge
 
 log = logging.getLogger("online_dpo")
 
@@ -137,7 +137,9 @@ def stage_generate_while_judging(c: Campaign, r: int, prompts, timings: dict):
                 return rows_to_candidates(prompts, rows), None
             save_candidates(c, r, rows)
         with timed("judge", timings):  # only the wait after the last slice: the rest overlapped generation
-            scores = [s for f in futures for s in f.result()]  # re-raises a judge error (e.g. its budget)
+            judgments = Judgments()
+            for f in futures:
+                judgments.extend(f.result())  # re-raises a judge error (e.g. its budget)
             candidates = rows_to_candidates(prompts, rows)
-            judged = save_judgments(c, r, prompts, candidates, scores)
+            judged = save_judgments(c, r, prompts, candidates, judgments)
     return candidates, scores_of(judged, candidates)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import logging
 
+from online_dpo import judge_quality as quality
 from online_dpo import labels
 from online_dpo.campaign import Campaign
-from online_dpo.pairs import Funnel, replay_pairs
-from online_dpo.rundir import atomic_path, write_json, write_jsonl
+from online_dpo.evaluate import correctness
+from online_dpo.pairs import Funnel, replay_pairs, separation_alpha
+from online_dpo.rundir import atomic_path, read_parquet, write_json, write_jsonl
 from online_dpo.seeds import stable_seed
+from online_dpo.stages.generate import rows_to_candidates
 
 log = logging.getLogger("online_dpo")
 
@@ -24,7 +27,8 @@ def stage_pairs(c: Campaign, r: int, prompts, candidates, scores) -> Funnel | la
     was saved.
     """
     objective, paths = c.objective, c.run.round_paths(r)
-    fresh, funnel = objective.select(prompts, candidates, scores, seed=stable_seed(c.cfg.seed, r, "pairs"))
+    fresh, funnel = objective.select(prompts, candidates, scores, seed=stable_seed(c.cfg.seed, r, "pairs"),
+                                     separation=round_separation(c, r, prompts, candidates))
     replayed = replayed_pairs(c, r, len(fresh))
     funnel.replayed = len(replayed)
     if not c.run.is_done(r, "pairs"):
@@ -37,6 +41,41 @@ def stage_pairs(c: Campaign, r: int, prompts, candidates, scores) -> Funnel | la
         c.run.mark_done(r, "pairs", pairs=len(fresh), replayed=len(replayed))
     log.info("round %d %s: %s", r, objective.name, funnel.summary())
     return funnel
+
+
+def round_games(c: Campaign, r: int) -> list[dict]:
+    """Round r's round-robin verdicts (comparisons.parquet); [] for a pointwise judge."""
+    path = c.run.round_paths(r).comparisons
+    return read_parquet(path) if path.exists() else []
+
+
+def round_separation(c: Campaign, r: int, prompts, candidates) -> list[float | None] | None:
+    """Each prompt's round-robin separation p-value (pairwise judges), seeded per round."""
+    return quality.separation_pvalues(prompts, candidates, round_games(c, r),
+                                      seed=stable_seed(c.cfg.seed, r, "separation"))
+
+
+def round_judge_quality(c: Campaign, r: int) -> dict | None:
+    """What round r's verdicts show of a pairwise judge's quality (online_dpo.judge_quality),
+    logged with a warning where the judge looks no better than chance; None for a scorer."""
+    games = round_games(c, r)
+    if not games:
+        return None
+    prompts = c.split.round_prompts(r, c.cfg.data.train_prompts_per_round)
+    candidates = rows_to_candidates(prompts, read_parquet(c.run.round_paths(r).candidates))
+    correct = None
+    if all(p.reference is not None for p in prompts):
+        flat = [(p, x) for p, cs in zip(prompts, candidates) for x in cs]
+        truth = correctness([p for p, _ in flat], [x.text for _, x in flat])
+        correct = {(x.prompt_id, x.index): t for (_, x), t in zip(flat, truth)}
+    p_values = [p for p in round_separation(c, r, prompts, candidates) if p is not None]
+    alpha = separation_alpha(c.cfg.pairs)
+    found = quality.judge_quality(games, correct, separated=sum(p <= alpha for p in p_values), tested=len(p_values))
+    log.info("round %d %s", r, quality.summary(found))
+    found["warnings"] = quality.quality_warnings(found, alpha)
+    for warning in found["warnings"]:
+        log.warning("round %d: %s", r, warning)
+    return found
 
 
 def round_pairs(c: Campaign, r: int) -> list[dict]:

@@ -1,0 +1,202 @@
+"""Judge noise: the judge of known quality, the separation test that keeps its noise out of the
+pairs, the judge-quality summary of a round, and the stop on a judge that separates nothing."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from judges import PairwiseItem, load_judge
+from judges.noisy import NoiseModel
+from judges.ranking import round_robin_games, separation_pvalue, smallest_separation_pvalue
+from online_dpo.config import PairsConfig
+from online_dpo.data.prompts import Prompt
+from online_dpo.errors import JudgeUnusableError
+from online_dpo.judge_quality import judge_quality, quality_warnings, separation_pvalues
+from online_dpo.pairs import UNSEPARATED, Candidate, explain_separation_alpha, select_pairs
+from online_dpo.stages.judge import check_usable
+
+K = 8
+
+
+def arithmetic_items(n: int, right_a: bool, right_b: bool) -> list[PairwiseItem]:
+    """n comparisons of two answers to 'a+b' whose rightness is given; every text distinct."""
+    items = []
+    for k in range(n):
+        a, b = k % 10, k // 10
+        answer = lambda right, tag: f"[{tag}{k}] {a + b if right else a + b + 1}"  # noqa: E731 - the last number counts
+        items.append(PairwiseItem(f"What is {a} + {b}? #{k}", answer(right_a, "x"), answer(right_b, "y"), str(a + b)))
+    return items
+
+
+def test_noisy_judge_flips_decisive_verdicts_and_follows_position_on_ties_at_the_rates_set():
+    judge = load_judge("noisy", truth="arithmetic", flip_rate=0.2, position_bias=0.6, both_orders=False)
+    n = 4000
+    decisive = judge.compare(arithmetic_items(n, True, False))  # A is right
+    assert all("truth: a" in v.raw for v in decisive)
+    assert 0.77 < sum(v.winner == "a" for v in decisive) / n < 0.83  # right 1 - ε of the time
+    ties = judge.compare(arithmetic_items(n, False, False))  # both wrong: a tie in truth
+    assert all("truth: tie" in v.raw for v in ties)
+    assert 0.57 < sum(v.winner == "a" for v in ties) / n < 0.63  # the first-shown response, p of the time
+    assert judge.stats.requests == 2 * n
+
+
+def test_noisy_judge_in_both_orders_is_position_inconsistent_as_an_llm_judge_is():
+    # ε = 0.15, p = 0.7: decisive truth agrees in both orders (1-ε)² + ε² = 74.5% of the time;
+    # tie truth 2 p (1-p) = 42% (both orders name the same response only when the bias misses once).
+    judge = load_judge("noisy", truth="arithmetic", flip_rate=0.15, position_bias=0.7)
+    n = 4000
+    decisive = judge.compare(arithmetic_items(n, False, True))
+    consistent = [v for v in decisive if v.position_consistent]
+    assert 0.72 < len(consistent) / n < 0.77
+    assert all(v.winner == "tie" for v in decisive if not v.position_consistent)
+    assert 0.85 < sum(v.winner == "b" for v in consistent) / len(consistent) < 0.98  # (1-ε)² / ((1-ε)² + ε²) = 0.97
+    ties = judge.compare(arithmetic_items(n, True, True))
+    assert 0.39 < sum(v.position_consistent for v in ties) / n < 0.45
+    assert judge.stats.consistent + judge.stats.inconsistent == 2 * n
+
+
+def test_noisy_judge_answers_a_request_the_same_every_time_and_passes_errors_through():
+    items = arithmetic_items(50, True, False) + arithmetic_items(50, False, False)
+    first = load_judge("noisy", flip_rate=0.3, position_bias=0.7, seed=3).compare(items)
+    again = load_judge("noisy", flip_rate=0.3, position_bias=0.7, seed=3).compare(items)
+    other_seed = load_judge("noisy", flip_rate=0.3, position_bias=0.7, seed=4).compare(items)
+    assert [v.winner for v in first] == [v.winner for v in again]
+    assert [v.winner for v in first] != [v.winner for v in other_seed]
+    no_reference = load_judge("noisy").compare([PairwiseItem("What is 1+1?", "2", "3", None)])
+    assert no_reference[0].error and no_reference[0].winner is None  # the verifier's error, not a coin flip
+
+
+def test_noise_model_rejects_a_rate_outside_zero_one():
+    with pytest.raises(ValueError, match="flip_rate"):
+        NoiseModel(flip_rate=1.5)
+
+
+def simulated_round_robin(rng: random.Random, right: list[bool], eps: float = 0.15, bias: float = 0.7):
+    """The outcomes of a both-orders round robin among candidates of the given rightness."""
+    def ask(first_right: bool, second_right: bool) -> str:
+        if first_right != second_right:
+            better = "first" if first_right else "second"
+            return better if rng.random() >= eps else {"first": "second", "second": "first"}[better]
+        return "first" if rng.random() < bias else "second"
+
+    games = round_robin_games(len(right))
+    outcomes = []
+    for i, j in games:
+        ab = "i" if ask(right[i], right[j]) == "first" else "j"
+        ba = "j" if ask(right[j], right[i]) == "first" else "i"
+        outcomes.append(0.5 if ab != ba else 1.0 if ab == "i" else 0.0)
+    return games, outcomes
+
+
+def test_separation_test_is_calibrated_when_all_candidates_are_equal_and_finds_mixed_ones():
+    rng = random.Random(0)
+    trials = 300
+    equal = [separation_pvalue(K, *simulated_round_robin(rng, [False] * K), seed=t, draws=500) for t in range(trials)]
+    half = [separation_pvalue(K, *simulated_round_robin(rng, [True] * 4 + [False] * 4), seed=t, draws=500)
+            for t in range(trials)]
+    false_alarms = sum(p <= 0.1 for p in equal) / trials
+    found = sum(p <= 0.1 for p in half) / trials
+    assert false_alarms <= 0.1 + 0.05  # at most alpha, up to sampling error
+    assert found >= 0.8
+
+
+def test_separation_pvalue_edge_cases_and_seed():
+    games = round_robin_games(4)
+    assert separation_pvalue(4, games, [0.5] * len(games), seed=0) == 1.0  # all ties: nothing to test
+    assert separation_pvalue(4, [], [], seed=0) == 1.0
+    best_beats_all = [1.0 if i == 0 else 0.5 for i, _ in games]
+    assert separation_pvalue(4, games, best_beats_all, seed=1) == separation_pvalue(4, games, best_beats_all, seed=1)
+
+
+def candidates_for(prompt_id: str, n: int) -> list[Candidate]:
+    return [Candidate(prompt_id, i, f"answer {i}", [i + 1], "stop") for i in range(n)]
+
+
+def test_select_pairs_drops_the_prompts_the_judge_did_not_separate():
+    prompts = [Prompt(f"p{k}", [{"role": "user", "content": f"q{k}"}]) for k in range(3)]
+    cands = [candidates_for(p.id, K) for p in prompts]
+    scores = [[1.0, 0.5] + [0.0] * (K - 2)] * 3
+    pairs, funnel = select_pairs(prompts, cands, scores, PairsConfig(), separation=[0.01, 0.5, None])
+    assert [p["prompt_id"] for p in pairs] == ["p0", "p2"]  # p2: a scorer's scores are not tested
+    assert funnel.dropped == {UNSEPARATED: 1}
+    everything, _ = select_pairs(prompts, cands, scores, PairsConfig(separation_alpha=1.0), separation=[0.01, 0.5, None])
+    assert len(everything) == 3
+
+
+def test_auto_does_not_test_too_few_candidates_to_ever_separate():
+    # With 3 candidates even a perfectly consistent round robin has p = 0.75: auto keeps the
+    # prompt (and says why in the log); an explicit alpha applies as set, with a warning.
+    prompts = [Prompt("p0", [{"role": "user", "content": "q"}])]
+    three = [candidates_for("p0", 3)]
+    kept, _ = select_pairs(prompts, three, [[1.0, 0.5, 0.0]], PairsConfig(), separation=[0.75])
+    assert len(kept) == 1
+    dropped, funnel = select_pairs(prompts, three, [[1.0, 0.5, 0.0]], PairsConfig(separation_alpha=0.1), separation=[0.75])
+    assert dropped == [] and funnel.dropped == {UNSEPARATED: 1}
+    line, warn = explain_separation_alpha(PairsConfig(), pairwise_judge=True, samples_per_prompt=3)
+    assert not warn and "auto -> off" in line and "p >= 0.75" in line
+    line, warn = explain_separation_alpha(PairsConfig(separation_alpha=0.1), pairwise_judge=True, samples_per_prompt=4)
+    assert warn and "drops every prompt" in line
+    line, warn = explain_separation_alpha(PairsConfig(), pairwise_judge=True, samples_per_prompt=8)
+    assert not warn and "auto -> 0.1" in line
+    line, _ = explain_separation_alpha(PairsConfig(), pairwise_judge=False, samples_per_prompt=8)
+    assert "not applied" in line
+    assert smallest_separation_pvalue(8) < 0.001 < smallest_separation_pvalue(5)
+
+
+def games_rows(prompt_id: str, games, outcomes) -> list[dict]:
+    winner = {1.0: "a", 0.0: "b", 0.5: "tie"}
+    return [{"prompt_id": prompt_id, "i": i, "j": j, "winner": winner[o], "error": None,
+             "position_consistent": o != 0.5, "prob_a": None} for (i, j), o in zip(games, outcomes)]
+
+
+def test_judge_quality_measures_the_flip_rate_against_references():
+    rng = random.Random(5)
+    right = [True] * 3 + [False] * 5
+    rows, correct = [], {}
+    prompts = [Prompt(f"p{k}", [{"role": "user", "content": f"q{k}"}], reference="1") for k in range(60)]
+    for p in prompts:
+        rows += games_rows(p.id, *simulated_round_robin(rng, right, eps=0.15))
+        correct.update({(p.id, i): float(r) for i, r in enumerate(right)})
+    q = judge_quality(rows, correct, separated=40, tested=60)
+    ref = q["vs_reference"]
+    assert ref["decisive"] == 60 * 15
+    assert 0.12 < ref["flip_rate"] < 0.18  # ε = 0.15 per request
+    assert ref["interval"][0] > 0.8 and quality_warnings(q, 0.1) == []
+    p_values = separation_pvalues(prompts, [candidates_for(p.id, K) for p in prompts], rows, seed=0)
+    assert sum(p <= 0.1 for p in p_values) > 40  # three right among eight: mostly separated
+
+
+def test_judge_quality_warns_about_a_judge_no_better_than_a_coin():
+    rng = random.Random(2)
+    right = [True] * 4 + [False] * 4
+    rows, correct = [], {}
+    for k in range(10):
+        rows += games_rows(f"p{k}", *simulated_round_robin(rng, right, eps=0.5, bias=0.5))
+        correct.update({(f"p{k}", i): float(r) for i, r in enumerate(right)})
+    warnings = quality_warnings(judge_quality(rows, correct, separated=1, tested=10), 0.1)
+    assert len(warnings) == 2
+    assert "no better than a coin" in warnings[0] and "no more than chance" in warnings[1]
+
+
+def test_a_round_of_only_ties_or_only_errors_stops_before_anything_is_saved():
+    tie = {"prompt_id": "p0", "i": 0, "j": 1, "winner": "tie", "error": None}
+    failed = {"prompt_id": "p0", "i": 0, "j": 2, "winner": None, "error": "timeout"}
+    scored = [{"prompt_id": "p0", "index": 0, "score": 0.5, "error": None}]
+    with pytest.raises(JudgeUnusableError, match="round 3 judge: all 2 comparisons were ties \\(1\\) or errors \\(1\\)"):
+        check_usable(3, scored, [tie, failed])
+    with pytest.raises(JudgeUnusableError, match="all 1 candidates got a judge error \\(the first: boom\\).*resume"):
+        check_usable(0, [{"prompt_id": "p0", "index": 0, "score": None, "error": "boom"}], [])
+    check_usable(0, scored, [tie, {**tie, "winner": "a"}])  # one decisive verdict is enough
+
+
+def test_identical_responses_tie_without_a_judge_call():
+    from judges.base import IDENTICAL, compare_distinct
+
+    judge = load_judge("noisy", flip_rate=0.0, position_bias=1.0)
+    items = [PairwiseItem("What is 1+1?", "2", "2", "2"), PairwiseItem("What is 1+1?", "3", "2", "2")]
+    verdicts = compare_distinct(judge, items)
+    assert [(v.winner, v.raw) for v in verdicts][0] == ("tie", IDENTICAL)
+    assert verdicts[1].winner == "b"
+    assert judge.stats.requests == 2  # the distinct pair only, in both orders

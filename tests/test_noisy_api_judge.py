@@ -1,0 +1,67 @@
+"""A campaign judged through the `openai` judge by a local OpenAI-compatible server whose verdicts
+are imperfect (decisive answers flipped 15% of the time, the first-shown response preferred 70%
+of the time on ties, log-probs on every reply): the judge's quality is measured per round, the
+prompts it cannot separate give no pair, and a judge that separates nothing stops the round
+until it is fixed. Generation is HF `generate` on the embedded model (the judging path is what
+is tested; the vLLM campaigns are elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from judges.noisy import NoiseModel
+from online_dpo.pairs import UNSEPARATED
+from online_dpo.rundir import read_parquet
+from tests.conftest import ROOT
+from tests.fake_openai_server import FakeOpenAI
+
+CONFIG = ["rounds=1", "generation.backend=hf", "data.train_prompts_per_round=6", "generation.samples_per_prompt=8",
+          "generation.max_new_tokens=12", "data.eval_prompts=8", "eval.max_new_tokens=12", "eval.diversity_prompts=0",
+          "dpo.max_steps=2", "dpo.batch_size=2"]
+
+
+def cli(args: list[str], server: FakeOpenAI, model: str, tmp_path) -> subprocess.CompletedProcess:
+    judge = ["judge.name=openai", f"judge.options.model={model}", f"judge.options.base_url={server.base_url}",
+             "judge.options.api_key_env=null", f"judge.options.cache_path={tmp_path / 'cache.sqlite'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "online_dpo.cli", *args, *judge], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_judge_that_separates_nothing_stops_the_round_and_the_fixed_judge_resumes_it(tmp_path):
+    run_dir = tmp_path / "noisy"
+    with FakeOpenAI("always_a") as broken:  # answers "A" in both orders: every verdict flips with the order
+        done = cli(["run", "configs/quickstart.yaml", f"output_dir={tmp_path}", "name=noisy", *CONFIG], broken,
+                   "judge-v1", tmp_path)
+    assert done.returncode == 6, done.stderr[-3000:]
+    assert "round 0 judge: all 168 comparisons were ties (168) or errors (0)" in done.stderr
+    assert "Traceback" not in done.stderr
+    round0 = run_dir / "round_000"
+    assert (round0 / "candidates.parquet").exists()
+    assert not (round0 / "judgments.parquet").exists() and not (round0 / "pairs").exists()  # nothing to train on
+
+    with FakeOpenAI("noisy", NoiseModel(flip_rate=0.15, position_bias=0.7)) as fixed:
+        done = cli(["resume", str(run_dir), "judge.options.model=judge-v2"], fixed, "judge-v2", tmp_path)
+        answered = len(fixed.answered)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pairs.separation_alpha=auto -> 0.1" in done.stderr
+
+    result = json.loads((round0 / "eval.json").read_text())
+    quality = result["judge_quality"]
+    assert quality["comparisons"] == 6 * 28 and quality["errors"] == 0
+    assert 0.0 < quality["position_consistency"] < 1.0  # the server's position bias shows
+    assert quality["tested_prompts"] == 6 and 0 <= quality["separated_prompts"] <= 6
+    funnel = result["funnel"]
+    assert funnel["prompts_paired"] + sum(funnel["dropped"].values()) == 6
+    assert funnel["dropped"].get(UNSEPARATED, 0) == 6 - quality["separated_prompts"] - funnel["dropped"].get(
+        "tie (margin <= min_margin)", 0)
+    # every request the fixed judge answered is counted, in the training round robin and the eval
+    assert result["judge_stats"]["requests"] == answered > 0
+    games = read_parquet(round0 / "comparisons.parquet")
+    asked = [g for g in games if g["position_consistent"] is not None]
+    assert asked and all(g["prob_a"] is not None for g in asked)  # the replies' log-probs reached the verdicts
+    ref = quality["vs_reference"]  # where one candidate was right and another wrong, the judge mostly saw it
+    assert ref["decisive"] > 0 and ref["accuracy"] >= 0.5
