@@ -38,7 +38,8 @@ from online_dpo.rundir import RunDir, read_jsonl  # noqa: E402
 # prompt whose round robin ranks anything yields a pair); `new` is the default; the others are
 # the separation test at other levels (how the default was chosen).
 SETTINGS = {"old": ["pairs.separation_alpha=1.0"], "new": [],
-            "alpha0.05": ["pairs.separation_alpha=0.05"], "alpha0.2": ["pairs.separation_alpha=0.2"]}
+            "alpha0.05": ["pairs.separation_alpha=0.05"], "alpha0.1": ["pairs.separation_alpha=0.1"],
+            "alpha0.2": ["pairs.separation_alpha=0.2"]}
 
 
 def campaign(out: Path, name: str, seed: int, judge: list[str], extra: list[str]) -> Path:

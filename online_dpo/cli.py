@@ -111,7 +111,8 @@ def _report(args) -> int:
     try:
         if args.overrides:
             raise ReportError(f"report takes no key=value overrides (got {' '.join(args.overrides)})")
-        build_report(args.run_dir, length_factor=args.length_factor, examples=args.examples, log_with=args.log_with)
+        build_report(args.run_dir, length_factor=args.length_factor, examples=args.examples, log_with=args.log_with,
+                     wide=args.wide)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                           help="warn when mean response length exceeds this multiple of the baseline's "
                                "while the length-controlled win rate is not above 50%% (default 1.5)")
     p_report.add_argument("--examples", type=int, default=3, help="side-by-side examples per round in report.html")
+    p_report.add_argument("--wide", action="store_true",
+                          help="every column: ties, errors, LC win rate, lengths, DPO loss, margin, KL, drift, judge cost")
     p_report.add_argument("--log-with", action="append", metavar="TRACKER",
                           help="also log every round to an accelerate tracker (tensorboard, wandb, ...; repeatable; "
                                "off by default; needs the tracker's package)")

@@ -46,7 +46,7 @@ from online_dpo.seeds import stable_seed
 TIE = "tie (margin <= min_margin)"
 TOO_FEW_JUDGED = "fewer than 2 judged candidates"
 UNSEPARATED = "judge did not separate the candidates (p > separation_alpha)"
-SEPARATION_AUTO = 0.1  # pairs.separation_alpha=auto for a pairwise judge
+SEPARATION_AUTO = 0.2  # pairs.separation_alpha=auto for a pairwise judge: chosen by matched runs (bench/README.md "Judge noise")
 
 STRATEGIES = ("best_vs_worst", "random", "all_above_margin", "divpo")
 
@@ -205,9 +205,9 @@ def explain_separation_alpha(cfg: PairsConfig, pairwise_judge: bool, samples_per
         why = (f"with {samples_per_prompt} candidates per prompt even a perfectly consistent ranking has p >= {floor:.2g}, "
                f"above {alpha:g}")
         if setting == "auto":
-            return f"pairs.separation_alpha=auto -> off: {why}; 6 or more samples per prompt let the test act", False
+            return f"pairs.separation_alpha=auto -> off: {why}; more samples per prompt let the test act", False
         return (f"pairs.separation_alpha={setting} drops every prompt: {why}. Raise generation.samples_per_prompt "
-                f"to 6 or more, or set pairs.separation_alpha=auto"), True
+                f"(6 or more), or set pairs.separation_alpha=auto"), True
     if setting == "auto":
         return (f"pairs.separation_alpha=auto -> {alpha:g} (the judge is pairwise: a prompt yields a pair only where "
                 f"its round robin separates the candidates beyond chance)"), False

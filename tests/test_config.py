@@ -97,3 +97,28 @@ def test_a_key_earlier_versions_wrote_and_nothing_reads_still_loads(tmp_path):
     path.write_text("policy:\n  model: embedded\n  seed: 0\n")
     assert load_config(path).policy.model == "embedded"
     assert not hasattr(load_config(path).policy, "seed")
+
+
+TRAINING_DEFAULTS = ("rounds", "data.train_prompts_per_round", "data.eval_prompts", "generation.samples_per_prompt",
+                     "generation.max_new_tokens", "generation.temperature", "pairs.strategy", "dpo.loss", "dpo.beta",
+                     "dpo.learning_rate", "dpo.max_steps", "dpo.epochs", "dpo.batch_size", "eval.max_new_tokens")
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*.yaml")))
+def test_every_shipped_config_shares_the_quickstarts_training_defaults_or_says_why(path):
+    import re
+    from pathlib import Path
+
+    def value(cfg, key):
+        section, _, name = key.rpartition(".")
+        return getattr(getattr(cfg, section) if section else cfg, name)
+
+    quickstart, cfg = load_config("configs/quickstart.yaml"), load_config(path)
+    # A config may differ where a comment says so: "# differs from the quickstart: dpo.beta (why ...)".
+    explained = set()
+    for line in Path(path).read_text().splitlines():
+        if m := re.search(r"#\s*differs from the quickstart:\s*(.*)", line):
+            explained |= set(re.findall(r"[a-z_]+(?:\.[a-z_]+)*", m.group(1).split("(")[0]))
+    differ = {key for key in TRAINING_DEFAULTS if value(cfg, key) != value(quickstart, key)}
+    assert differ <= explained, f"{path} differs from configs/quickstart.yaml in {sorted(differ - explained)} " \
+                                f"without a '# differs from the quickstart: KEY (why)' comment"

@@ -139,7 +139,7 @@ def test_auto_does_not_test_too_few_candidates_to_ever_separate():
     line, warn = explain_separation_alpha(PairsConfig(separation_alpha=0.1), pairwise_judge=True, samples_per_prompt=4)
     assert warn and "drops every prompt" in line
     line, warn = explain_separation_alpha(PairsConfig(), pairwise_judge=True, samples_per_prompt=8)
-    assert not warn and "auto -> 0.1" in line
+    assert not warn and "auto -> 0.2" in line
     line, _ = explain_separation_alpha(PairsConfig(), pairwise_judge=False, samples_per_prompt=8)
     assert "not applied" in line
     assert smallest_separation_pvalue(8) < 0.001 < smallest_separation_pvalue(5)

@@ -47,7 +47,7 @@ def test_a_judge_that_separates_nothing_stops_the_round_and_the_fixed_judge_resu
         done = cli(["resume", str(run_dir), "judge.options.model=judge-v2"], fixed, "judge-v2", tmp_path)
         answered = len(fixed.answered)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "pairs.separation_alpha=auto -> 0.1" in done.stderr
+    assert "pairs.separation_alpha=auto -> 0.2" in done.stderr
 
     result = json.loads((round0 / "eval.json").read_text())
     quality = result["judge_quality"]

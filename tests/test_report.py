@@ -79,8 +79,18 @@ def test_eval_json_keeps_what_the_report_reads(run_root):
 
 def test_report_lists_every_round_and_writes_plots_and_html(run_copy):
     out = report(run_copy)
+    assert max(len(line) for line in out.splitlines()) <= 120  # the summary fits an ordinary terminal
+    summary = table_cells(out)
+    assert sorted(summary) == [0, 1], out
+    for r in (0, 1):
+        ev = json.loads((run_copy / f"round_{r:03d}" / "eval.json").read_text())["eval"]
+        base = ev["vs_baseline"]
+        assert summary[r][:2] == [str(r), f"{100 * base['win_rate']:.1f}% ({100 * base['ci_low']:.1f}-{100 * base['ci_high']:.1f})"]
+        assert summary[r][3] == f"{100 * ev['accuracy']:.1f}%" and len(summary[r]) == 7
+    out = report(run_copy, "--wide")  # every column
     rows = table_cells(out)
     assert sorted(rows) == [0, 1], out
+    assert max(len(line) for line in out.splitlines()) > 120 and len(rows[0]) == len(COLUMNS)
     for r in (0, 1):
         ev = json.loads((run_copy / f"round_{r:03d}" / "eval.json").read_text())["eval"]
         base = ev["vs_baseline"]
@@ -155,11 +165,14 @@ def test_length_factor_option_drives_the_length_warning(run_copy):
     base_tokens = [json.loads(line)["tokens"] for line in (run_copy / "baseline" / "eval_responses.jsonl").read_text().splitlines()]
     ratio = res["eval"]["response_tokens"]["mean"] / (sum(base_tokens) / len(base_tokens))
     below, above = ratio * 0.9, ratio * 1.1
-    quiet = table_cells(report(run_copy, "--length-factor", f"{above:.4f}"))[1][-1]
+    quiet = table_cells(report(run_copy, "--wide", "--length-factor", f"{above:.4f}"))[1][-1]
     assert "baseline's length" not in quiet
     assert "the baseline&#39;s length" not in (run_copy / "report.html").read_text()
-    warned = table_cells(report(run_copy, "--length-factor", f"{below:.4f}"))[1][-1]
+    warned = table_cells(report(run_copy, "--wide", "--length-factor", f"{below:.4f}"))[1][-1]
     assert "baseline's length" in warned and "LC win rate 40.0%" in warned
+    summary = report(run_copy, "--length-factor", f"{below:.4f}")  # the summary counts it and prints it in full below
+    assert table_cells(summary)[1][-1] == "1"
+    assert re.search(r"^round 1: responses .*baseline's length", summary, re.M)
     assert "the baseline&#39;s length" in (run_copy / "report.html").read_text()
 
 

@@ -138,7 +138,7 @@ class PairsConfig:
     # prompt yields a pair only where a judge that cannot tell its candidates apart would spread
     # them this far with probability <= separation_alpha (a sign-flip test of the round robin,
     # judges.ranking.separation_pvalue); the others are dropped, as a verifier's ties are.
-    # auto: 0.1 for pairwise judges; 1.0 (off) for pointwise scorers (verifiers, reward models),
+    # auto: 0.2 for pairwise judges; 1.0 (off) for pointwise scorers (verifiers, reward models),
     # whose equal scores are ties already. The log says what auto chose, and why.
     separation_alpha: float | Literal["auto"] = "auto"
 

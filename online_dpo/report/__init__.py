@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from online_dpo.report.terminal import print_run, wide_console
+from online_dpo.report.terminal import print_run, report_console
 from online_dpo.report.view import DEFAULT_LENGTH_FACTOR, load_run
 
 __all__ = ["build_report"]
@@ -16,15 +16,16 @@ __all__ = ["build_report"]
 
 def build_report(root: str | Path, length_factor: float = DEFAULT_LENGTH_FACTOR, examples: int = 3,
                  console: Console | None = None, plots: bool = True, html: bool = True,
-                 log_with: list | None = None) -> dict:
+                 log_with: list | None = None, wide: bool = False) -> dict:
     """Print the table, write plots/*.png and report.html under `root`; returns what was written.
 
     `log_with`: accelerate trackers ("tensorboard", "wandb", or GeneralTracker instances) that
     also receive every finished round's numbers (logs under `root`/trackers); off by default.
+    `wide`: the table with every column (judge, training, length and cost columns too).
     """
     run = load_run(root, length_factor)
-    console = console or wide_console()
-    print_run(run, title=f"online-dpo report: {run.name}", console=console)
+    console = console or report_console(wide)
+    print_run(run, title=f"online-dpo report: {run.name}", console=console, wide=wide)
     done = sum(v.complete for v in run.rounds)
     written: dict = {"rounds": len(run.rounds), "complete": done, "plots": {}}
     if plots:

@@ -12,6 +12,7 @@ from rich.text import Text
 from online_dpo.report.view import (
     COLUMNS,
     DIVERSITY_COLUMNS,
+    SUMMARY_COLUMNS,
     JUDGE_COLUMNS,
     BestPolicy,
     RoundView,
@@ -21,19 +22,21 @@ from online_dpo.report.view import (
     judge_rows,
     pct,
     run_from_results,
+    summary_rows,
     table_rows,
 )
 
 CAMPAIGN_TITLE = "online-dpo: held-out evaluation per round (vs the initial policy = baseline)"
 
 
-def round_table(views: list[RoundView], title: str | None = None) -> Table:
-    """The per-round table of `views` (their warnings already attached)."""
+def round_table(views: list[RoundView], title: str | None = None, wide: bool = False) -> Table:
+    """The per-round table of `views` (their warnings already attached): the summary columns,
+    or every column with `wide`."""
     table = Table(title=title or CAMPAIGN_TITLE)
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col == "warnings" else "right",
+    for col in COLUMNS if wide else SUMMARY_COLUMNS:
+        table.add_column(col, justify="left" if col == "warnings" and wide else "right",
                          style="bold red" if col == "warnings" else None, overflow="fold")
-    for view, cells in zip(views, table_rows(views)):
+    for view, cells in zip(views, table_rows(views) if wide else summary_rows(views)):
         style = "dim" if not view.complete else ("red" if view.warnings else None)
         table.add_row(*[Text(c) for c in cells], style=style)
     return table
@@ -70,20 +73,25 @@ def best_line(best: BestPolicy) -> str:
     return f"best policy: round {best.round} (win rate vs the initial policy {pct(best.win_rate)}; runs/.../best){note}"
 
 
-def wide_console() -> Console:
-    # Logs and CI are not terminals (rich would fold the table to 80 columns there); a real
-    # terminal keeps its own width (rich folds the cells to fit).
+def report_console(wide: bool = False) -> Console:
+    # Logs and CI are not terminals (rich would fold the tables to 80 columns there): 120 columns
+    # hold the summary tables at their natural width, 220 the wide one. A real terminal keeps its
+    # own width (rich folds the cells to fit).
     console = Console()
-    return console if console.is_terminal else Console(width=220)
+    return console if console.is_terminal else Console(width=220 if wide else 120)
 
 
-def print_run(run: RunView, title: str | None = None, console: Console | None = None) -> None:
-    """The baseline's accuracy, the per-round table, the best policy, the diversity table, and
-    how many rounds are finished when some are not."""
-    console = console or wide_console()
+def print_run(run: RunView, title: str | None = None, console: Console | None = None, wide: bool = False) -> None:
+    """The baseline's accuracy, the per-round table (every column with `wide`) and its warnings,
+    the best policy, the diversity and judge tables, and how many rounds are finished when some are not."""
+    console = console or report_console(wide)
     if run.baseline_accuracy is not None:
         console.print(f"baseline (initial policy) accuracy on held-out prompts: {pct(run.baseline_accuracy)}")
-    console.print(round_table(run.rounds, title=title))
+    console.print(round_table(run.rounds, title=title, wide=wide))
+    if not wide:
+        for view in run.rounds:
+            for warning in view.warnings:
+                console.print(Text(f"round {view.round}: {warning}", style="red"))
     console.print(best_line(best_policy(run.results)))
     div = diversity_table(run.rounds, run.baseline_diversity)
     if div is not None:

@@ -312,6 +312,19 @@ COLUMNS = ("round", "win rate (95% CI)", "LC win", "ties", "errors", "vs prev (9
            "wall s", "warnings")
 
 
+# The per-round table of a campaign and `online-dpo report`: what a user decides on, in 120 columns
+# (the warnings in full under it). COLUMNS is the wide view (`report --wide`, report.html).
+SUMMARY_COLUMNS = ("round", "win rate vs initial (95% CI)", "vs previous (95% CI)", "accuracy", "pairs", "wall s",
+                   "warnings")
+
+
+def summary_rows(rounds: list[RoundView]) -> list[list[str]]:
+    """table_rows cut to SUMMARY_COLUMNS; the warnings cell counts them (they are listed below the table)."""
+    keep = [COLUMNS.index(c) for c in ("round", "win rate (95% CI)", "vs prev (95% CI)", "accuracy", "pairs", "wall s")]
+    return [[row[i] for i in keep] + [str(len(v.warnings)) if v.warnings else "-"]
+            for v, row in zip(rounds, table_rows(rounds))]
+
+
 def pct(x: float | None) -> str:
     x = finite(x)
     return "-" if x is None else f"{100 * x:.1f}%"
@@ -385,15 +398,12 @@ def diversity_rows(rounds: list[RoundView], baseline: dict | None) -> list[list[
     return rows + [cells(str(v.round), v.eval["diversity"]) for v in rounds if v.eval.get("diversity")]
 
 
-JUDGE_COLUMNS = ("round", "comparisons", "ties", "errors", "position consistency", "separated prompts",
-                 "right vs references (95% CI)", "flip rate")
+JUDGE_COLUMNS = ("round", "comparisons", "ties", "errors", "consistency", "separated", "right vs refs (95% CI)",
+                 "flip rate")
 
 
 def judge_rows(rounds: list[RoundView]) -> list[list[str]]:
-    """What each round's verdicts show of a pairwise judge's quality (`online_dpo.judge_quality`),
-    one row per round that has them: its round robin's ties and errors, how often its two orders
-    agreed, the prompts whose candidates it separated beyond chance, and, where the task has
-    reference answers, how often it picked the right response and the flip rate that implies."""
+    """One row per round with a pairwise judge's quality (`online_dpo.judge_quality`), in JUDGE_COLUMNS."""
     rows = []
     for v in rounds:
         q = (v.result or {}).get("judge_quality")
