@@ -2,7 +2,8 @@
 
 Behaviours (set per test): "judge" answers correctly (the response containing RIGHT
 wins), "shorter" prefers the shorter response (a consistent preference that real model
-outputs produce pairs under), "always_a" answers "A" whatever the order, "unparseable" rambles, "malformed"
+outputs produce pairs under), "consistent" prefers one response of every pair of different texts
+whatever the order (the one whose text hashes lower: a total, arbitrary preference), "always_a" answers "A" whatever the order, "unparseable" rambles, "malformed"
 returns a body that is not JSON, "hang" sleeps past the client's timeout, "noisy" is an imperfect
 LLM judge of arithmetic (reference-guided template): the response whose final number matches
 the reference is the better one, and `noise` (a judges.noisy.NoiseModel) flips decisive answers
@@ -15,6 +16,7 @@ before it is answered: a client crash with no reply in flight (durability tests)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -109,6 +111,9 @@ class FakeOpenAI:
         m = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)\n\n", prompt, re.S)
         if self.behaviour == "noisy":
             return self.noisy_answer(prompt, m.group(1), m.group(2))
+        if self.behaviour == "consistent":
+            a, b = (hashlib.sha256(t.encode()).hexdigest() for t in (m.group(1), m.group(2)))
+            return "A" if a < b else "B" if b < a else "tie"
         if self.behaviour == "shorter":
             a, b = len(m.group(1)), len(m.group(2))
             return "A" if a < b else "B" if b < a else "tie"
