@@ -8,6 +8,7 @@ device. Records carry usage (tokens, cost, latency) so a campaign knows what it 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
@@ -219,7 +220,7 @@ class ScorerAsPairwise:
         for it in items:
             flat.append(PointwiseItem(it.prompt, it.response_a, it.reference))
             flat.append(PointwiseItem(it.prompt, it.response_b, it.reference))
-        scores = self.scorer.score(flat)
+        scores = scores_or_errors(self.scorer, flat)
         verdicts = []
         for sa, sb in zip(scores[0::2], scores[1::2]):
             raw = f"score_a={sa.value} score_b={sb.value}"
@@ -234,6 +235,40 @@ class ScorerAsPairwise:
 
 
 IDENTICAL = "identical responses: a tie, not asked"
+_log = logging.getLogger("judges")
+_reported: set[tuple[str, str]] = set()  # (judge, error kind) already logged: each is shown once
+
+
+def scores_or_errors(scorer: PointwiseScorer, items: Sequence[PointwiseItem]) -> list[Score]:
+    """scorer.score(items); an exception raised by it is every item's judge error (see `_failure`)."""
+    try:
+        return scorer.score(items)
+    except JudgeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a judge's own failure is a counted error, not a win or a loss
+        return [Score(None, error=_failure(scorer, e)) for _ in items]
+
+
+def verdicts_or_errors(judge: PairwiseJudge, items: Sequence[PairwiseItem]) -> list[Verdict]:
+    """judge.compare(items); an exception raised by it is every item's judge error (see `_failure`)."""
+    try:
+        return judge.compare(items)
+    except JudgeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a judge's own failure is a counted error, not a win or a loss
+        return [Verdict.failed(_failure(judge, e)) for _ in items]
+
+
+def _failure(judge: object, error: Exception) -> str:
+    """The error text a judge's exception leaves on each item, logged the first time its kind is seen.
+    JudgeErrors (a budget, a missing key) are not caught: they stop the campaign."""
+    name = getattr(judge, "name", type(judge).__name__)
+    text = f"{name} raised {type(error).__name__}: {error}"
+    if (name, type(error).__name__) not in _reported:
+        _reported.add((name, type(error).__name__))
+        _log.warning("judge %s; its items count as judge errors, never as wins or losses (later failures of this "
+                     "kind are counted, not logged)", text)
+    return text
 
 
 def compare_distinct(judge: PairwiseJudge, items: Sequence[PairwiseItem]) -> list[Verdict]:
@@ -242,7 +277,7 @@ def compare_distinct(judge: PairwiseJudge, items: Sequence[PairwiseItem]) -> lis
     asked = [k for k, it in enumerate(items) if it.response_a != it.response_b]
     verdicts = [Verdict("tie", raw=IDENTICAL) for _ in items]
     if asked:
-        for k, v in zip(asked, judge.compare([items[k] for k in asked]), strict=True):
+        for k, v in zip(asked, verdicts_or_errors(judge, [items[k] for k in asked]), strict=True):
             verdicts[k] = v
     return verdicts
 

@@ -20,7 +20,16 @@ from typing import Sequence
 
 import numpy as np
 
-from judges.base import PairwiseItem, PairwiseJudge, PointwiseItem, PointwiseScorer, Score, Verdict, compare_distinct
+from judges.base import (
+    PairwiseItem,
+    PairwiseJudge,
+    PointwiseItem,
+    PointwiseScorer,
+    Score,
+    Verdict,
+    compare_distinct,
+    scores_or_errors,
+)
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,7 @@ def score_groups(judge, groups: Sequence[CandidateGroup]) -> tuple[list[list[Sco
     """Scores per candidate for every group, plus the raw pairwise verdicts (empty for scorers)."""
     if isinstance(judge, PointwiseScorer):
         flat = [PointwiseItem(g.prompt, r, g.reference) for g in groups for r in g.responses]
-        scores = judge.score(flat)
+        scores = scores_or_errors(judge, flat)
         out, i = [], 0
         for g in groups:
             out.append(scores[i : i + len(g.responses)])

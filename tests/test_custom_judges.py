@@ -4,7 +4,7 @@ judge, or a misspelt name, is refused at load with what to do instead."""
 
 import pytest
 
-from judges import FunctionScorer, NotAJudge, PairwiseItem, PointwiseItem, UnknownJudgeError, as_judge, as_pairwise
+from judges import FunctionScorer, NotAJudge, PairwiseItem, PointwiseItem, Score, UnknownJudgeError, as_judge, as_pairwise
 from judges.registry import load_judge
 from tests.conftest import ROOT
 
@@ -146,3 +146,39 @@ def test_the_cli_gives_exit_2_and_one_line_for_a_broken_judge_file_and_the_trace
     assert "Traceback" not in plain.stderr
     debug = run_python(["-m", "online_dpo.cli", "--debug", *args[2:]], timeout=300)
     assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
+
+
+class RaisesOnSeven:
+    """Pointwise; raises (a bug in a user's judge) on any batch with a response containing 7."""
+
+    def score(self, items):
+        if any("7" in it.response for it in items):
+            raise KeyError("seven")
+        return [Score(1.0) for _ in items]
+
+
+def test_a_judge_that_raises_during_a_round_counts_errors_never_wins_and_says_so_once(caplog):
+    import logging
+
+    from judges.base import BudgetExceeded, compare_distinct
+    from judges.ranking import CandidateGroup, score_groups
+
+    judge = as_judge(RaisesOnSeven())
+    with caplog.at_level(logging.WARNING, logger="judges"):
+        for _ in range(3):
+            scores, _ = score_groups(judge, [CandidateGroup("3+4?", ["7", "8"], "7")])
+            assert [s.value for s in scores[0]] == [None, None]
+            assert scores[0][0].error == "RaisesOnSeven raised KeyError: 'seven'"
+        verdicts = compare_distinct(as_pairwise(judge), [PairwiseItem("3+4?", "7", "8", "7"),
+                                                         PairwiseItem("1+1?", "2", "3", "2")])
+    assert [v.winner for v in verdicts] == [None, None] and all("KeyError" in v.error for v in verdicts)
+    shown = [r for r in caplog.records if "RaisesOnSeven raised KeyError" in r.getMessage()]
+    assert len(shown) == 1 and "never as wins or losses" in shown[0].getMessage()
+    assert [s.value for s in score_groups(judge, [CandidateGroup("1+1?", ["2", "3"], "2")])[0][0]] == [1.0, 1.0]
+
+    class OverBudget:
+        def score(self, items):
+            raise BudgetExceeded("judge budget reached")
+
+    with pytest.raises(BudgetExceeded):  # a judge's own stop still stops the campaign
+        score_groups(as_judge(OverBudget()), [CandidateGroup("q", ["a", "b"])])
