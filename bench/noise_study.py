@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from online_dpo.compare import paired_difference_interval  # noqa: E402
 from online_dpo.evaluate import correctness, wilson_interval  # noqa: E402
 from online_dpo.rundir import RunDir, read_jsonl  # noqa: E402
@@ -120,13 +122,37 @@ def main() -> None:
     print_table(rows, diffs)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"position_bias": args.position_bias, "runs": rows, "differences": diffs},
-                                        indent=1, default=float))
+        args.json.write_text(json.dumps({"position_bias": args.position_bias, "runs": rows, "differences": diffs,
+                                         "pooled": pooled(diffs)}, indent=1, default=float))
 
 
 def difference(seed: int, eps: float, label: str, a: dict, b: dict) -> dict:
     low, high = paired_difference_interval(a["correct"], b["correct"], seed=seed)
-    return {"seed": seed, "eps": eps, "what": label, "difference": a["accuracy"] - b["accuracy"], "interval": [low, high]}
+    return {"seed": seed, "eps": eps, "what": label, "difference": a["accuracy"] - b["accuracy"], "interval": [low, high],
+            "per_prompt": [x - y for x, y in zip(a["correct"], b["correct"])]}
+
+
+def pooled(diffs: list[dict], n_boot: int = 4000) -> list[dict]:
+    """Per (ε, comparison): the mean over seeds of the accuracy difference, and a 95% bootstrap
+    interval that resamples the held-out prompts within each seed (shape per seed: [prompts]).
+    It covers the eval's sampling noise, not the spread between seeds: read it with the seeds' own
+    differences beside it."""
+    groups: dict[tuple, list[dict]] = {}
+    for d in diffs:
+        groups.setdefault((d["eps"], d["what"]), []).append(d)
+    out = []
+    rng = np.random.default_rng(0)
+    for (eps, what), ds in groups.items():
+        boot = np.zeros(n_boot)
+        for d in ds:
+            x = np.asarray(d["per_prompt"], dtype=float)
+            boot += x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+        boot /= len(ds)
+        out.append({"eps": eps, "what": what, "seeds": [d["seed"] for d in ds],
+                    "mean": float(np.mean([d["difference"] for d in ds])),
+                    "interval": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+                    "per_seed": [d["difference"] for d in ds]})
+    return out
 
 
 def print_table(rows: list[dict], diffs: list[dict]) -> None:
@@ -147,6 +173,12 @@ def print_table(rows: list[dict], diffs: list[dict]) -> None:
     for d in diffs:
         print(f"| {d['seed']} | {d['eps']} | {d['what']} | {100 * d['difference']:+.1f} "
               f"({100 * d['interval'][0]:+.1f} to {100 * d['interval'][1]:+.1f}) |")
+    print("\n| ε | difference | seeds | mean accuracy points (95% CI, prompts resampled within seeds) | per seed |")
+    print("|---|---|---|---|---|")
+    for p in pooled(diffs):
+        print(f"| {p['eps']} | {p['what']} | {', '.join(map(str, p['seeds']))} | **{100 * p['mean']:+.1f}** "
+              f"({100 * p['interval'][0]:+.1f} to {100 * p['interval'][1]:+.1f}) | "
+              f"{', '.join(f'{100 * x:+.1f}' for x in p['per_seed'])} |")
 
 
 if __name__ == "__main__":

@@ -127,24 +127,23 @@ def select_pairs(
     Args: `candidates[i]` and `scores[i]` are the K candidates of `prompts[i]` and their
     scores (None where the judge failed). `separation[i]`: the p-value of prompts[i]'s
     round robin (`judges.ranking.separation_pvalue`; None, or no list: a scorer's scores,
-    not tested); a prompt above `cfg.separation_alpha` is dropped (auto: SEPARATION_AUTO,
-    which applies where there are p-values, that is to a pairwise judge's round robins). `seed` drives the random strategy only (each
-    prompt draws from a stream derived from (seed, prompt id), so the pick does not depend
-    on the prompts' order); pass one derived from (campaign seed, round).
+    not tested); a prompt above `cfg.separation_alpha` is dropped (`tests_separation`).
+    `seed` drives the random strategy only (each prompt draws from a stream derived from
+    (seed, prompt id), so the pick does not depend on the prompts' order); pass one derived
+    from (campaign seed, round).
     Returns pair records and the funnel.
     """
     _check(cfg)
     funnel = Funnel(prompts=len(prompts))
     pairs = []
     separation = separation or [None] * len(prompts)
-    alpha, auto = separation_alpha(cfg), cfg.separation_alpha == "auto"
+    alpha = separation_alpha(cfg)
     for prompt, cands, cand_scores, p_value in zip(prompts, candidates, scores, separation, strict=True):
         usable = judged_candidates(prompt, cands, cand_scores, funnel)
         if len(usable) < 2:
             funnel.dropped[TOO_FEW_JUDGED] += 1
             continue
-        tested = p_value is not None and not (auto and smallest_separation_pvalue(len(cands)) > alpha)
-        if tested and p_value > alpha:
+        if p_value is not None and tests_separation(cfg, len(cands)) and p_value > alpha:
             funnel.dropped[UNSEPARATED] += 1
             continue
         rng = random.Random(stable_seed(seed, prompt.id)) if cfg.strategy == "random" else None
@@ -191,6 +190,12 @@ def judged_candidates(prompt: Prompt, cands: list[Candidate], scores: list[float
 def separation_alpha(cfg: PairsConfig) -> float:
     """pairs.separation_alpha as a number (auto: SEPARATION_AUTO; it only acts on a pairwise judge's p-values)."""
     return SEPARATION_AUTO if cfg.separation_alpha == "auto" else float(cfg.separation_alpha)
+
+
+def tests_separation(cfg: PairsConfig, candidates: int) -> bool:
+    """Whether the separation test acts on a prompt of this many candidates: always when set by
+    hand; with auto, only where a ranking of that many can beat chance at SEPARATION_AUTO."""
+    return cfg.separation_alpha != "auto" or smallest_separation_pvalue(candidates) <= SEPARATION_AUTO
 
 
 def explain_separation_alpha(cfg: PairsConfig, pairwise_judge: bool, samples_per_prompt: int) -> tuple[str, bool]:
