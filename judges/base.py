@@ -65,6 +65,12 @@ class Verdict:
     def failed(cls, reason: str, raw: str = "", usage: Usage | None = None) -> "Verdict":
         return cls(winner=None, error=reason, raw=raw, usage=usage)
 
+    def swapped(self) -> "Verdict":
+        """The same verdict with A and B exchanged (for a comparison asked the other way round)."""
+        winner = {"a": "b", "b": "a"}.get(self.winner, self.winner)
+        prob_a = None if self.prob_a is None else 1.0 - self.prob_a
+        return Verdict(winner, self.error, prob_a, self.raw, self.usage, self.position_consistent)
+
 
 @dataclass
 class Score:

@@ -59,13 +59,23 @@ def round_robin_games(n: int) -> list[tuple[int, int]]:
     return list(combinations(range(n), 2))
 
 
+def shown_first(i: int, j: int) -> bool:
+    """Whether game (i, j), i < j, shows candidate i first. Alternating by parity puts every
+    candidate first in about half its games, so a judge that favours a position (asked in one
+    order) spreads no candidate's score: its round robin stays within chance."""
+    return (i + j) % 2 == 1
+
+
 def _round_robin(judge: PairwiseJudge, groups: Sequence[CandidateGroup]):
+    """Scores from every pair of each group's candidates; the verdicts come back oriented as
+    game (i, j) (winner "a" is i), whichever of the two was shown first."""
     index, items = [], []
     for gi, g in enumerate(groups):
         for i, j in round_robin_games(len(g.responses)):
             index.append((gi, i, j))
-            items.append(PairwiseItem(g.prompt, g.responses[i], g.responses[j], g.reference))
-    verdicts = compare_distinct(judge, items)
+            first, second = (i, j) if shown_first(i, j) else (j, i)
+            items.append(PairwiseItem(g.prompt, g.responses[first], g.responses[second], g.reference))
+    verdicts = [v if shown_first(i, j) else v.swapped() for (_, i, j), v in zip(index, compare_distinct(judge, items))]
     points = [[0.0] * len(g.responses) for g in groups]
     played = [[0] * len(g.responses) for g in groups]
     for (gi, i, j), v in zip(index, verdicts):

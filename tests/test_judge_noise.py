@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from judges import PairwiseItem, load_judge
+from judges import PairwiseItem, Verdict, as_judge, load_judge
 from judges.noisy import NoiseModel
 from judges.ranking import round_robin_games, separation_pvalue, smallest_separation_pvalue
 from online_dpo.config import PairsConfig
@@ -200,3 +200,18 @@ def test_identical_responses_tie_without_a_judge_call():
     assert [(v.winner, v.raw) for v in verdicts][0] == ("tie", IDENTICAL)
     assert verdicts[1].winner == "b"
     assert judge.stats.requests == 2  # the distinct pair only, in both orders
+
+
+def test_a_judge_that_only_follows_the_position_ranks_nothing_even_asked_in_one_order():
+    from judges.ranking import CandidateGroup, score_groups
+
+    class AlwaysFirst:
+        def compare(self, items):
+            return [Verdict("a") for _ in items]
+
+    groups = [CandidateGroup("What is 2+2?", [f"answer {k}" for k in range(K)], "4")]
+    scores, verdicts = score_groups(as_judge(AlwaysFirst()), groups)
+    shares = [s.value for s in scores[0]]
+    assert max(shares) - min(shares) <= 1 / 7 + 1e-9  # each candidate was shown first in 3 or 4 of its 7 games
+    outcomes = [{"a": 1.0, "b": 0.0, "tie": 0.5}[v.winner] for v in verdicts]
+    assert separation_pvalue(K, round_robin_games(K), outcomes, seed=0) > 0.5
