@@ -21,10 +21,8 @@ import math
 from collections import defaultdict
 
 from judges.ranking import separation_pvalue
-from online_dpo.evaluate import wilson_interval
+from online_dpo.evaluate import OUTCOME, wilson_interval
 from online_dpo.seeds import stable_seed
-
-OUTCOME = {"a": 1.0, "tie": 0.5, "b": 0.0}
 
 
 def separation_pvalues(prompts, candidates, games: list[dict], seed: int) -> list[float | None] | None:
