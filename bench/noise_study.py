@@ -36,10 +36,10 @@ from online_dpo.compare import paired_difference_interval  # noqa: E402
 from online_dpo.evaluate import correctness, wilson_interval  # noqa: E402
 from online_dpo.rundir import RunDir, read_jsonl  # noqa: E402
 
-# The settings compared: `old` is pair selection as it was before the separation test (every
-# prompt whose round robin ranks anything yields a pair); `new` is the default; the others are
-# the separation test at other levels (how the default was chosen).
-SETTINGS = {"old": ["pairs.separation_alpha=1.0"], "new": [],
+# The settings compared: `old` pairs every prompt whose round robin ranks anything (what
+# auto does now); `new` keeps only the prompts the judge separated beyond chance at 0.2 (what
+# auto was while the study ran); the others are the test at other levels.
+SETTINGS = {"old": ["pairs.separation_alpha=1.0"], "new": ["pairs.separation_alpha=0.2"],
             "alpha0.05": ["pairs.separation_alpha=0.05"], "alpha0.1": ["pairs.separation_alpha=0.1"],
             "alpha0.2": ["pairs.separation_alpha=0.2"]}
 

@@ -8,8 +8,9 @@
   comparisons where exactly one of the two responses is right, the share the judge gave to
   the right one, and the flip rate it implies (a wrong verdict counts 1, a tie 1/2: with
   both orders that is the rate at which a single request names the wrong response);
-- the separation test the pairs act on (`pairs.separation_alpha`): the prompts whose round
-  robin separated the candidates beyond chance.
+- the separation test (`judges.ranking.separation_pvalue`): the prompts whose round robin
+  separated the candidates beyond chance, at `pairs.separation_alpha` where it is set, else
+  at `pairs.SEPARATION_LEVEL` (reported only: auto leaves the test off).
 
 Everything here is a pure function of saved verdicts; `quality_warnings` says when the
 judge looks no better than a coin.
@@ -106,9 +107,8 @@ def quality_warnings(quality: dict | None, alpha: float | None) -> list[str]:
                         f"{ref['interval'][1]:.0%}): no better than a coin; check its template and model")
     tested, separated = quality.get("tested_prompts"), quality.get("separated_prompts")
     if alpha is not None and alpha < 1 and tested and tested >= 8 and separated <= alpha * tested:
-        warnings.append(f"the judge separated the candidates of {separated} of {tested} prompts, no more than chance "
-                        f"would (pairs.separation_alpha={alpha:g}): its rankings look like noise, or every candidate is "
-                        f"equally good")
+        warnings.append(f"the judge separated the candidates of {separated} of {tested} prompts at p <= {alpha:g}, no "
+                        f"more than chance would: its rankings look like noise, or every candidate is equally good")
     return warnings
 
 

@@ -14,7 +14,14 @@ from online_dpo.config import PairsConfig
 from online_dpo.data.prompts import Prompt
 from online_dpo.errors import JudgeUnusableError
 from online_dpo.judge_quality import judge_quality, quality_warnings, separation_pvalues
-from online_dpo.pairs import UNSEPARATED, Candidate, explain_separation_alpha, select_pairs
+from online_dpo.pairs import (
+    SEPARATION_LEVEL,
+    UNSEPARATED,
+    Candidate,
+    explain_separation_alpha,
+    reported_separation_level,
+    select_pairs,
+)
 from online_dpo.stages.judge import check_usable
 
 K = 8
@@ -114,35 +121,37 @@ def candidates_for(prompt_id: str, n: int) -> list[Candidate]:
     return [Candidate(prompt_id, i, f"answer {i}", [i + 1], "stop") for i in range(n)]
 
 
-def test_select_pairs_drops_the_prompts_the_judge_did_not_separate():
+def test_select_pairs_drops_the_prompts_the_judge_did_not_separate_where_the_test_is_set():
     prompts = [Prompt(f"p{k}", [{"role": "user", "content": f"q{k}"}]) for k in range(3)]
     cands = [candidates_for(p.id, K) for p in prompts]
     scores = [[1.0, 0.5] + [0.0] * (K - 2)] * 3
-    pairs, funnel = select_pairs(prompts, cands, scores, PairsConfig(), separation=[0.01, 0.5, None])
+    pairs, funnel = select_pairs(prompts, cands, scores, PairsConfig(separation_alpha=0.2), separation=[0.01, 0.5, None])
     assert [p["prompt_id"] for p in pairs] == ["p0", "p2"]  # p2: a scorer's scores are not tested
     assert funnel.dropped == {UNSEPARATED: 1}
-    everything, _ = select_pairs(prompts, cands, scores, PairsConfig(separation_alpha=1.0), separation=[0.01, 0.5, None])
-    assert len(everything) == 3
+    for off in (PairsConfig(), PairsConfig(separation_alpha=1.0)):  # auto leaves the test off
+        everything, _ = select_pairs(prompts, cands, scores, off, separation=[0.01, 0.5, None])
+        assert len(everything) == 3
 
 
-def test_auto_does_not_test_too_few_candidates_to_ever_separate():
-    # With 3 candidates even a perfectly consistent round robin has p = 0.75: auto keeps the
-    # prompt (and says why in the log); an explicit alpha applies as set, with a warning.
+def test_the_log_says_what_the_separation_setting_does_and_warns_where_it_drops_everything():
+    # With 3 candidates even a perfectly consistent round robin has p = 0.75: a level set by hand
+    # below it drops every prompt, and the log warns with the fix.
     prompts = [Prompt("p0", [{"role": "user", "content": "q"}])]
     three = [candidates_for("p0", 3)]
-    kept, _ = select_pairs(prompts, three, [[1.0, 0.5, 0.0]], PairsConfig(), separation=[0.75])
-    assert len(kept) == 1
     dropped, funnel = select_pairs(prompts, three, [[1.0, 0.5, 0.0]], PairsConfig(separation_alpha=0.1), separation=[0.75])
     assert dropped == [] and funnel.dropped == {UNSEPARATED: 1}
-    line, warn = explain_separation_alpha(PairsConfig(), pairwise_judge=True, samples_per_prompt=3)
-    assert not warn and "auto -> off" in line and "p >= 0.75" in line
-    line, warn = explain_separation_alpha(PairsConfig(separation_alpha=0.1), pairwise_judge=True, samples_per_prompt=4)
-    assert warn and "drops every prompt" in line
+    line, warn = explain_separation_alpha(PairsConfig(separation_alpha=0.1), pairwise_judge=True, samples_per_prompt=3)
+    assert warn and "drops every prompt" in line and "p >= 0.75" in line
     line, warn = explain_separation_alpha(PairsConfig(), pairwise_judge=True, samples_per_prompt=8)
-    assert not warn and "auto -> 0.2" in line
+    assert not warn and "auto -> off" in line and "no gain in matched runs" in line
+    line, warn = explain_separation_alpha(PairsConfig(separation_alpha=0.2), pairwise_judge=True, samples_per_prompt=8)
+    assert not warn and "beyond chance" in line
     line, _ = explain_separation_alpha(PairsConfig(), pairwise_judge=False, samples_per_prompt=8)
     assert "not applied" in line
     assert smallest_separation_pvalue(8) < 0.001 < smallest_separation_pvalue(5)
+    assert reported_separation_level(PairsConfig(), 8) == SEPARATION_LEVEL  # reported though not applied
+    assert reported_separation_level(PairsConfig(), 4) is None  # no ranking of 4 can reach it
+    assert reported_separation_level(PairsConfig(separation_alpha=0.05), 8) == 0.05
 
 
 def games_rows(prompt_id: str, games, outcomes) -> list[dict]:

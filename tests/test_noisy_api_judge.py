@@ -1,7 +1,7 @@
 """A campaign judged through the `openai` judge by a local OpenAI-compatible server whose verdicts
 are imperfect (decisive answers flipped 15% of the time, the first-shown response preferred 70%
 of the time on ties, log-probs on every reply): the judge's quality is measured per round, the
-prompts it cannot separate give no pair, and a judge that separates nothing stops the round
+prompts it cannot separate give no pair (with the separation test on), and a judge that separates nothing stops the round
 until it is fixed. Generation is HF `generate` on the embedded model (the judging path is what
 is tested; the vLLM campaigns are elsewhere)."""
 
@@ -20,7 +20,8 @@ from tests.fake_openai_server import FakeOpenAI
 
 CONFIG = ["rounds=1", "generation.backend=hf", "data.train_prompts_per_round=6", "generation.samples_per_prompt=8",
           "generation.max_new_tokens=12", "data.eval_prompts=8", "eval.max_new_tokens=12", "eval.diversity_prompts=0",
-          "dpo.max_steps=2", "dpo.batch_size=2"]
+          "dpo.max_steps=2", "dpo.batch_size=2",
+          "pairs.separation_alpha=0.2"]  # the separation test, which auto leaves off, on: its drops are checked
 
 
 def cli(args: list[str], server: FakeOpenAI, model: str, tmp_path) -> subprocess.CompletedProcess:
@@ -47,7 +48,7 @@ def test_a_judge_that_separates_nothing_stops_the_round_and_the_fixed_judge_resu
         done = cli(["resume", str(run_dir), "judge.options.model=judge-v2"], fixed, "judge-v2", tmp_path)
         answered = len(fixed.answered)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "pairs.separation_alpha=auto -> 0.2" in done.stderr
+    assert "pairs.separation_alpha=0.2: a prompt gives a pair only where its round robin separates" in done.stderr
 
     result = json.loads((round0 / "eval.json").read_text())
     quality = result["judge_quality"]

@@ -134,12 +134,13 @@ class PairsConfig:
     replay_fraction: float = 0.0
     # Judge noise. A pairwise judge (an LLM) ranks a prompt's K candidates by a round robin, and
     # position bias and chance spread their scores even where the candidates are equally good
-    # (all right, or all wrong): best-vs-worst would then pair two equals, a label of noise. A
-    # prompt yields a pair only where a judge that cannot tell its candidates apart would spread
-    # them this far with probability <= separation_alpha (a sign-flip test of the round robin,
-    # judges.ranking.separation_pvalue); the others are dropped, as a verifier's ties are.
-    # auto: 0.2 for pairwise judges; 1.0 (off) for pointwise scorers (verifiers, reward models),
-    # whose equal scores are ties already. The log says what auto chose, and why.
+    # (all right, or all wrong): best-vs-worst would then pair two equals, a label of noise. Set
+    # to a level (0.2 was studied), a prompt yields a pair only where a judge that cannot tell its
+    # candidates apart would spread them this far with probability <= separation_alpha (a
+    # sign-flip test, judges.ranking.separation_pvalue); the others are dropped, as ties are.
+    # It never applies to pointwise scorers (verifiers, reward models), whose equal scores are
+    # ties already. auto: off (1.0) for now: in matched runs under a noisy judge (bench/README.md
+    # "Judge noise") the test at 0.2 gave no measurable gain. The log says what auto chose, and why.
     separation_alpha: float | Literal["auto"] = "auto"
 
 

@@ -10,7 +10,7 @@ from online_dpo import judge_quality as quality
 from online_dpo import labels
 from online_dpo.campaign import Campaign
 from online_dpo.evaluate import correctness
-from online_dpo.pairs import Funnel, replay_pairs, separation_alpha, tests_separation
+from online_dpo.pairs import Funnel, replay_pairs, reported_separation_level
 from online_dpo.rundir import atomic_path, read_parquet, write_json, write_jsonl
 from online_dpo.seeds import stable_seed
 from online_dpo.stages.generate import rows_to_candidates
@@ -68,10 +68,11 @@ def round_judge_quality(c: Campaign, r: int) -> dict | None:
         flat = [(p, x) for p, cs in zip(prompts, candidates) for x in cs]
         truth = correctness([p for p, _ in flat], [x.text for _, x in flat])
         correct = {(x.prompt_id, x.index): t for (_, x), t in zip(flat, truth)}
-    alpha = separation_alpha(c.cfg.pairs)
-    p_values = [p for p, cs in zip(round_separation(c, r, prompts, candidates), candidates)
-                if p is not None and tests_separation(c.cfg.pairs, len(cs))]
-    found = quality.judge_quality(games, correct, separated=sum(p <= alpha for p in p_values), tested=len(p_values))
+    levels = [(p, reported_separation_level(c.cfg.pairs, len(cs)))
+              for p, cs in zip(round_separation(c, r, prompts, candidates), candidates) if p is not None]
+    tested = [(p, level) for p, level in levels if level is not None]
+    found = quality.judge_quality(games, correct, separated=sum(p <= level for p, level in tested), tested=len(tested))
+    alpha = max((level for _, level in tested), default=None)
     log.info("round %d %s", r, quality.summary(found))
     found["warnings"] = quality.quality_warnings(found, alpha)
     for warning in found["warnings"]:
