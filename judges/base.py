@@ -247,22 +247,21 @@ _reported: set[tuple[str, str]] = set()  # (judge, error kind) already logged: e
 
 def scores_or_errors(scorer: PointwiseScorer, items: Sequence[PointwiseItem]) -> list[Score]:
     """scorer.score(items); an exception raised by it is every item's judge error (see `_failure`)."""
-    try:
-        return scorer.score(items)
-    except JudgeError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a judge's own failure is a counted error, not a win or a loss
-        return [Score(None, error=_failure(scorer, e)) for _ in items]
+    return _or_errors(scorer, scorer.score, items, lambda reason: Score(None, error=reason))
 
 
 def verdicts_or_errors(judge: PairwiseJudge, items: Sequence[PairwiseItem]) -> list[Verdict]:
     """judge.compare(items); an exception raised by it is every item's judge error (see `_failure`)."""
+    return _or_errors(judge, judge.compare, items, Verdict.failed)
+
+
+def _or_errors(judge: object, method: Callable, items: Sequence, failed: Callable[[str], Any]) -> list:
     try:
-        return judge.compare(items)
+        return method(items)
     except JudgeError:
         raise
     except Exception as e:  # noqa: BLE001 - a judge's own failure is a counted error, not a win or a loss
-        return [Verdict.failed(_failure(judge, e)) for _ in items]
+        return [failed(_failure(judge, e)) for _ in items]
 
 
 def _failure(judge: object, error: Exception) -> str:
