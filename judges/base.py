@@ -196,9 +196,10 @@ class NotAJudge(JudgeError, TypeError):
     """A loaded plugin that implements neither judge protocol."""
 
 
-class JudgeLoadError(JudgeError, RuntimeError):
-    """A judge's own code failed as it was loaded or built: a syntax error, an import that
-    fails inside it, an exception in its constructor. The message names the file and line."""
+class JudgeLoadError(JudgeError, ValueError):
+    """A judge that cannot be loaded or built: a syntax error, an import that fails inside its
+    file, an exception in its constructor (the message names the file and line), or options a
+    built-in judge refuses (a ValueError, as the refusal itself was)."""
 
 
 class MissingAPIKey(JudgeError, RuntimeError):

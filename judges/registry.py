@@ -156,5 +156,8 @@ def load_judge(name: str, **options: Any):
             accepts = _parameters(cls)
             raise JudgeLoadError(f"judge {name!r} rejected its options {sorted(options)}: {e}"
                                  + (f"; it takes {accepts}" if accepts else "")) from None
+        if name in BUILTIN_JUDGES:  # our own judge refusing what it was given: the options are at fault, not its code
+            raise JudgeLoadError(f"judge {name!r} cannot be built from its options {sorted(options)}: "
+                                 f"{type(e).__name__}: {e}") from e
         raise load_failure(name, "building it", e) from e
     return check_judge(judge, f"judge {name!r}")

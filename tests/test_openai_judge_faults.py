@@ -7,6 +7,7 @@ an error is never a win or a loss, and a position-biased judge never makes A win
 import pytest
 
 from judges import PairwiseItem, load_judge
+from judges.base import JudgeLoadError
 from judges.openai_judge import BudgetExceeded, MissingAPIKey
 from tests.fake_openai_server import FakeOpenAI
 
@@ -177,5 +178,6 @@ def test_template_override_by_path_changes_the_cache_key(tmp_path):
     broken.write_text("Which is better? {response_a}")
     with pytest.raises(ValueError, match="placeholders"):
         make_judge(FakeOpenAI("judge"), tmp_path, template=str(broken))
-    with pytest.raises(FileNotFoundError, match="neither a built-in"):
+    # a JudgeError: the CLI prints it as one line (exit 2), naming the judge, its options and the file
+    with pytest.raises(JudgeLoadError, match=r"judge 'openai' cannot be built .*FileNotFoundError: .*neither a built-in"):
         make_judge(FakeOpenAI("judge"), tmp_path, template=str(tmp_path / "missing.txt"))
