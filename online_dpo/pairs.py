@@ -146,7 +146,7 @@ def select_pairs(
         if len(usable) < 2:
             funnel.dropped[TOO_FEW_JUDGED] += 1
             continue
-        if p_value is not None and tests_separation(cfg, len(cands)) and p_value > alpha:
+        if p_value is not None and tests_separation(cfg) and p_value > alpha:
             funnel.dropped[UNSEPARATED] += 1
             continue
         rng = random.Random(stable_seed(seed, prompt.id)) if cfg.strategy == "random" else None
@@ -195,16 +195,16 @@ def separation_alpha(cfg: PairsConfig) -> float:
     return 1.0 if cfg.separation_alpha == "auto" else float(cfg.separation_alpha)
 
 
-def tests_separation(cfg: PairsConfig, candidates: int) -> bool:
-    """Whether the separation test acts on a prompt of this many candidates: when set by hand
-    (auto leaves it off; a level no ranking of that many can reach drops every prompt, and the log warns)."""
+def tests_separation(cfg: PairsConfig) -> bool:
+    """Whether the separation test acts on the pairs: when set by hand (auto leaves it off; a
+    level no ranking of K candidates can reach drops every prompt, and the log warns)."""
     return cfg.separation_alpha != "auto"
 
 
 def reported_separation_level(cfg: PairsConfig, candidates: int) -> float | None:
     """The level the judge-quality summary counts separated prompts at: the test's own where it
     is on, else SEPARATION_LEVEL; None where no ranking of that many candidates can reach it."""
-    level = separation_alpha(cfg) if tests_separation(cfg, candidates) else SEPARATION_LEVEL
+    level = separation_alpha(cfg) if tests_separation(cfg) else SEPARATION_LEVEL
     return level if smallest_separation_pvalue(candidates) <= level else None
 
 

@@ -10,7 +10,7 @@ from online_dpo import judge_quality as quality
 from online_dpo import labels
 from online_dpo.campaign import Campaign
 from online_dpo.evaluate import correctness
-from online_dpo.pairs import Funnel, replay_pairs, reported_separation_level
+from online_dpo.pairs import Funnel, replay_pairs, reported_separation_level, tests_separation
 from online_dpo.rundir import atomic_path, read_parquet, write_json, write_jsonl
 from online_dpo.seeds import stable_seed
 from online_dpo.stages.generate import rows_to_candidates
@@ -27,8 +27,10 @@ def stage_pairs(c: Campaign, r: int, prompts, candidates, scores) -> Funnel | la
     was saved.
     """
     objective, paths = c.objective, c.run.round_paths(r)
+    # The p-values only where the test acts on the pairs (the judge-quality summary computes its own).
+    separation = round_separation(c, r, prompts, candidates) if tests_separation(c.cfg.pairs) else None
     fresh, funnel = objective.select(prompts, candidates, scores, seed=stable_seed(c.cfg.seed, r, "pairs"),
-                                     separation=round_separation(c, r, prompts, candidates))
+                                     separation=separation)
     replayed = replayed_pairs(c, r, len(fresh))
     funnel.replayed = len(replayed)
     if not c.run.is_done(r, "pairs"):
