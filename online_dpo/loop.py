@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections import Counter
 
-from online_dpo.campaign import Campaign, accepted, guard_mode, last_accepted_round, setup
+from online_dpo.campaign import Campaign, accepted, guard_mode, last_accepted_round, setup, timed
 from online_dpo.config import CampaignConfig
 from online_dpo.errors import servers_during
-from online_dpo.report.terminal import print_rounds
+from online_dpo.report.terminal import print_rounds, print_stage_shares
 from online_dpo.rundir import RunDir, read_jsonl, write_json, write_jsonl
 from online_dpo.stages.checkpoint import keep_checkpoints, roll_back, stage_checkpoint
 from online_dpo.stages.evaluate import baseline, judge_stats, record_round, stage_eval
@@ -71,8 +73,11 @@ def run_campaign(cfg: CampaignConfig, run: RunDir, judge: object | None = None) 
 
     With the round guard (guard.on_loss), a rejected round is rolled back: the next round
     starts from the last accepted policy (retry), or the campaign stops there (stop)."""
-    c = setup(cfg, run, judge)
-    with servers_during("the initial policy's eval"):
+    started = time.perf_counter()
+    seconds: Counter[str] = Counter()  # per stage, over the rounds this run ran
+    with timed("setup", seconds):
+        c = setup(cfg, run, judge)
+    with servers_during("the initial policy's eval"), timed("baseline eval", seconds):
         base = baseline(c) if c.is_main else {"texts": [], "accuracy": None}
     c.barrier()
     results = []
@@ -95,6 +100,8 @@ def run_campaign(cfg: CampaignConfig, run: RunDir, judge: object | None = None) 
             prev_texts = [row["text"] for row in read_jsonl(paths.eval_responses)]
         if c.is_main:
             results.append(result)
+            if ran:
+                seconds.update(result["timings"])
             best = keep_checkpoints(c, results)
             if ran and cfg.eval.enabled:
                 print_rounds(results, base["accuracy"], baseline_diversity=base.get("diversity"))
@@ -106,4 +113,5 @@ def run_campaign(cfg: CampaignConfig, run: RunDir, judge: object | None = None) 
         log.info("best policy: %s", f"round {best}'s ({run.best_link})" if best is not None else "the initial one")
         write_json(run.summary_json, {"baseline_accuracy": base["accuracy"], "baseline_diversity": base.get("diversity"),
                                       "rounds": results, "best_round": best, "stopped_after_round": stopped})
+        print_stage_shares(seconds, time.perf_counter() - started)
     return results

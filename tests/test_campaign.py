@@ -39,6 +39,19 @@ def test_every_stage_of_both_rounds_is_recorded(finished_run):
     assert "win rate" in proc.stdout  # the per-round table was printed
 
 
+def test_the_run_ends_with_where_its_time_went(finished_run):
+    """One line per stage with its seconds and share of the run's wall time, which add up to it."""
+    import re
+
+    _, proc = finished_run
+    head, lines = proc.stdout.split("where the time went (", 1)[1].split("\n", 1)
+    wall = float(re.match(r"(\d+) s in all, this run\):", head).group(1))
+    rows = re.findall(r"^  (\S+(?: \S+)?) +([0-9.]+) s +([0-9.]+)%$", lines, re.M)
+    names = [name for name, _, _ in rows]
+    assert names[:3] == ["setup", "baseline eval", "generate"] and {"judge", "update", "eval"} <= set(names)
+    assert abs(sum(float(t) for _, t, _ in rows) - wall) <= 1 and abs(sum(float(x) for _, _, x in rows) - 100) < 0.5
+
+
 def test_artifacts_per_round(finished_run):
     from datasets import load_from_disk
 

@@ -356,3 +356,12 @@ def test_a_missing_tracker_package_is_named(run_copy):
         pytest.skip("wandb is installed here")
     proc = run_python(["-m", "online_dpo.cli", "report", str(run_copy), "--log-with", "wandb"], timeout=300)
     assert proc.returncode == 2 and "pip install wandb" in proc.stderr
+
+
+def test_stage_shares_keep_the_running_order_and_account_for_the_rest():
+    from online_dpo.report.timing import stage_shares
+
+    rows = stage_shares({"eval": 20.0, "setup": 10.0, "generate": 30.0, "drift": 0.0, "custom": 5.0}, wall_s=100.0)
+    assert rows == [("setup", 10.0, 0.1), ("generate", 30.0, 0.3), ("eval", 20.0, 0.2), ("custom", 5.0, 0.05),
+                    ("other", 35.0, 0.35)]
+    assert [name for name, _, _ in stage_shares({"update": 4.0}, wall_s=4.0)] == ["update"]

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from online_dpo.report.timing import stage_shares
 from online_dpo.report.view import (
     COLUMNS,
     DIVERSITY_COLUMNS,
@@ -108,3 +109,11 @@ def print_rounds(results: list[dict], baseline_accuracy: float | None = None, co
                  baseline_diversity: dict | None = None) -> None:
     """The campaign's table after each round, from the eval.json dicts of its rounds so far."""
     print_run(run_from_results(results, baseline_accuracy, baseline_diversity), console=console)
+
+
+def print_stage_shares(seconds: dict[str, float], wall_s: float, console: Console | None = None) -> None:
+    """Where this run's wall time went: one line per stage with its seconds and share."""
+    console = console or report_console()
+    console.print(f"where the time went ({wall_s:.0f} s in all, this run):")
+    for name, spent, share in stage_shares(seconds, wall_s):
+        console.print(f"  {name:<14}{spent:8.1f} s {100 * share:5.1f}%", highlight=False)
