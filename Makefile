@@ -31,7 +31,7 @@ demo: install
 	$(BIN)/online-dpo run configs/quickstart.yaml --overwrite
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Benchmarks (not tests; see bench/README.md): per-stage round times, generation and training
 # tokens/s against the bf16/fp32 matmul roofline, and online-dpo vs TRL's OnlineDPOTrainer.
