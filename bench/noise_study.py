@@ -82,7 +82,28 @@ def results(run_dir: Path) -> dict:
         "judge_quality": [r.get("judge_quality") and {k: r["judge_quality"].get(k) for k in
                           ("position_consistency", "separated_prompts", "tested_prompts")} for r in rounds],
         "flip_rate_measured": [((r.get("judge_quality") or {}).get("vs_reference") or {}).get("flip_rate") for r in rounds],
+        "pair_labels": pair_labels(RunDir(run_dir), [r["round"] for r in rounds]),
     }
+
+
+def pair_labels(run: RunDir, rounds: list[int]) -> dict[str, int]:
+    """What the campaign's pairs taught, checked against the reference answers: a right response
+    over a wrong one, a wrong over a right (a flipped label), or two equally good responses (both
+    right or both wrong: a pair the truth does not order)."""
+    from datasets import load_from_disk
+
+    counts = {"right_over_wrong": 0, "wrong_over_right": 0, "both_right": 0, "both_wrong": 0}
+    for r in rounds:
+        paths = run.round_paths(r)
+        references = {p["id"]: p["reference"] for p in read_jsonl(paths.prompts)}
+        pairs = load_from_disk(str(paths.pairs))
+        chosen = correctness([_Ref(references[i]) for i in pairs["prompt_id"]], [m[-1]["content"] for m in pairs["chosen"]])
+        rejected = correctness([_Ref(references[i]) for i in pairs["prompt_id"]],
+                               [m[-1]["content"] for m in pairs["rejected"]])
+        for c, w in zip(chosen, rejected):
+            key = {(1, 0): "right_over_wrong", (0, 1): "wrong_over_right", (1, 1): "both_right", (0, 0): "both_wrong"}
+            counts[key[(int(c), int(w))]] += 1
+    return counts
 
 
 class _Ref:
@@ -132,11 +153,26 @@ def difference(seed: int, eps: float, label: str, a: dict, b: dict) -> dict:
             "per_prompt": [x - y for x, y in zip(a["correct"], b["correct"])]}
 
 
+# The 97.5% quantile of Student's t by degrees of freedom, for the interval over seeds.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def seed_interval(per_seed: list[float]) -> list[float] | None:
+    """A 95% t-interval for the mean of the per-seed differences: each seed is one campaign, so
+    their spread holds the training's variation as well as the eval's. None for one seed."""
+    n = len(per_seed)
+    if n < 2:
+        return None
+    mean, sd = float(np.mean(per_seed)), float(np.std(per_seed, ddof=1))
+    half = T_975.get(n - 1, 1.96) * sd / np.sqrt(n)
+    return [mean - half, mean + half]
+
+
 def pooled(diffs: list[dict], n_boot: int = 4000) -> list[dict]:
-    """Per (ε, comparison): the mean over seeds of the accuracy difference, and a 95% bootstrap
-    interval that resamples the held-out prompts within each seed (shape per seed: [prompts]).
-    It covers the eval's sampling noise, not the spread between seeds: read it with the seeds' own
-    differences beside it."""
+    """Per (ε, comparison): the mean over seeds of the accuracy difference; a 95% bootstrap
+    interval that resamples the held-out prompts within each seed (shape per seed: [prompts]),
+    which covers the eval's sampling noise only; and a t-interval over the seeds
+    (`seed_interval`), which covers the spread between campaigns too."""
     groups: dict[tuple, list[dict]] = {}
     for d in diffs:
         groups.setdefault((d["eps"], d["what"]), []).append(d)
@@ -151,33 +187,40 @@ def pooled(diffs: list[dict], n_boot: int = 4000) -> list[dict]:
         out.append({"eps": eps, "what": what, "seeds": [d["seed"] for d in ds],
                     "mean": float(np.mean([d["difference"] for d in ds])),
                     "interval": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+                    "seed_interval": seed_interval([d["difference"] for d in ds]),
                     "per_seed": [d["difference"] for d in ds]})
     return out
 
 
 def print_table(rows: list[dict], diffs: list[dict]) -> None:
     print("\n| seed | judge | ε | setting | accuracy by round | final accuracy (95% CI) | win vs initial (95% CI) "
-          "| pairs | judge requests | requests/pair | flip rate measured |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| vs previous by round | pairs | right>wrong / wrong>right / both right / both wrong | judge requests "
+          "| requests/pair | flip rate measured |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lo, hi = r["accuracy_interval"]
         win = "-" if r["win_vs_initial"] is None else f"{r['win_vs_initial']:.1%} ({r['win_interval'][0]:.1%}-{r['win_interval'][1]:.1%})"
         per_pair = f"{r['judge_requests'] / r['pairs']:.0f}" if r["pairs"] and r["judge_requests"] else "-"
         flips = ", ".join("-" if f is None else f"{f:.2f}" for f in r["flip_rate_measured"])
         by_round = " → ".join(f"{a:.1%}" for a in r["accuracy_by_round"])
+        vs_prev = ", ".join("-" if w is None else f"{w:.0%}" for w in r["vs_previous"])
+        labels = " / ".join(str(n) for n in r["pair_labels"].values())
         print(f"| {r['seed']} | {r['judge']} | {'-' if r['eps'] is None else r['eps']} | {r['setting']} | {by_round} "
-              f"| **{r['accuracy']:.1%}** ({lo:.1%}-{hi:.1%}) | {win} | {r['pairs']} | {r['judge_requests'] or '-'} "
+              f"| **{r['accuracy']:.1%}** ({lo:.1%}-{hi:.1%}) | {win} | {vs_prev} | {r['pairs']} | {labels} | {r['judge_requests'] or '-'} "
               f"| {per_pair} | {flips} |")
     print("\n| seed | ε | difference | accuracy points (paired bootstrap 95% CI) |")
     print("|---|---|---|---|")
     for d in diffs:
         print(f"| {d['seed']} | {d['eps']} | {d['what']} | {100 * d['difference']:+.1f} "
               f"({100 * d['interval'][0]:+.1f} to {100 * d['interval'][1]:+.1f}) |")
-    print("\n| ε | difference | seeds | mean accuracy points (95% CI, prompts resampled within seeds) | per seed |")
-    print("|---|---|---|---|---|")
+    print("\n| ε | difference | seeds | mean accuracy points | 95% CI over seeds (t) | 95% CI, prompts resampled "
+          "within seeds | per seed |")
+    print("|---|---|---|---|---|---|---|")
     for p in pooled(diffs):
+        over_seeds = "-" if p["seed_interval"] is None else \
+            f"{100 * p['seed_interval'][0]:+.1f} to {100 * p['seed_interval'][1]:+.1f}"
         print(f"| {p['eps']} | {p['what']} | {', '.join(map(str, p['seeds']))} | **{100 * p['mean']:+.1f}** "
-              f"({100 * p['interval'][0]:+.1f} to {100 * p['interval'][1]:+.1f}) | "
+              f"| {over_seeds} | {100 * p['interval'][0]:+.1f} to {100 * p['interval'][1]:+.1f} | "
               f"{', '.join(f'{100 * x:+.1f}' for x in p['per_seed'])} |")
 
 
