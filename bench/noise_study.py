@@ -57,8 +57,9 @@ def campaign(out: Path, name: str, seed: int, judge: list[str], extra: list[str]
     return run_dir
 
 
-def results(run_dir: Path) -> dict:
-    """The final policy's accuracy, per-prompt correctness and vs-initial win rate; judge spend."""
+def results(run_dir: Path, greedy: bool = False) -> dict:
+    """The final policy's accuracy, per-prompt correctness and vs-initial win rate; judge spend;
+    with `greedy`, also its greedy accuracy (`greedy_correct`)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = summary["rounds"]
     accepted = [r for r in rounds if r.get("guard", {}).get("accepted", True)]
@@ -83,7 +84,36 @@ def results(run_dir: Path) -> dict:
                           ("position_consistency", "separated_prompts", "tested_prompts")} for r in rounds],
         "flip_rate_measured": [((r.get("judge_quality") or {}).get("vs_reference") or {}).get("flip_rate") for r in rounds],
         "pair_labels": pair_labels(RunDir(run_dir), [r["round"] for r in rounds]),
+        "greedy_correct": greedy_correct(run_dir, final["round"]) if greedy and final is not None else None,
     }
+
+
+def greedy_correct(run_dir: Path, round_: int) -> list[float]:
+    """1.0 / 0.0 per held-out prompt: does the round's policy, decoding greedily (temperature 0,
+    float32, HF generate), give the reference answer. Without the eval's sampling, two
+    campaigns' paired difference holds only how their policies differ. Saved beside the run
+    (greedy_eval.json) and read back."""
+    import torch
+
+    from online_dpo.config.loading import load_config
+    from online_dpo.data.sources import load_prompts
+    from online_dpo.engines.generate import HFGenerator, Sampling
+    from online_dpo.engines.models import load_policy, load_tokenizer
+
+    saved = run_dir / "greedy_eval.json"
+    if saved.exists() and json.loads(saved.read_text())["round"] == round_:
+        return json.loads(saved.read_text())["correct"]
+    cfg = load_config(run_dir / "config.yaml")
+    checkpoint = str(RunDir(run_dir).round_paths(round_).checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+    prompts = load_prompts(cfg.data, tokenizer, cfg.policy.max_prompt_tokens).eval
+    generator = HFGenerator(load_policy(checkpoint), tokenizer)
+    with torch.inference_mode():
+        out = generator.generate(prompts, Sampling(n=1, temperature=0.0, top_p=1.0,
+                                                   max_new_tokens=cfg.eval.max_new_tokens, seed=0))
+    correct = correctness(prompts, [cs[0].text for cs in out])
+    saved.write_text(json.dumps({"round": round_, "correct": correct}))
+    return correct
 
 
 def pair_labels(run: RunDir, rounds: list[int]) -> dict[str, int]:
@@ -121,25 +151,36 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["old", "new"], choices=list(SETTINGS))
     ap.add_argument("--out", type=Path, default=ROOT / "runs/noise_study")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--greedy", action="store_true",
+                    help="also decode each final policy greedily on the held-out prompts (less noisy; ~30 s a campaign)")
+    ap.add_argument("--judge-seeds", type=int, nargs="+", default=None,
+                    help="the noisy judge's own seeds (default: the campaign's seed); more than one runs the same "
+                         "campaign seed under other draws of the judge's noise")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     rows, diffs = [], []
     for seed in args.seeds:
-        verifier = results(campaign(args.out, f"verifier-s{seed}", seed, [], []))
-        rows.append({"seed": seed, "judge": "verifier", "eps": None, "setting": "-", **verifier})
+        verifier = results(campaign(args.out, f"verifier-s{seed}", seed, [], []), args.greedy)
+        rows.append({"seed": seed, "judge": "verifier", "eps": None, "setting": "-", "judge_seed": None, **verifier})
         for eps in args.eps:
-            judge = ["judge.name=noisy", "judge.options.truth=arithmetic", f"judge.options.flip_rate={eps}",
-                     f"judge.options.position_bias={args.position_bias}", f"judge.options.seed={seed}"]
-            found = {}
-            for setting in args.settings:
-                run_dir = campaign(args.out, f"noisy{eps:g}-{setting}-s{seed}", seed, judge, SETTINGS[setting])
-                found[setting] = results(run_dir)
-                rows.append({"seed": seed, "judge": "noisy", "eps": eps, "setting": setting, **found[setting]})
-            for setting, res in found.items():
-                diffs.append(difference(seed, eps, f"{setting} - verifier", res, verifier))
-            if {"old", "new"} <= set(found):
-                diffs.append(difference(seed, eps, "new - old", found["new"], found["old"]))
+            for judge_seed in args.judge_seeds or [seed]:
+                judge = ["judge.name=noisy", "judge.options.truth=arithmetic", f"judge.options.flip_rate={eps}",
+                         f"judge.options.position_bias={args.position_bias}", f"judge.options.seed={judge_seed}"]
+                draw = "" if judge_seed == seed else f"-j{judge_seed}"
+                found = {}
+                for setting in args.settings:
+                    run_dir = campaign(args.out, f"noisy{eps:g}-{setting}-s{seed}{draw}", seed, judge, SETTINGS[setting])
+                    found[setting] = results(run_dir, args.greedy)
+                    rows.append({"seed": seed, "judge": "noisy", "eps": eps, "setting": setting,
+                                 "judge_seed": judge_seed, **found[setting]})
+                compared = [(f"{setting} - verifier", res, verifier) for setting, res in found.items()]
+                if {"old", "new"} <= set(found):
+                    compared.append(("new - old", found["new"], found["old"]))
+                for what, a, b in compared:
+                    for key, prefix in (("correct", ""), ("greedy_correct", "greedy: ")):
+                        if a[key] is not None and b[key] is not None:
+                            diffs.append(difference(seed, eps, prefix + what, a, b, key) | {"judge_seed": judge_seed})
     print_table(rows, diffs)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -147,10 +188,12 @@ def main() -> None:
                                          "pooled": pooled(diffs)}, indent=1, default=float))
 
 
-def difference(seed: int, eps: float, label: str, a: dict, b: dict) -> dict:
-    low, high = paired_difference_interval(a["correct"], b["correct"], seed=seed)
-    return {"seed": seed, "eps": eps, "what": label, "difference": a["accuracy"] - b["accuracy"], "interval": [low, high],
-            "per_prompt": [x - y for x, y in zip(a["correct"], b["correct"])]}
+def difference(seed: int, eps: float, label: str, a: dict, b: dict, key: str = "correct") -> dict:
+    """a's accuracy minus b's on the same held-out prompts (`key`: the sampled eval's per-prompt
+    correctness, or the greedy one), with a paired bootstrap interval over the prompts."""
+    low, high = paired_difference_interval(a[key], b[key], seed=seed)
+    return {"seed": seed, "eps": eps, "what": label, "difference": float(np.mean(a[key]) - np.mean(b[key])),
+            "interval": [low, high], "per_prompt": [x - y for x, y in zip(a[key], b[key])]}
 
 
 # The 97.5% quantile of Student's t by degrees of freedom, for the interval over seeds.
@@ -175,7 +218,8 @@ def pooled(diffs: list[dict], n_boot: int = 4000) -> list[dict]:
     (`seed_interval`), which covers the spread between campaigns too."""
     groups: dict[tuple, list[dict]] = {}
     for d in diffs:
-        groups.setdefault((d["eps"], d["what"]), []).append(d)
+        if d.get("judge_seed", d["seed"]) == d["seed"]:  # one draw of the judge's noise per campaign seed
+            groups.setdefault((d["eps"], d["what"]), []).append(d)
     out = []
     rng = np.random.default_rng(0)
     for (eps, what), ds in groups.items():
@@ -193,10 +237,11 @@ def pooled(diffs: list[dict], n_boot: int = 4000) -> list[dict]:
 
 
 def print_table(rows: list[dict], diffs: list[dict]) -> None:
-    print("\n| seed | judge | ε | setting | accuracy by round | final accuracy (95% CI) | win vs initial (95% CI) "
+    print("\n| seed | judge | ε | setting | judge seed | accuracy by round | final accuracy (95% CI) | greedy accuracy "
+          "| win vs initial (95% CI) "
           "| vs previous by round | pairs | right>wrong / wrong>right / both right / both wrong | judge requests "
           "| requests/pair | flip rate measured |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lo, hi = r["accuracy_interval"]
         win = "-" if r["win_vs_initial"] is None else f"{r['win_vs_initial']:.1%} ({r['win_interval'][0]:.1%}-{r['win_interval'][1]:.1%})"
@@ -205,13 +250,15 @@ def print_table(rows: list[dict], diffs: list[dict]) -> None:
         by_round = " → ".join(f"{a:.1%}" for a in r["accuracy_by_round"])
         vs_prev = ", ".join("-" if w is None else f"{w:.0%}" for w in r["vs_previous"])
         labels = " / ".join(str(n) for n in r["pair_labels"].values())
-        print(f"| {r['seed']} | {r['judge']} | {'-' if r['eps'] is None else r['eps']} | {r['setting']} | {by_round} "
-              f"| **{r['accuracy']:.1%}** ({lo:.1%}-{hi:.1%}) | {win} | {vs_prev} | {r['pairs']} | {labels} | {r['judge_requests'] or '-'} "
+        greedy = "-" if r["greedy_correct"] is None else f"{np.mean(r['greedy_correct']):.1%}"
+        print(f"| {r['seed']} | {r['judge']} | {'-' if r['eps'] is None else r['eps']} | {r['setting']} "
+              f"| {r['judge_seed'] if r['judge_seed'] is not None else '-'} | {by_round} "
+              f"| **{r['accuracy']:.1%}** ({lo:.1%}-{hi:.1%}) | {greedy} | {win} | {vs_prev} | {r['pairs']} | {labels} | {r['judge_requests'] or '-'} "
               f"| {per_pair} | {flips} |")
-    print("\n| seed | ε | difference | accuracy points (paired bootstrap 95% CI) |")
-    print("|---|---|---|---|")
+    print("\n| seed | judge seed | ε | difference | accuracy points (paired bootstrap 95% CI) |")
+    print("|---|---|---|---|---|")
     for d in diffs:
-        print(f"| {d['seed']} | {d['eps']} | {d['what']} | {100 * d['difference']:+.1f} "
+        print(f"| {d['seed']} | {d['judge_seed']} | {d['eps']} | {d['what']} | {100 * d['difference']:+.1f} "
               f"({100 * d['interval'][0]:+.1f} to {100 * d['interval'][1]:+.1f}) |")
     print("\n| ε | difference | seeds | mean accuracy points | 95% CI over seeds (t) | 95% CI, prompts resampled "
           "within seeds | per seed |")
