@@ -38,10 +38,13 @@ from online_dpo.rundir import RunDir, read_jsonl  # noqa: E402
 
 # The settings compared: `old` pairs every prompt whose round robin ranks anything (what
 # auto does now); `new` keeps only the prompts the judge separated beyond chance at 0.2 (what
-# auto was while the study ran); the others are the test at other levels.
+# auto was while the study ran); the others are the test at other levels; `length` is `old`
+# with the length-aware choice (the shortest of the candidates within 0.15 of the best share,
+# the longest of those within 0.15 of the worst).
 SETTINGS = {"old": ["pairs.separation_alpha=1.0"], "new": ["pairs.separation_alpha=0.2"],
             "alpha0.05": ["pairs.separation_alpha=0.05"], "alpha0.1": ["pairs.separation_alpha=0.1"],
-            "alpha0.2": ["pairs.separation_alpha=0.2"]}
+            "alpha0.2": ["pairs.separation_alpha=0.2"],
+            "length": ["pairs.separation_alpha=1.0", "pairs.length_aware=true", "pairs.length_tolerance=0.15"]}
 
 
 def campaign(out: Path, name: str, seed: int, judge: list[str], extra: list[str]) -> Path:
