@@ -28,7 +28,9 @@ def stage_pairs(c: Campaign, r: int, prompts, candidates, scores) -> Funnel | la
     """
     objective, paths = c.objective, c.run.round_paths(r)
     # The p-values only where the test acts on the pairs (the judge-quality summary computes its own).
-    separation = round_separation(c, r, prompts, candidates) if tests_separation(c.cfg.pairs) else None
+    separation = None
+    if tests_separation(c.cfg.pairs):
+        separation = round_separation(c, r, prompts, candidates, round_games(c, r))
     fresh, funnel = objective.select(prompts, candidates, scores, seed=stable_seed(c.cfg.seed, r, "pairs"),
                                      separation=separation)
     replayed = replayed_pairs(c, r, len(fresh))
@@ -51,10 +53,10 @@ def round_games(c: Campaign, r: int) -> list[dict]:
     return read_parquet(path) if path.exists() else []
 
 
-def round_separation(c: Campaign, r: int, prompts, candidates) -> list[float | None] | None:
-    """Each prompt's round-robin separation p-value (pairwise judges), seeded per round."""
-    return quality.separation_pvalues(prompts, candidates, round_games(c, r),
-                                      seed=stable_seed(c.cfg.seed, r, "separation"))
+def round_separation(c: Campaign, r: int, prompts, candidates, games: list[dict]) -> list[float | None] | None:
+    """Each prompt's round-robin separation p-value from round r's verdicts `games`
+    (`round_games`; pairwise judges), seeded per round."""
+    return quality.separation_pvalues(prompts, candidates, games, seed=stable_seed(c.cfg.seed, r, "separation"))
 
 
 def round_judge_quality(c: Campaign, r: int) -> dict | None:
@@ -71,7 +73,7 @@ def round_judge_quality(c: Campaign, r: int) -> dict | None:
         truth = correctness([p for p, _ in flat], [x.text for _, x in flat])
         correct = {(x.prompt_id, x.index): t for (_, x), t in zip(flat, truth)}
     levels = [(p, reported_separation_level(c.cfg.pairs, len(cs)))
-              for p, cs in zip(round_separation(c, r, prompts, candidates), candidates) if p is not None]
+              for p, cs in zip(round_separation(c, r, prompts, candidates, games), candidates) if p is not None]
     tested = [(p, level) for p, level in levels if level is not None]
     found = quality.judge_quality(games, correct, separated=sum(p <= level for p, level in tested), tested=len(tested))
     alpha = max((level for _, level in tested), default=None)
