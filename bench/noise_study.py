@@ -104,8 +104,9 @@ def greedy_correct(run_dir: Path, round_: int) -> list[float]:
     from online_dpo.engines.models import load_policy, load_tokenizer
 
     saved = run_dir / "greedy_eval.json"
-    if saved.exists() and json.loads(saved.read_text())["round"] == round_:
-        return json.loads(saved.read_text())["correct"]
+    earlier = json.loads(saved.read_text()) if saved.exists() else None
+    if earlier is not None and earlier["round"] == round_:
+        return earlier["correct"]
     cfg = load_config(run_dir / "config.yaml")
     checkpoint = str(RunDir(run_dir).round_paths(round_).checkpoint)
     tokenizer = load_tokenizer(checkpoint)
@@ -125,17 +126,17 @@ def pair_labels(run: RunDir, rounds: list[int]) -> dict[str, int]:
     right or both wrong: a pair the truth does not order)."""
     from datasets import load_from_disk
 
-    counts = {"right_over_wrong": 0, "wrong_over_right": 0, "both_right": 0, "both_wrong": 0}
+    kind = {(1, 0): "right_over_wrong", (0, 1): "wrong_over_right", (1, 1): "both_right", (0, 0): "both_wrong"}
+    counts = dict.fromkeys(kind.values(), 0)
     for r in rounds:
         paths = run.round_paths(r)
         references = {p["id"]: p["reference"] for p in read_jsonl(paths.prompts)}
         pairs = load_from_disk(str(paths.pairs))
-        chosen = correctness([_Ref(references[i]) for i in pairs["prompt_id"]], [m[-1]["content"] for m in pairs["chosen"]])
-        rejected = correctness([_Ref(references[i]) for i in pairs["prompt_id"]],
-                               [m[-1]["content"] for m in pairs["rejected"]])
+        refs = [_Ref(references[i]) for i in pairs["prompt_id"]]
+        chosen = correctness(refs, [m[-1]["content"] for m in pairs["chosen"]])
+        rejected = correctness(refs, [m[-1]["content"] for m in pairs["rejected"]])
         for c, w in zip(chosen, rejected):
-            key = {(1, 0): "right_over_wrong", (0, 1): "wrong_over_right", (1, 1): "both_right", (0, 0): "both_wrong"}
-            counts[key[(int(c), int(w))]] += 1
+            counts[kind[(int(c), int(w))]] += 1
     return counts
 
 
