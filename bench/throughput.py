@@ -123,7 +123,10 @@ def bench_vllm(path: str, tokenizer, prompts, sampling, dtype: str, kv_cache_gb:
     from online_dpo.config import GenerationConfig
     from online_dpo.engines.generate import Sampling, VLLMGenerator
 
-    cfg = GenerationConfig(backend="vllm", dtype=dtype, kv_cache_gb=kv_cache_gb)
+    from online_dpo.hardware import Hardware, resolve_kv_block_tokens
+
+    block_tokens = resolve_kv_block_tokens("auto", "vllm", Hardware.detect()).value  # as a campaign resolves it
+    cfg = GenerationConfig(backend="vllm", dtype=dtype, kv_cache_gb=kv_cache_gb, kv_block_tokens=block_tokens or "auto")
     from online_dpo.data import chat_prompt_ids
 
     max_len = max(len(chat_prompt_ids(tokenizer, p.messages)) for p in prompts) + sampling.max_new_tokens + 8

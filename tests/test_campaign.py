@@ -103,6 +103,8 @@ def test_every_hardware_auto_is_logged_once_and_recorded_with_its_reason(finishe
     assert resolved["generation_dtype"]["value"] == "float32"
     assert resolved["reference_logps"]["value"] == "generation" and resolved["reference_logps"]["reason"].startswith("auto")
     assert resolved["kv_cache_gb"]["value"] == "auto" and resolved["vllm_kv_cache_bytes"] > 0
+    # the engine runs the blocks resolved for a CPU, short enough for the samples of a prompt to share its prefill
+    assert resolved["kv_block_tokens"]["value"] == resolved["vllm_kv_block_tokens"] == 32
     assert resolved["threads"]["value"] >= 1 and resolved["threads"]["reason"]
     for name in SETTINGS:
         assert proc.stderr.count(f"{name} = ") == 1, name  # logged once, at start

@@ -12,17 +12,17 @@ AVX512_BF16 = Hardware("cpu", fast_bf16=True, cpu_capability="AVX512", cpu_bf16_
 GPU = Hardware("cuda", fast_bf16=True, cpu_capability="AVX512", cpu_bf16_flags=(), cores=16)
 
 
-@pytest.mark.parametrize("hw,precision,dtype,reference,kv", [
-    (AVX2, "no", "float32", "generation", "auto"),  # float32 on both sides: vLLM's log-probs are the reference
-    (AVX512_BF16, "bf16", "bfloat16", "forward", "auto"),  # bf16 is native: both sides use it
-    (GPU, "bf16", "bfloat16", "forward", 0),  # on a GPU vLLM sizes its own KV cache
+@pytest.mark.parametrize("hw,precision,dtype,reference,kv,block", [
+    (AVX2, "no", "float32", "generation", "auto", 32),  # float32 on both sides: vLLM's log-probs are the reference
+    (AVX512_BF16, "bf16", "bfloat16", "forward", "auto", 32),  # bf16 is native: both sides use it
+    (GPU, "bf16", "bfloat16", "forward", 0, None),  # on a GPU vLLM sizes its own KV cache, in its own blocks
 ])
-def test_autos_resolve_per_kind_of_machine(hw, precision, dtype, reference, kv):
+def test_autos_resolve_per_kind_of_machine(hw, precision, dtype, reference, kv, block):
     r = resolve(load_config(None, []), hw, environ={})
-    assert (r.mixed_precision.value, r.generation_dtype.value, r.reference_logps.value, r.kv_cache_gb.value) == \
-        (precision, dtype, reference, kv)
+    assert (r.mixed_precision.value, r.generation_dtype.value, r.reference_logps.value, r.kv_cache_gb.value,
+            r.kv_block_tokens.value) == (precision, dtype, reference, kv, block)
     assert all(line for line in r.lines()) and r.as_dict()["hardware"]["fast_bf16"] == hw.fast_bf16
-    for name in ("mixed_precision", "generation_dtype", "reference_logps", "kv_cache_gb"):
+    for name in ("mixed_precision", "generation_dtype", "reference_logps", "kv_cache_gb", "kv_block_tokens"):
         assert getattr(r, name).reason.startswith("auto")
 
 
@@ -38,6 +38,21 @@ def test_explicit_settings_win_and_forced_bf16_without_native_support_says_it_is
 def test_hf_backend_has_no_vllm_dtype():
     r = resolve(load_config(None, ["generation.backend=hf"]), AVX512_BF16, environ={})
     assert r.generation_dtype.value is None and r.reference_logps.value == "forward"
+    assert r.kv_block_tokens.value is None
+
+
+def test_kv_blocks_set_in_the_config_win_and_cpu_servers_get_the_cpu_blocks(monkeypatch):
+    from online_dpo.engines.serve import server_command
+
+    assert resolve(load_config(None, ["generation.kv_block_tokens=64"]), AVX2, environ={}).kv_block_tokens.value == 64
+    on_servers = ["generation.backend=vllm_server", "servers.urls=[http://h:1]"]
+    servers = resolve(load_config(None, on_servers), AVX2, environ={})
+    assert servers.kv_block_tokens.value is None and "online-dpo serve" in servers.kv_block_tokens.reason
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    argv, _ = server_command("/models/m")
+    assert argv[argv.index("--block-size") + 1] == "32"
+    argv, _ = server_command("/models/m", extra=["--block-size", "64"])  # the user's own choice is kept
+    assert argv.count("--block-size") == 1 and argv[argv.index("--block-size") + 1] == "64"
 
 
 def test_threads_are_the_processes_share_of_the_cores_it_may_use(monkeypatch):

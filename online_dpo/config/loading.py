@@ -171,6 +171,8 @@ def validate(cfg: CampaignConfig) -> None:
          "needs generation.backend=vllm_server"),
         (cfg.generation.kv_cache_gb == "auto" or cfg.generation.kv_cache_gb >= 0,
          "generation.kv_cache_gb must be auto, 0 (vLLM's own sizing) or a size in GiB"),
+        (cfg.generation.kv_block_tokens == "auto" or cfg.generation.kv_block_tokens > 0,
+         "generation.kv_block_tokens must be auto or a number of tokens (a multiple of 32 on a CPU)"),
         (cfg.dpo.beta > 0, "dpo.beta must be > 0"),
         (cfg.dpo.batch_size >= 1, "dpo.batch_size must be >= 1"),
         (0.0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),

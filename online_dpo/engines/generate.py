@@ -51,10 +51,11 @@ def prompt_token_ids(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
 
 
 KV_CACHE_AUTO_CAP_GB = 1.0
+VLLM_DEFAULT_BLOCK_TOKENS = 16  # on a GPU, where generation.kv_block_tokens=auto leaves vLLM its own
 
 
 def kv_cache_bytes(model_config, dtype: str, max_model_len: int, max_sequences: int,
-                   cap_gb: float = KV_CACHE_AUTO_CAP_GB, block_tokens: int = 16) -> int:
+                   cap_gb: float = KV_CACHE_AUTO_CAP_GB, block_tokens: int = VLLM_DEFAULT_BLOCK_TOKENS) -> int:
     """The KV cache (bytes) that holds `max_sequences` sequences of `max_model_len` tokens at
     once, in vLLM's blocks of `block_tokens`: 2 (K and V) x layers x KV heads x head dim x
     dtype bytes per token. At most `cap_gb` (vLLM then runs fewer sequences at a time), and
@@ -88,10 +89,13 @@ class VLLMGenerator:
             ) from None
         self.tokenizer = tokenizer
         self.version: str | None = None
+        # cfg.kv_block_tokens as hardware.resolve_kv_block_tokens leaves it: a number, or auto for vLLM's own.
+        block_tokens = None if cfg.kv_block_tokens == "auto" else cfg.kv_block_tokens
         if cfg.kv_cache_gb == "auto":  # max_sequences: the most sequences one generate call will hold
             from transformers import AutoConfig
 
-            kv_bytes = kv_cache_bytes(AutoConfig.from_pretrained(model_path), cfg.dtype, max_model_len, max_sequences)
+            kv_bytes = kv_cache_bytes(AutoConfig.from_pretrained(model_path), cfg.dtype, max_model_len, max_sequences,
+                                      block_tokens=block_tokens or VLLM_DEFAULT_BLOCK_TOKENS)
         else:
             kv_bytes = int(cfg.kv_cache_gb * 2**30) if cfg.kv_cache_gb > 0 else None
         self.kv_cache_bytes = kv_bytes
@@ -101,6 +105,7 @@ class VLLMGenerator:
             dtype=cfg.dtype,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             kv_cache_memory_bytes=kv_bytes,
+            block_size=block_tokens,
             max_model_len=max_model_len,
             enforce_eager=cfg.enforce_eager,
             seed=seed,
@@ -112,6 +117,7 @@ class VLLMGenerator:
             # instead of building a group of its own.
             distributed_executor_backend="external_launcher" if every_rank else None,
         )
+        self.kv_block_tokens = self.llm.llm_engine.vllm_config.cache_config.block_size  # as the engine runs it
 
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]:
         from vllm import SamplingParams

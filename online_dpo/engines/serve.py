@@ -42,6 +42,8 @@ def server_command(model_path: str, *, host: str = "127.0.0.1", port: int = 8000
         argv += ["--kv-cache-memory-bytes", str(int(kv_cache_gb * 2**30))]
     if not on_gpu:
         argv.append("--enforce-eager")  # no graph capture on a CPU
+        if "--block-size" not in extra:  # the samples of a prompt share its prefill (hardware.resolve_kv_block_tokens)
+            argv += ["--block-size", str(hardware.CPU_KV_BLOCK_TOKENS)]
         # A seeded request whose prompt's prefill is split over steps rewinds its generator's
         # offset, which a CPU generator cannot do: the engine dies. Whole prefills avoid it.
         argv.append("--no-enable-chunked-prefill")
