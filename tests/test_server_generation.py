@@ -232,11 +232,13 @@ def share_identical(a: list[list[list[int]]], b: list[list[list[int]]]) -> float
 def test_a_seeded_request_is_drawn_by_its_seed_on_either_server_alone_or_among_others(servers, policy, tmp_path):
     """What per-request seeds reproduce on CPU servers (started without chunked prefill). The
     request's seed, not the server's own --seed, draws its K samples, so they agree on either
-    server and whether the request runs alone or among 23 others, up to the kernels' rounding:
+    server and whether the request runs alone or among the others, up to the kernels' rounding:
     CPU kernels are not batch-invariant, and how vLLM batches a request's K samples, its cached
     prefix and its neighbours changes the rounding, so a sample can part from its twin wherever
     that moves a draw. A server that dropped the seed would agree on almost none, as another
     seed does."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from online_dpo.data.prompts import Prompt
     from online_dpo.train import lora
 
@@ -244,8 +246,8 @@ def test_a_seeded_request_is_drawn_by_its_seed_on_either_server_alone_or_among_o
     both = generator_for(servers.urls, tokenizer, initial, tmp_path / "pushed", "seed-test/")
     both.update_weights(lora.merged_weights(initial), "initial")  # both hold exactly the same weights
     prompts = [Prompt(id=f"p{i}", messages=[{"role": "user", "content": f"What is {i % 9 + 1} x {i % 7 + 2}?"}])
-               for i in range(24)]
-    sampling = Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=0)
+               for i in range(12)]
+    sampling = Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=16, seed=0)
 
     def samples(urls, seed=0, max_concurrent=64):
         gen = generator_for(urls, tokenizer, initial, tmp_path, "seed-test/", max_concurrent=max_concurrent)
@@ -253,10 +255,11 @@ def test_a_seeded_request_is_drawn_by_its_seed_on_either_server_alone_or_among_o
         out = gen.generate(prompts, dataclasses.replace(sampling, seed=seed))
         return [[c.token_ids for c in cs] for cs in out]
 
-    alone = samples(servers.urls[:1], max_concurrent=1)  # one request in flight at a time
-    agree = {"other server": share_identical(samples(servers.urls[1:], max_concurrent=1), alone),
+    with ThreadPoolExecutor(2) as pool:  # one request in flight at a time on each server, both servers at once
+        alone, other_server = pool.map(lambda url: samples([url], max_concurrent=1), servers.urls)
+    agree = {"other server": share_identical(other_server, alone),
              "among others": share_identical(samples(servers.urls[:1]), alone),
-             "another seed": share_identical(samples(servers.urls[:1], seed=1, max_concurrent=1), alone)}
+             "another seed": share_identical(samples(servers.urls[:1], seed=1), alone)}
     assert agree["other server"] > 0.5 and agree["among others"] > 0.25 and agree["another seed"] < 0.1, agree
 
 
