@@ -21,3 +21,4 @@ def test_vllm_judge_runs_both_orders_and_counts_everything(embedded_model_path):
     # every pair ends as consistent, inconsistent (-> tie) or an error; none is silently lost
     assert stats["consistent"] + stats["inconsistent"] + sum(1 for w, _, _ in r["verdicts"] if w is None) == 4
     assert set(r["templates"]) == {"pairwise", "pairwise_reference"}
+    assert r["kv_block_tokens"] == 32  # on a CPU: the requests share their template's prefill

@@ -10,4 +10,5 @@ if __name__ == "__main__":
     judge = load_judge("vllm_judge", model="embedded", max_tokens=1)
     verdicts = judge.compare(items)
     print(json.dumps({"stats": judge.stats.as_dict(), "templates": judge.protocol.templates(),
-                      "verdicts": [[v.winner, v.prob_a, v.error] for v in verdicts]}))
+                      "verdicts": [[v.winner, v.prob_a, v.error] for v in verdicts],
+                      "kv_block_tokens": judge.llm.llm_engine.vllm_config.cache_config.block_size}))
