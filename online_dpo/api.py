@@ -54,7 +54,20 @@ def run(config: CampaignConfig | str | Path, overrides: Sequence[str] = (), *, j
         RunDir.create(cfg.run_dir, to_dict(cfg), seeds={"campaign": cfg.seed, "data": cfg.data.seed})
         print(f"run directory: {cfg.run_dir}")
     state.wait_for_everyone()
-    return _campaign(cfg, cfg.run_dir, judge, state.is_main_process)
+    try:
+        return _campaign(cfg, cfg.run_dir, judge, state.is_main_process)
+    except BaseException:
+        if state.is_main_process:
+            remove_if_nothing_finished(RunDir(cfg.run_dir))  # the manifest as the failed run left it
+        raise
+
+
+def remove_if_nothing_finished(run: RunDir) -> None:
+    """A run that stopped before finishing any stage (a judge file that fails to load, a data
+    file that is not there) holds nothing but its config: it is removed, so the same command
+    starts again once the mistake is fixed, instead of finding a run to resume."""
+    if run.manifest_path.exists() and not run.manifest.get("rounds"):
+        shutil.rmtree(run.root, ignore_errors=True)
 
 
 def resume(run_dir: str | Path, overrides: Sequence[str] = (), *, judge: object | None = None) -> RunView | None:

@@ -144,8 +144,11 @@ def test_the_cli_gives_exit_2_and_one_line_for_a_broken_judge_file_and_the_trace
                       f"Fix it there, or the judge.options it was given; `online-dpo --debug ...` shows the whole "
                       f"traceback"]
     assert "Traceback" not in plain.stderr
+    # nothing was finished, so nothing is kept: the same command starts afresh once the judge is fixed
+    assert not (tmp_path / "quickstart").exists()
     debug = run_python(["-m", "online_dpo.cli", "--debug", *args[2:]], timeout=300)
     assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
+    assert "SyntaxError: expected ':'" in debug.stderr and "already holds a run" not in debug.stderr
 
 
 class RaisesOnSeven:
