@@ -23,10 +23,11 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from judges.base import as_judge
+from judges.base import JudgeLoadError, as_judge
+from judges.models import ModelError
 from judges.registry import PYTHON_JUDGE_PREFIX
 from online_dpo.config import CampaignConfig, ConfigError, load_config, to_dict
-from online_dpo.errors import GenerationServerError, OutOfDiskSpace
+from online_dpo.errors import GenerationServerError, OutOfDiskSpace, UserError
 from online_dpo.report.view import RunView, load_run
 from online_dpo.rundir import MANIFEST, RunDir
 
@@ -56,16 +57,17 @@ def run(config: CampaignConfig | str | Path, overrides: Sequence[str] = (), *, j
     state.wait_for_everyone()
     try:
         return _campaign(cfg, cfg.run_dir, judge, state.is_main_process)
-    except BaseException:
+    except (UserError, ModelError, JudgeLoadError):  # input to fix (exit 2), not a run to resume
         if state.is_main_process:
             remove_if_nothing_finished(RunDir(cfg.run_dir))  # the manifest as the failed run left it
         raise
 
 
 def remove_if_nothing_finished(run: RunDir) -> None:
-    """A run that stopped before finishing any stage (a judge file that fails to load, a data
-    file that is not there) holds nothing but its config: it is removed, so the same command
-    starts again once the mistake is fixed, instead of finding a run to resume."""
+    """A run stopped by its own input (a judge file that fails to load, a data file that is not
+    there) before it finished any stage holds nothing but its config: it is removed, so the
+    same command starts again once the mistake is fixed, instead of finding a run to resume.
+    Other failures (a server down, a full disk) keep it: their messages say to resume it."""
     if run.manifest_path.exists() and not run.manifest.get("rounds"):
         shutil.rmtree(run.root, ignore_errors=True)
 

@@ -54,3 +54,25 @@ def test_the_cli_runs_a_judge_class_named_by_its_file(tmp_path):
     scores = pd.read_parquet(rdir / "judgments.parquet")["score"].tolist()
     assert len(scores) == 9 and set(scores) <= {0.0, 2.0}  # CorrectFirst with bonus 1.0: 2 if correct, else 0
     assert json.loads((rdir / "eval.json").read_text())["eval"]["vs_baseline"]["n"] == 6
+
+
+def test_a_run_stopped_by_its_input_before_any_stage_is_removed_and_any_other_stop_is_kept(tmp_path, monkeypatch):
+    """Input to fix (exit 2): the same command must start again, so the empty run goes. A server
+    down or a full disk: the message says to resume the run, so it stays."""
+    import pytest
+
+    import online_dpo
+    from online_dpo import api
+    from online_dpo.errors import DataError, GenerationServerError
+
+    for error, kept in ((DataError("no such file: prompts.jsonl"), False),
+                        (GenerationServerError("http://127.0.0.1:1", "cannot reach it"), True)):
+        def stop(*args, error=error):
+            raise error
+
+        monkeypatch.setattr(api, "_campaign", stop)
+        name = type(error).__name__
+        cfg = online_dpo.load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", f"name={name}"])
+        with pytest.raises(type(error)):
+            online_dpo.run(cfg)
+        assert (cfg.run_dir / "manifest.json").exists() == kept, error
