@@ -12,7 +12,7 @@ the old one's and the verifier's, each with a paired bootstrap interval over the
 held-out prompts.
 
     python bench/noise_study.py --json runs/bench/noise_study.json            # the whole grid
-    python bench/noise_study.py --eps 0.15 --seeds 0 --settings old new        # one cell
+    python bench/noise_study.py --eps 0.15 --seeds 0 --settings all deciding   # one cell
 
 A campaign already finished under --out is read back, not run again, so an interrupted study
 continues where it stopped. This is a study, not a test: it takes about 3 minutes a campaign
@@ -36,15 +36,21 @@ from online_dpo.compare import paired_difference_interval  # noqa: E402
 from online_dpo.evaluate import correctness, wilson_interval  # noqa: E402
 from online_dpo.rundir import RunDir, read_jsonl  # noqa: E402
 
-# The settings compared: `old` pairs every prompt whose round robin ranks anything (what
-# auto does now); `new` keeps only the prompts the judge separated beyond chance at 0.2 (what
-# auto was while the study ran); the others are the test at other levels; `length` is `old`
-# with the length-aware choice (the shortest of the candidates within 0.15 of the best share,
-# the longest of those within 0.15 of the worst).
-SETTINGS = {"old": ["pairs.separation_alpha=1.0"], "new": ["pairs.separation_alpha=0.2"],
-            "alpha0.05": ["pairs.separation_alpha=0.05"], "alpha0.1": ["pairs.separation_alpha=0.1"],
-            "alpha0.2": ["pairs.separation_alpha=0.2"],
-            "length": ["pairs.separation_alpha=1.0", "pairs.length_aware=true", "pairs.length_tolerance=0.15"]}
+# The settings compared, the first one named being the baseline of the others. `all` asks both
+# orders of every round-robin game (what auto did before judge.second_order); `deciding` asks the
+# second order only of the games of each prompt's best and worst candidates (what auto does now).
+# The rest ask both orders of every game: `old` pairs every prompt whose round robin ranks anything;
+# `new` and `alpha*` keep only the prompts the judge separated beyond chance at that level (`new`:
+# 0.2, what auto was while that study ran); `length` is `old` with the length-aware choice (the
+# shortest of the candidates within 0.15 of the best share, the longest within 0.15 of the worst).
+EVERY_GAME = "judge.second_order=all"
+SETTINGS = {"all": [EVERY_GAME], "deciding": ["judge.second_order=deciding"],
+            "old": [EVERY_GAME, "pairs.separation_alpha=1.0"], "new": [EVERY_GAME, "pairs.separation_alpha=0.2"],
+            "alpha0.05": [EVERY_GAME, "pairs.separation_alpha=0.05"],
+            "alpha0.1": [EVERY_GAME, "pairs.separation_alpha=0.1"],
+            "alpha0.2": [EVERY_GAME, "pairs.separation_alpha=0.2"],
+            "length": [EVERY_GAME, "pairs.separation_alpha=1.0", "pairs.length_aware=true",
+                       "pairs.length_tolerance=0.15"]}
 
 
 def campaign(out: Path, name: str, seed: int, judge: list[str], extra: list[str]) -> Path:
@@ -152,7 +158,8 @@ def main() -> None:
     ap.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3])
     ap.add_argument("--position-bias", type=float, default=0.7)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--settings", nargs="+", default=["old", "new"], choices=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=["all", "deciding"], choices=list(SETTINGS),
+                    help="the first is the baseline: each other setting's accuracy is compared with its")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/noise_study")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--greedy", action="store_true",
@@ -179,8 +186,8 @@ def main() -> None:
                     rows.append({"seed": seed, "judge": "noisy", "eps": eps, "setting": setting,
                                  "judge_seed": judge_seed, **found[setting]})
                 compared = [(f"{setting} - verifier", res, verifier) for setting, res in found.items()]
-                if {"old", "new"} <= set(found):
-                    compared.append(("new - old", found["new"], found["old"]))
+                baseline, *others = args.settings
+                compared += [(f"{setting} - {baseline}", found[setting], found[baseline]) for setting in others]
                 for what, a, b in compared:
                     for key, prefix in (("correct", ""), ("greedy_correct", "greedy: ")):
                         if a[key] is not None and b[key] is not None:

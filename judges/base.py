@@ -118,6 +118,28 @@ class Stats(Protocol):
     def as_dict(self) -> dict: ...
 
 
+@runtime_checkable
+class OrdersApart(Protocol):
+    """A pairwise judge that asks in both orders and can ask them apart, so the round robin
+    (`judges.ranking`) asks the second order only of the games that decide its pair.
+
+    compare_as_shown: each item asked once, in the order shown (a verdict oriented as the item).
+    combine_orders: the verdict both orders give, from the item's shown-order verdict and its
+    reversed-order one (oriented back as the item), as `compare` would combine them (its
+    statistics counted)."""
+
+    both_orders: bool
+
+    def compare_as_shown(self, items: Sequence[PairwiseItem]) -> list[Verdict]: ...
+
+    def combine_orders(self, shown: Verdict, reversed_back: Verdict) -> Verdict: ...
+
+
+def asks_orders_apart(judge: object) -> bool:
+    """Whether `judge` asks in both orders and can ask them one at a time (`OrdersApart`)."""
+    return isinstance(judge, OrdersApart) and bool(judge.both_orders)
+
+
 def is_remote(judge: object) -> bool:
     return bool(getattr(judge, "remote", False))
 
@@ -251,9 +273,11 @@ def scores_or_errors(scorer: PointwiseScorer, items: Sequence[PointwiseItem]) ->
     return _or_errors(scorer, scorer.score, items, lambda reason: Score(None, error=reason))
 
 
-def verdicts_or_errors(judge: PairwiseJudge, items: Sequence[PairwiseItem]) -> list[Verdict]:
-    """judge.compare(items); an exception raised by it is every item's judge error (see `_failure`)."""
-    return _or_errors(judge, judge.compare, items, Verdict.failed)
+def verdicts_or_errors(judge: PairwiseJudge, items: Sequence[PairwiseItem],
+                       compare: Callable | None = None) -> list[Verdict]:
+    """judge.compare(items) (or another of its methods, `compare`); an exception raised by it is
+    every item's judge error (see `_failure`)."""
+    return _or_errors(judge, compare or judge.compare, items, Verdict.failed)
 
 
 def _or_errors(judge: object, method: Callable, items: Sequence, failed: Callable[[str], Any]) -> list:
@@ -277,13 +301,15 @@ def _failure(judge: object, error: Exception) -> str:
     return text
 
 
-def compare_distinct(judge: PairwiseJudge, items: Sequence[PairwiseItem]) -> list[Verdict]:
-    """judge.compare(items), with every pair of identical responses a tie that costs no call:
-    no judge can prefer a text to itself, and an LLM asked anyway answers by position."""
+def compare_distinct(judge: PairwiseJudge, items: Sequence[PairwiseItem],
+                     compare: Callable | None = None) -> list[Verdict]:
+    """judge.compare(items) (or `compare`, another of its methods), with every pair of identical
+    responses a tie that costs no call: no judge can prefer a text to itself, and an LLM asked
+    anyway answers by position."""
     asked = [k for k, it in enumerate(items) if it.response_a != it.response_b]
     verdicts = [Verdict("tie", raw=IDENTICAL) for _ in items]
     if asked:
-        for k, v in zip(asked, verdicts_or_errors(judge, [items[k] for k in asked]), strict=True):
+        for k, v in zip(asked, verdicts_or_errors(judge, [items[k] for k in asked], compare), strict=True):
             verdicts[k] = v
     return verdicts
 

@@ -120,11 +120,14 @@ class BothOrders:
             fields["reference"] = it.reference
         return tpl.render(**fields), tpl.sha
 
-    def compare(self, items: Sequence[PairwiseItem], ask: Ask) -> list[Verdict]:
+    def compare(self, items: Sequence[PairwiseItem], ask: Ask, both_orders: bool | None = None) -> list[Verdict]:
+        """A verdict per item, oriented as the item; `both_orders` (default: the judge's own) False
+        asks each item once, in the order shown."""
+        both = self.both_orders if both_orders is None else both_orders
         jobs = []  # (rendered prompt, template sha) in order: item 0 AB, item 0 BA, item 1 AB, ...
         for it in items:
             jobs.append(self._render(it, it.response_a, it.response_b))
-            if self.both_orders:
+            if both:
                 jobs.append(self._render(it, it.response_b, it.response_a))
         # One `ask` per template (plain and reference-guided items may mix), answers put back in order.
         by_sha: dict[str, list[int]] = {}
@@ -134,8 +137,10 @@ class BothOrders:
         for sha, idx in by_sha.items():
             for i, reply in zip(idx, ask([jobs[i][0] for i in idx], sha)):
                 replies[i] = reply
-        step = 2 if self.both_orders else 1
-        return [self._combine(replies[i : i + step]) for i in range(0, len(replies), step)]
+        if not both:
+            return [self._single(reply, swapped=False) for reply in replies]
+        return [self.combine(self._single(replies[i], swapped=False), self._single(replies[i + 1], swapped=True))
+                for i in range(0, len(replies), 2)]
 
     def _single(self, reply: Reply, swapped: bool) -> Verdict:
         if reply.error:
@@ -150,11 +155,9 @@ class BothOrders:
             prob = None if prob is None else 1.0 - prob
         return Verdict(choice, prob_a=prob, raw=reply.text, usage=reply.usage)
 
-    def _combine(self, replies: list[Reply]) -> Verdict:
-        first = self._single(replies[0], swapped=False)
-        if not self.both_orders:
-            return first
-        second = self._single(replies[1], swapped=True)
+    def combine(self, first: Verdict, second: Verdict) -> Verdict:
+        """One verdict from the item's two orders, both oriented as the item (A/B, then B/A
+        answered and swapped back); counts position consistency in `stats`."""
         usage = _sum_usage(first.usage, second.usage)
         raw = f"AB: {first.raw!r} | BA: {second.raw!r}"
         if first.error or second.error:

@@ -84,26 +84,34 @@ class NoisyJudge:
         self.stats = JudgeStats()
 
     def compare(self, items: Sequence[PairwiseItem]) -> list[Verdict]:
-        return [self._judge(item, truth) for item, truth in zip(items, self.truth.compare(items), strict=True)]
-
-    def _judge(self, item: PairwiseItem, truth: Verdict) -> Verdict:
-        if truth.error is not None:
-            return truth
-        better = {"a": "first", "b": "second", "tie": None}[truth.winner]
-        self.stats.requests += 2 if self.both_orders else 1
-        first = self._ask(item.prompt, item.response_a, item.response_b, better)
+        shown = self.compare_as_shown(items)
         if not self.both_orders:
-            return Verdict(first, raw=f"truth: {truth.winner}")
-        swapped = {"first": "second", "second": "first", None: None}[better]
-        second = {"a": "b", "b": "a"}[self._ask(item.prompt, item.response_b, item.response_a, swapped)]
-        raw = f"truth: {truth.winner}; AB: {first.upper()} | BA: {'A' if second == 'b' else 'B'}"
-        if first == second:
+            return shown
+        swapped = [PairwiseItem(it.prompt, it.response_b, it.response_a, it.reference) for it in items]
+        reversed_back = [v.swapped() for v in self.compare_as_shown(swapped)]
+        return [self.combine_orders(a, b) for a, b in zip(shown, reversed_back, strict=True)]
+
+    def compare_as_shown(self, items: Sequence[PairwiseItem]) -> list[Verdict]:
+        """Each item asked once, in the order shown: one request each (the truth's errors cost none)."""
+        return [self._ask(item, truth) for item, truth in zip(items, self.truth.compare(items), strict=True)]
+
+    def combine_orders(self, shown: Verdict, reversed_back: Verdict) -> Verdict:
+        """As an LLM judge combines its two orders: agreeing answers count, disagreeing ones are a tie."""
+        if shown.error is not None or reversed_back.error is not None:
+            return shown if shown.error is not None else reversed_back
+        raw = f"{shown.raw} | BA: {reversed_back.raw.rsplit(' ', 1)[-1]}"
+        if shown.winner == reversed_back.winner:
             self.stats.consistent += 1
-            return Verdict(first, raw=raw, position_consistent=True)
+            return Verdict(shown.winner, raw=raw, position_consistent=True)
         self.stats.inconsistent += 1
         return Verdict("tie", raw=raw, position_consistent=False)
 
-    def _ask(self, prompt: str, shown_first: str, shown_second: str, better: Shown | None) -> str:
-        """'a' when the judge names the response shown first, else 'b'."""
-        said = self.noise.answer(better, f"{prompt}\x00{shown_first}\x00{shown_second}")
-        return "a" if said == "first" else "b"
+    def _ask(self, item: PairwiseItem, truth: Verdict) -> Verdict:
+        """The judge's answer to one request: 'a' when it names the response shown first, else 'b'."""
+        if truth.error is not None:
+            return truth
+        self.stats.requests += 1
+        better = {"a": "first", "b": "second", "tie": None}[truth.winner]
+        said = self.noise.answer(better, f"{item.prompt}\x00{item.response_a}\x00{item.response_b}")
+        winner = "a" if said == "first" else "b"
+        return Verdict(winner, raw=f"truth: {truth.winner}; AB: {winner.upper()}")

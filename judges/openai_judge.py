@@ -160,8 +160,18 @@ class OpenAIJudge:
     def __repr__(self) -> str:
         return f"OpenAIJudge(model={self.model!r}, base_url={self.client.base_url!r})"
 
+    @property
+    def both_orders(self) -> bool:
+        return self.protocol.both_orders
+
     def compare(self, items: Sequence[PairwiseItem]) -> list[Verdict]:
         return self.protocol.compare(items, self.client.ask)
+
+    def compare_as_shown(self, items: Sequence[PairwiseItem]) -> list[Verdict]:
+        return self.protocol.compare(items, self.client.ask, both_orders=False)
+
+    def combine_orders(self, shown: Verdict, reversed_back: Verdict) -> Verdict:
+        return self.protocol.combine(shown, reversed_back)
 
 
 class OpenAIRubricScorer:

@@ -5,6 +5,14 @@ robin among the K candidates and each candidate's score is its share of points
 (win 1, tie 0.5) over the comparisons that did not fail. A candidate whose every
 comparison failed gets an error score, never a number.
 
+A judge that asks in both orders (an LLM judge, against its position bias) pays two requests
+per game. Most of them do not decide the pair that best-vs-worst takes from the ranking, so
+with `second_order="deciding"` (for a judge that can ask the orders apart, `OrdersApart`)
+every game is first asked in one order, positions alternating, and the second order is asked
+only of the games of the candidates that would make the pair: those scored (within `band`)
+as the best or the worst. Their games, combined from both orders, may change the ranking, so
+this repeats until every game of the best and the worst candidates has both orders.
+
 A round robin scored by a noisy judge ranks its candidates even where they are all equally
 good: position bias and chance alone spread the scores. `separation_pvalue` tells the two
 apart (how likely a spread this large is from a judge that cannot tell the candidates apart),
@@ -16,19 +24,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
 from judges.base import (
+    IDENTICAL,
     PairwiseItem,
     PairwiseJudge,
     PointwiseItem,
     PointwiseScorer,
     Score,
     Verdict,
+    asks_orders_apart,
     compare_distinct,
     scores_or_errors,
+    verdicts_or_errors,
 )
 
 
@@ -39,8 +50,17 @@ class CandidateGroup:
     reference: str | None = None
 
 
-def score_groups(judge, groups: Sequence[CandidateGroup]) -> tuple[list[list[Score]], list[Verdict]]:
-    """Scores per candidate for every group, plus the raw pairwise verdicts (empty for scorers)."""
+SecondOrder = Literal["all", "deciding"]
+
+
+def score_groups(judge, groups: Sequence[CandidateGroup], second_order: SecondOrder = "all",
+                 band: float = 0.0) -> tuple[list[list[Score]], list[Verdict]]:
+    """Scores per candidate for every group, plus the raw pairwise verdicts (empty for scorers).
+
+    second_order: "all" (the judge's own way: both orders of every game, for a judge that asks
+    both) or "deciding" (the second order only of the games of the candidates scored within
+    `band` of the best or the worst; see the module docstring). "deciding" asks a judge that
+    cannot ask its orders apart (`judges.base.asks_orders_apart`) the judge's own way."""
     if isinstance(judge, PointwiseScorer):
         flat = [PointwiseItem(g.prompt, r, g.reference) for g in groups for r in g.responses]
         scores = scores_or_errors(judge, flat)
@@ -50,7 +70,7 @@ def score_groups(judge, groups: Sequence[CandidateGroup]) -> tuple[list[list[Sco
             i += len(g.responses)
         return out, []
     if isinstance(judge, PairwiseJudge):
-        return _round_robin(judge, groups)
+        return _round_robin(judge, groups, second_order, band)
     raise TypeError(f"{type(judge).__name__} has neither score() nor compare(); it is not a judge")
 
 
@@ -66,16 +86,25 @@ def shown_first(i: int, j: int) -> bool:
     return (i + j) % 2 == 1
 
 
-def _round_robin(judge: PairwiseJudge, groups: Sequence[CandidateGroup]):
+def _round_robin(judge: PairwiseJudge, groups: Sequence[CandidateGroup], second_order: SecondOrder, band: float):
     """Scores from every pair of each group's candidates; the verdicts come back oriented as
     game (i, j) (winner "a" is i), whichever of the two was shown first."""
-    index, items = [], []
+    index, items = [], []  # (group, i, j) and the item as shown, per game
     for gi, g in enumerate(groups):
         for i, j in round_robin_games(len(g.responses)):
             index.append((gi, i, j))
             first, second = (i, j) if shown_first(i, j) else (j, i)
             items.append(PairwiseItem(g.prompt, g.responses[first], g.responses[second], g.reference))
-    verdicts = [v if shown_first(i, j) else v.swapped() for (_, i, j), v in zip(index, compare_distinct(judge, items))]
+    if second_order == "deciding" and asks_orders_apart(judge):
+        as_shown = _deciding_games_in_both_orders(judge, groups, index, items, band)
+    else:
+        as_shown = compare_distinct(judge, items)
+    verdicts = [v if shown_first(i, j) else v.swapped() for (_, i, j), v in zip(index, as_shown)]
+    return _shares(groups, index, verdicts), verdicts
+
+
+def _shares(groups: Sequence[CandidateGroup], index: list[tuple[int, int, int]], verdicts: list[Verdict]) -> list[list[Score]]:
+    """Each candidate's share of points (win 1, tie 0.5) over its games that did not fail."""
     points = [[0.0] * len(g.responses) for g in groups]
     played = [[0] * len(g.responses) for g in groups]
     for (gi, i, j), v in zip(index, verdicts):
@@ -86,12 +115,41 @@ def _round_robin(judge: PairwiseJudge, groups: Sequence[CandidateGroup]):
         gain_i = {"a": 1.0, "b": 0.0, "tie": 0.5}[v.winner]
         points[gi][i] += gain_i
         points[gi][j] += 1.0 - gain_i
-    scores = [
+    return [
         [Score(p / n) if n else Score(None, error="every comparison of this candidate failed")
          for p, n in zip(pts, cnt)]
         for pts, cnt in zip(points, played)
     ]
-    return scores, verdicts
+
+
+def _deciding_games_in_both_orders(judge, groups, index, items, band: float) -> list[Verdict]:
+    """Every game asked once as shown; then, until none is left, the reversed order of each game
+    of a candidate scored within `band` of its group's best or worst, combined with the first
+    (`OrdersApart.combine_orders`). Verdicts oriented as the items (as shown)."""
+    as_shown = compare_distinct(judge, items, judge.compare_as_shown)
+    # An identical pair is a tie without a call, and a failed game fails in both orders: neither is asked again.
+    settled = [v.error is not None or v.raw == IDENTICAL for v in as_shown]
+    while True:
+        oriented = [v if shown_first(i, j) else v.swapped() for (_, i, j), v in zip(index, as_shown)]
+        deciding = [_extremes(scores, band) for scores in _shares(groups, index, oriented)]
+        ask = [k for k, (gi, i, j) in enumerate(index)
+               if not settled[k] and (i in deciding[gi] or j in deciding[gi])]
+        if not ask:
+            return as_shown
+        reversed_items = [PairwiseItem(it.prompt, it.response_b, it.response_a, it.reference)
+                          for it in (items[k] for k in ask)]
+        for k, v in zip(ask, verdicts_or_errors(judge, reversed_items, judge.compare_as_shown), strict=True):
+            as_shown[k] = judge.combine_orders(as_shown[k], v.swapped())
+            settled[k] = True
+
+
+def _extremes(scores: list[Score], band: float) -> set[int]:
+    """The candidates scored within `band` of the group's best or worst usable score."""
+    usable = [(s.value, c) for c, s in enumerate(scores) if s.value is not None]
+    if not usable:
+        return set()
+    top, bottom = max(v for v, _ in usable), min(v for v, _ in usable)
+    return {c for v, c in usable if v >= top - band - 1e-12 or v <= bottom + band + 1e-12}
 
 
 def round_robin_shares(n: int, games: np.ndarray, outcomes: np.ndarray) -> np.ndarray:

@@ -57,5 +57,15 @@ class VLLMJudge:
             replies.append(Reply(gen.text, prob, usage))
         return replies
 
+    @property
+    def both_orders(self) -> bool:
+        return self.protocol.both_orders
+
     def compare(self, items: Sequence[PairwiseItem]) -> list[Verdict]:
         return self.protocol.compare(items, self.ask)
+
+    def compare_as_shown(self, items: Sequence[PairwiseItem]) -> list[Verdict]:
+        return self.protocol.compare(items, self.ask, both_orders=False)
+
+    def combine_orders(self, shown: Verdict, reversed_back: Verdict) -> Verdict:
+        return self.protocol.combine(shown, reversed_back)

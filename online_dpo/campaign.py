@@ -16,7 +16,8 @@ from typing import Callable, TypeVar
 import torch
 
 from judges import as_judge, load_judge
-from judges.base import PairwiseJudge, is_remote
+from judges.base import PairwiseJudge, asks_orders_apart, is_remote
+from judges.ranking import SecondOrder
 from judges.models import resolve_model_path
 from online_dpo import hardware
 from online_dpo.config import CampaignConfig, ConfigError
@@ -80,6 +81,7 @@ class Campaign:
     # The round's candidates: `generator`, or over every process's own (engines.ranks.EveryRank).
     round_generator: Generator | None = None
     overlap_judging: bool = False  # judge.overlap_generation resolved, the same on every process
+    second_order: SecondOrder = "all"  # judge.second_order resolved for this judge (main process)
 
     @property
     def reference_source(self) -> str:
@@ -166,6 +168,9 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
         run.record_resolution({**resolved.as_dict(), **engine})
     c.overlap_judging = broadcast_object_list([overlaps_judging(cfg, judge) if main else None])[0]
     if main:
+        c.second_order, line = resolve_second_order(cfg, judge)
+        if line:
+            log.log(logging.INFO if c.second_order == "deciding" else logging.WARNING, "%s", line)
         line, alarming = explain_separation_alpha(cfg.pairs, isinstance(judge, PairwiseJudge),
                                                   cfg.generation.samples_per_prompt)
         log.log(logging.WARNING if alarming else logging.INFO, "%s", line)
@@ -192,6 +197,17 @@ def generates_on_every_rank(cfg: CampaignConfig, accelerator) -> bool:
                           f"gathers on the main process only; generate on vLLM servers instead "
                           f"(generation.backend=vllm_server, README \"Scaling out\")")
     return True
+
+
+def resolve_second_order(cfg: CampaignConfig, judge) -> tuple[SecondOrder, str | None]:
+    """judge.second_order as this judge can take it, and the log's line on it where it is set."""
+    if cfg.judge.second_order == "all":
+        return "all", None
+    if not isinstance(judge, PairwiseJudge) or not asks_orders_apart(judge):
+        return "all", (f"judge.second_order=deciding: not applied (judge {getattr(judge, 'name', judge)} scores each "
+                       f"response, asks one order only, or cannot ask its two orders apart)")
+    return "deciding", ("judge.second_order=deciding: every game asked in one order, the second order only of the "
+                        "games of each prompt's best and worst candidates, which make its pair")
 
 
 def overlaps_judging(cfg: CampaignConfig, judge) -> bool:

@@ -190,6 +190,12 @@ def judged_candidates(prompt: Prompt, cands: list[Candidate], scores: list[float
     return usable
 
 
+def deciding_band(cfg: PairsConfig) -> float:
+    """How far below the best (above the worst) score a candidate can be and still make the
+    best-vs-worst pair: length_tolerance where the choice is length-aware, else 0 (the extremes)."""
+    return cfg.length_tolerance if cfg.length_aware else 0.0
+
+
 def separation_alpha(cfg: PairsConfig) -> float:
     """pairs.separation_alpha as a number (auto: 1.0, the test off; it only acts on a pairwise judge's p-values)."""
     return 1.0 if cfg.separation_alpha == "auto" else float(cfg.separation_alpha)

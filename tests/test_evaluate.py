@@ -147,11 +147,15 @@ def test_length_stats():
 
 
 def test_both_orders_verdicts_say_whether_the_two_answers_agreed():
+    from judges.base import PairwiseItem
     from judges.llm_judge import BothOrders, JudgeStats, Reply
 
     def verdicts(*replies: str, on_disagreement="tie"):
+        """The verdicts of one item per (answer to A/B, answer to B/A)."""
         protocol = BothOrders(JudgeStats(), on_disagreement=on_disagreement)
-        return [protocol._combine([Reply(first), Reply(second)]) for first, second in replies]
+        answers = [Reply(text) for pair in replies for text in pair]
+        items = [PairwiseItem("q", f"first {k}", f"second {k}") for k in range(len(replies))]
+        return protocol.compare(items, lambda prompts, sha: answers[: len(prompts)])
 
     agreed, flipped, tied, unreadable = verdicts(("A", "B"), ("A", "A"), ("TIE", "tie"), ("A", "no idea"))
     assert (agreed.winner, agreed.position_consistent) == ("a", True)  # A first, then (swapped) B: same response

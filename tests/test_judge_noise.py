@@ -4,6 +4,7 @@ pairs, the judge-quality summary of a round, and the stop on a judge that separa
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -198,6 +199,12 @@ def test_a_round_of_only_ties_or_only_errors_stops_before_anything_is_saved():
     with pytest.raises(JudgeUnusableError, match="all 1 candidates got a judge error \\(the first: boom\\).*resume"):
         check_usable(0, [{"prompt_id": "p0", "index": 0, "score": None, "error": "boom"}], [])
     check_usable(0, scored, [tie, {**tie, "winner": "a"}])  # one decisive verdict is enough
+    # Asked in both orders only where they decide (judge.second_order=deciding), a judge that
+    # follows the position looks decisive in its games asked once; both orders show what it is.
+    once, twice = {**tie, "winner": "a", "position_consistent": None}, {**tie, "position_consistent": False}
+    with pytest.raises(JudgeUnusableError, match="all 1 comparisons asked in both orders were ties \\(1\\)"):
+        check_usable(1, scored, [once, once, twice])
+    check_usable(1, scored, [once, twice, {**twice, "winner": "b", "position_consistent": True}])
 
 
 def test_identical_responses_tie_without_a_judge_call():
@@ -224,3 +231,115 @@ def test_a_judge_that_only_follows_the_position_ranks_nothing_even_asked_in_one_
     assert max(shares) - min(shares) <= 1 / 7 + 1e-9  # each candidate was shown first in 3 or 4 of its 7 games
     outcomes = [{"a": 1.0, "b": 0.0, "tie": 0.5}[v.winner] for v in verdicts]
     assert separation_pvalue(K, round_robin_games(K), outcomes, seed=0) > 0.5
+
+
+def mixed_groups(prompts: int, seed: int) -> tuple[list, list[list[bool]]]:
+    """Groups of K arithmetic answers, each right with a probability drawn per prompt; texts distinct."""
+    from judges.ranking import CandidateGroup
+
+    rng = random.Random(seed)
+    groups, rights = [], []
+    for n in range(prompts):
+        a, b, q = n % 10, n // 10, rng.random()
+        right = [rng.random() < q for _ in range(K)]
+        answers = [f"[{k}] {a + b if r else a + b + 1 + k}" for k, r in enumerate(right)]
+        groups.append(CandidateGroup(f"What is {a} + {b}? #{n}", answers, str(a + b)))
+        rights.append(right)
+    return groups, rights
+
+
+def best_and_worst(scores) -> tuple[int, int]:
+    """best_vs_worst's pick from one group's scores (the earliest of equal scores)."""
+    values = [s.value for s in scores]
+    return values.index(max(values)), values.index(min(values))
+
+
+def test_deciding_games_ask_the_second_order_of_every_game_of_the_best_and_worst_and_of_fewer_others():
+    from judges.ranking import score_groups
+
+    groups, rights = mixed_groups(200, seed=1)
+    every = load_judge("noisy", flip_rate=0.15, position_bias=0.7, seed=3)
+    deciding = load_judge("noisy", flip_rate=0.15, position_bias=0.7, seed=3)
+    scores_all, _ = score_groups(every, groups, "all")
+    scores_deciding, verdicts = score_groups(deciding, groups, "deciding")
+    assert every.stats.requests == 200 * 28 * 2  # every text distinct: both orders of every game
+    assert deciding.stats.requests < 0.95 * every.stats.requests
+    both = [v.position_consistent is not None for v in verdicts]
+    assert deciding.stats.requests == sum(both) + len(verdicts)  # once each, twice the settled ones
+    assert deciding.stats.consistent + deciding.stats.inconsistent == sum(both)
+    games = round_robin_games(K)
+    for g, scores in enumerate(scores_deciding):
+        best, worst = best_and_worst(scores)
+        for (i, j), asked_twice in zip(games, both[g * 28 : (g + 1) * 28]):
+            if best in (i, j) or worst in (i, j):
+                assert asked_twice, (g, i, j)  # the pair comes from games asked both ways only
+
+    def right_pairs(all_scores) -> int:
+        return sum(r[b] and not r[w] for r, (b, w) in zip(rights, map(best_and_worst, all_scores)))
+
+    mixed = sum(any(r) and not all(r) for r in rights)
+    # The same pairs as both orders of every game, within a few of the prompts that have a right pair to find.
+    assert right_pairs(scores_deciding) >= right_pairs(scores_all) - 0.03 * mixed
+
+
+def test_a_judge_that_cannot_ask_its_orders_apart_is_asked_its_own_way_and_the_band_widens_the_extremes():
+    from judges.ranking import score_groups
+
+    groups, _ = mixed_groups(20, seed=2)
+    one_way = load_judge("noisy", flip_rate=0.15, position_bias=0.7, both_orders=False)
+    _, verdicts = score_groups(one_way, groups, "deciding")
+    assert one_way.stats.requests == 20 * 28 and all(v.position_consistent is None for v in verdicts)
+    verifier = load_judge("arithmetic")
+    assert score_groups(verifier, groups, "deciding")[0] == score_groups(verifier, groups, "all")[0]
+
+    requests = []
+    for band in (0.0, 0.15, 1.0):
+        judge = load_judge("noisy", flip_rate=0.15, position_bias=0.7)
+        score_groups(judge, groups, "deciding", band)
+        requests.append(judge.stats.requests)
+    assert requests[0] < requests[1] < requests[2] == 20 * 28 * 2  # a band over every score: every game, both ways
+
+
+def test_llm_judge_orders_asked_apart_combine_as_both_orders_at_once():
+    """OpenAI and vLLM judges share BothOrders: one order at a time, combined, gives the verdicts
+    (and consistency counts) that asking both at once gives."""
+    from judges.llm_judge import BothOrders, JudgeStats, Reply
+
+    def ask(prompts, sha):
+        """Names the response marked <<R>> where only one is, else the one shown first."""
+        out = []
+        for p in prompts:
+            first, second = re.findall(r"<<([RW])>>", p)
+            out.append(Reply("A" if first == second or first == "R" else "B"))
+        return out
+
+    items = [PairwiseItem("q", "1 <<R>>", "2 <<W>>"), PairwiseItem("q", "3 <<W>>", "4 <<R>>"),
+             PairwiseItem("q", "5 <<R>>", "6 <<R>>")]  # the last: equally good, the first shown wins
+    at_once = BothOrders(JudgeStats())
+    apart = BothOrders(JudgeStats())
+    together = at_once.compare(items, ask)
+    shown = apart.compare(items, ask, both_orders=False)
+    swapped = [PairwiseItem(it.prompt, it.response_b, it.response_a) for it in items]
+    back = [v.swapped() for v in apart.compare(swapped, ask, both_orders=False)]
+    combined = [apart.combine(a, b) for a, b in zip(shown, back)]
+    assert [(v.winner, v.position_consistent) for v in together] == [("a", True), ("b", True), ("tie", False)]
+    assert [(v.winner, v.position_consistent) for v in combined] == [(v.winner, v.position_consistent) for v in together]
+    assert (apart.stats.consistent, apart.stats.inconsistent) == (at_once.stats.consistent, at_once.stats.inconsistent)
+
+
+def test_second_order_deciding_applies_to_a_best_vs_worst_pair_from_a_judge_that_asks_its_orders_apart():
+    from online_dpo.campaign import resolve_second_order
+    from online_dpo.config import ConfigError, load_config
+
+    def resolve(judge, *overrides):
+        return resolve_second_order(load_config("configs/quickstart.yaml", list(overrides)), judge)
+
+    noisy = load_judge("noisy")
+    assert resolve(noisy) == ("all", None)  # the default: both orders of every game, nothing to say
+    order, line = resolve(noisy, "judge.second_order=deciding")
+    assert order == "deciding" and "the second order only of the games of each prompt's best and worst" in line
+    for judge in (load_judge("noisy", both_orders=False), load_judge("arithmetic")):  # nothing to save
+        order, line = resolve(judge, "judge.second_order=deciding")
+        assert order == "all" and line.startswith("judge.second_order=deciding: not applied")
+    with pytest.raises(ConfigError, match="judge.second_order=deciding .* pairs.strategy=random"):
+        load_config("configs/quickstart.yaml", ["judge.second_order=deciding", "pairs.strategy=random"])

@@ -45,7 +45,9 @@ def test_a_judge_that_separates_nothing_stops_the_round_and_the_fixed_judge_resu
     assert not (round0 / "judgments.parquet").exists() and not (round0 / "pairs").exists()  # nothing to train on
 
     with FakeOpenAI("noisy", NoiseModel(flip_rate=0.15, position_bias=0.7)) as fixed:
-        done = cli(["resume", str(run_dir), "judge.options.model=judge-v2"], fixed, "judge-v2", tmp_path)
+        # The second order only where it decides the pair: through the API judge's client, counted as the server counts
+        done = cli(["resume", str(run_dir), "judge.options.model=judge-v2", "judge.second_order=deciding"], fixed,
+                   "judge-v2", tmp_path)
         answered = len(fixed.answered)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pairs.separation_alpha=0.2: a prompt gives a pair only where its round robin separates" in done.stderr
@@ -64,5 +66,7 @@ def test_a_judge_that_separates_nothing_stops_the_round_and_the_fixed_judge_resu
     games = read_parquet(round0 / "comparisons.parquet")
     asked = [g for g in games if g["position_consistent"] is not None]
     assert asked and all(g["prob_a"] is not None for g in asked)  # the replies' log-probs reached the verdicts
+    assert "judge.second_order=deciding: every game asked in one order" in done.stderr
+    assert 0 < len(asked) < len(games)  # games of the best and worst candidates only were asked both ways
     ref = quality["vs_reference"]  # where one candidate was right and another wrong, the judge mostly saw it
     assert ref["decisive"] > 0 and ref["accuracy"] >= 0.5

@@ -157,6 +157,9 @@ def validate(cfg: CampaignConfig) -> None:
         (cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1"),
         (cfg.generation.hf_batch_sequences >= 1, "generation.hf_batch_sequences must be >= 1"),
         (cfg.judge.overlap_chunks >= 1, "judge.overlap_chunks must be >= 1"),
+        (cfg.judge.second_order != "deciding" or cfg.pairs.strategy == "best_vs_worst",
+         f"judge.second_order=deciding asks the second order only of the games that decide a best-vs-worst pair; "
+         f"pairs.strategy={cfg.pairs.strategy} uses other candidates too. Set judge.second_order=all"),
         (cfg.generation.backend != "vllm_server" or bool(cfg.servers.urls),
          "generation.backend=vllm_server generates on vLLM servers and needs their URLs: servers.urls=[http://HOST:PORT] "
          "(start one with `online-dpo serve MODEL`)"),

@@ -113,6 +113,15 @@ class JudgeConfig:
     # (openai, openai_rubric); the round then generates in `overlap_chunks` calls.
     overlap_generation: bool | Literal["auto"] = "auto"
     overlap_chunks: int = 4
+    # A judge that asks in both orders (against position bias) pays two requests per game of a
+    # prompt's round robin, though few games decide the best-vs-worst pair. all: both orders of
+    # every game. deciding (pairs.strategy=best_vs_worst; the LLM judges and noisy): every game
+    # asked in one order (positions alternating), and the second order only of the games of the
+    # candidates scored as the best or the worst (within pairs.length_tolerance when
+    # length-aware), until those are settled in both orders (judges.ranking): about 10% fewer
+    # training requests. Not the default: in matched runs under a noisy judge it ended 3.1
+    # accuracy points lower, within noise (bench/README.md "Judge noise"). Evaluation always asks both.
+    second_order: Literal["all", "deciding"] = "all"
 
 
 @dataclass

@@ -12,6 +12,7 @@ from judges.base import Score
 from judges.ranking import CandidateGroup, round_robin_games, score_groups
 from online_dpo.campaign import Campaign, once
 from online_dpo.errors import JudgeUnusableError
+from online_dpo.pairs import deciding_band
 from online_dpo.rundir import read_parquet, write_parquet
 
 log = logging.getLogger("online_dpo")
@@ -52,7 +53,7 @@ def judge_candidates(c: Campaign, r: int, prompts, candidates, part: str = "") -
     for n, i in enumerate(tqdm(chunks, desc=f"round {r} judging{part}", unit="chunk", leave=False)):
         log.info("round %d judge%s: chunk %d/%d", r, part, n + 1, len(chunks))
         chunk = groups[i : i + JUDGE_CHUNK]
-        scores, verdicts = score_groups(c.judge, chunk)
+        scores, verdicts = score_groups(c.judge, chunk, c.second_order, deciding_band(c.cfg.pairs))
         out.extend(Judgments(scores, games_of(chunk, verdicts)))
     return out
 
@@ -88,14 +89,21 @@ def save_judgments(c: Campaign, r: int, prompts, candidates, judgments: Judgment
 
 def check_usable(r: int, judged: list[dict], games: list[dict]) -> None:
     """Stop the round when its judgments can teach nothing: every score an error, or (a pairwise
-    judge) every verdict a tie or an error. Training on them would train on the judge's failure."""
+    judge) every verdict a tie or an error, or every verdict asked in both orders one. Training
+    on them would train on the judge's failure.
+
+    The last one is a judge that never named the same response in both orders (it follows the
+    position): under judge.second_order=deciding its games asked once still look decisive, but
+    the pairs come from the games asked both ways."""
     if judged and all(j["error"] is not None for j in judged):
         first = next(j["error"] for j in judged)
         raise JudgeUnusableError(r, f"all {len(judged)} candidates got a judge error (the first: {first})")
-    if games and all(g["winner"] in (None, "tie") for g in games):
-        ties = sum(g["winner"] == "tie" for g in games)
-        raise JudgeUnusableError(r, f"all {len(games)} comparisons were ties ({ties}) or errors ({len(games) - ties}); "
-                                    f"the judge separated no two candidates")
+    both_orders = [g for g in games if g.get("position_consistent") is not None]
+    for which, among in (("", games), (" asked in both orders", both_orders)):
+        if among and all(g["winner"] in (None, "tie") for g in among):
+            ties = sum(g["winner"] == "tie" for g in among)
+            raise JudgeUnusableError(r, f"all {len(among)} comparisons{which} were ties ({ties}) or errors "
+                                        f"({len(among) - ties}); the judge separated no two candidates")
 
 
 def scores_of(judged: list[dict], candidates) -> list[list[float | None]]:
