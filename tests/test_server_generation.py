@@ -263,10 +263,16 @@ def test_a_seeded_request_is_drawn_by_its_seed_on_either_server_alone_or_among_o
     assert agree["other server"] > 0.5 and agree["among others"] > 0.25 and agree["another seed"] < 0.1, agree
 
 
+# The campaigns here check where candidates come from and what survives a failure, none of which
+# depends on how long the answers are: short ones keep the float32 path's decoding short.
+SHORT_ANSWERS = ["generation.max_new_tokens=12", "eval.max_new_tokens=12"]
+
+
 def run_cli(tmp_path, name: str, *overrides: str) -> subprocess.CompletedProcess:
     """`online-dpo run configs/quickstart.yaml` with a server backend, in a fresh process."""
     return run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={tmp_path}",
-                       f"name={name}", "rounds=1", "generation.backend=vllm_server", *overrides], timeout=600)
+                       f"name={name}", "rounds=1", "generation.backend=vllm_server", *SHORT_ANSWERS, *overrides],
+                      timeout=600)
 
 
 def test_a_server_with_another_model_is_refused_at_start(servers, policy, tmp_path):
@@ -359,7 +365,7 @@ def test_two_rounds_on_two_servers_survive_a_killed_server(servers, tmp_path):
     cmd = [sys.executable, "-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={tmp_path}",
            f"name={name}", "rounds=2", f"data.train_prompts_per_round={P}", f"generation.samples_per_prompt={K}",
            "data.eval_prompts=16", "eval.diversity_prompts=4", "dpo.max_steps=2", "generation.backend=vllm_server",
-           f"servers.urls=[{servers.urls[0]},{servers.urls[1]}]"]
+           f"servers.urls=[{servers.urls[0]},{servers.urls[1]}]", *SHORT_ANSWERS]
     for url in servers.urls:
         Server(url, timeout_s=30).request("POST", "/update_weight_version", json={"new_version": "another-campaign/round-3"})
     before = [request_counts(u) for u in servers.urls]
