@@ -17,8 +17,8 @@ import torch
 
 from judges import as_judge, load_judge
 from judges.base import PairwiseJudge, asks_orders_apart, is_remote
-from judges.ranking import SecondOrder
 from judges.models import resolve_model_path
+from judges.ranking import SecondOrder
 from online_dpo import hardware
 from online_dpo.config import CampaignConfig, ConfigError
 from online_dpo.data import load_prompts
