@@ -99,8 +99,13 @@ def _round_robin(judge: PairwiseJudge, groups: Sequence[CandidateGroup], second_
         as_shown = _deciding_games_in_both_orders(judge, groups, index, items, band)
     else:
         as_shown = compare_distinct(judge, items)
-    verdicts = [v if shown_first(i, j) else v.swapped() for (_, i, j), v in zip(index, as_shown)]
+    verdicts = _as_games(index, as_shown)
     return _shares(groups, index, verdicts), verdicts
+
+
+def _as_games(index: list[tuple[int, int, int]], as_shown: list[Verdict]) -> list[Verdict]:
+    """Verdicts on the items as shown, oriented as their games (i, j): winner "a" is i."""
+    return [v if shown_first(i, j) else v.swapped() for (_, i, j), v in zip(index, as_shown)]
 
 
 def _shares(groups: Sequence[CandidateGroup], index: list[tuple[int, int, int]], verdicts: list[Verdict]) -> list[list[Score]]:
@@ -130,8 +135,7 @@ def _deciding_games_in_both_orders(judge, groups, index, items, band: float) -> 
     # An identical pair is a tie without a call, and a failed game fails in both orders: neither is asked again.
     settled = [v.error is not None or v.raw == IDENTICAL for v in as_shown]
     while True:
-        oriented = [v if shown_first(i, j) else v.swapped() for (_, i, j), v in zip(index, as_shown)]
-        deciding = [_extremes(scores, band) for scores in _shares(groups, index, oriented)]
+        deciding = [_extremes(scores, band) for scores in _shares(groups, index, _as_games(index, as_shown))]
         ask = [k for k, (gi, i, j) in enumerate(index)
                if not settled[k] and (i in deciding[gi] or j in deciding[gi])]
         if not ask:

@@ -118,9 +118,9 @@ class JudgeConfig:
     # every game. deciding (pairs.strategy=best_vs_worst; the LLM judges and noisy): every game
     # asked in one order (positions alternating), and the second order only of the games of the
     # candidates scored as the best or the worst (within pairs.length_tolerance when
-    # length-aware), until those are settled in both orders (judges.ranking): about 10% fewer
-    # training requests. Not the default: in matched runs under a noisy judge it ended 3.1
-    # accuracy points lower, within noise (bench/README.md "Judge noise"). Evaluation always asks both.
+    # length-aware), until those are settled in both orders (judges.ranking): fewer training
+    # requests. Not the default: matched runs under a noisy judge measured no gain in accuracy
+    # from it (bench/README.md "Judge noise"). Evaluation always asks both.
     second_order: Literal["all", "deciding"] = "all"
 
 
