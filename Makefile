@@ -30,8 +30,13 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/online-dpo run configs/quickstart.yaml --overwrite
 
+# Two pytest-xdist workers, each test module on one of them (its module-scoped servers and
+# campaigns start once) and each with half the cores (tests/conftest.py): the suite's processes
+# often wait on a server or a subprocess, and the other worker fills that time.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 # Benchmarks (not tests; see bench/README.md): per-stage round times, generation and training
 # tokens/s against the bf16/fp32 matmul roofline, and online-dpo vs TRL's OnlineDPOTrainer.

@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,44 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def worker_threads() -> int:
+    """OpenMP threads for this test process and the processes it starts: the cores it may use,
+    shared among the pytest-xdist workers running beside it (more threads than cores make
+    OpenMP's spinning threads wait on each other)."""
+    from online_dpo.hardware import available_cores
+
+    return max(1, available_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+def pytest_configure(config):
+    # Before anything imports torch, which reads it once: in-process models and every process
+    # a test starts get this worker's share of the cores.
+    os.environ["OMP_NUM_THREADS"] = str(worker_threads())
+
+
+# The modules that take minutes, slowest first. pytest-xdist hands whole modules to the workers
+# in collection order (pyproject.toml: --dist loadfile --no-loadscope-reorder), so these start
+# first and the many short modules fill in around them; one started last would run alone.
+SLOWEST_MODULES = ("test_server_generation", "test_every_rank", "test_crash_resume", "test_openai_judge_vllm_server",
+                   "test_campaign_options", "test_compare", "test_campaign", "test_report")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))  # stable
+
+
+def free_port() -> int:
+    """A localhost port no one listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_python(args: list[str], timeout: int, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run a Python entry point in a fresh process (vLLM keeps process-global state)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1), **(env or {})}
+    """Run a Python entry point in a fresh process (vLLM keeps process-global state), with this
+    worker's threads (pytest_configure) unless `env` says otherwise."""
+    full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

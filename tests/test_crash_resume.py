@@ -41,7 +41,7 @@ def judge_options(server: FakeOpenAI, cache: Path) -> list[str]:
 
 
 def start(args: list[str], log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **KEY_ENV}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **KEY_ENV}
     return subprocess.Popen([sys.executable, "-m", "online_dpo.cli", *args], cwd=ROOT, env=env, text=True,
                             stdout=open(log_path.with_suffix(".out"), "w"), stderr=subprocess.PIPE)
 

@@ -6,20 +6,13 @@ loss on unpaired examples."""
 
 import json
 import math
-import socket
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_python, tiny_llama
+from tests.conftest import ROOT, free_port, run_python, tiny_llama
 
 PROBE = str(ROOT / "tests" / "ddp_probe.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

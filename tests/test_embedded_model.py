@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tests.conftest import run_python
-from tests.test_distributed import free_port
+from tests.conftest import free_port
 
 BUILD = "from judges.models import embedded_model_dir; embedded_model_dir()"
 

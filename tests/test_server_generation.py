@@ -9,7 +9,6 @@ import dataclasses
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 
 from online_dpo.engines.generate import Sampling
 from online_dpo.errors import GenerationServerError, StaleWeightsError
-from tests.conftest import ROOT, run_python
+from tests.conftest import ROOT, free_port, run_python
 from tests.local_http import LocalHTTPServer, QuietHandler
 
 pytestmark = pytest.mark.vllm
@@ -28,12 +27,6 @@ MAX_MODEL_LEN = 512
 # The DPO steps of the push test. Larger ones drive the probe completion's tokens to log-probs
 # near -18, where bf16 rounding on both sides alone moves the probe gap past 0.1 on some CPUs.
 PUSH_LR = 5e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Servers:
