@@ -36,21 +36,28 @@ from online_dpo.compare import paired_difference_interval  # noqa: E402
 from online_dpo.evaluate import correctness, wilson_interval  # noqa: E402
 from online_dpo.rundir import RunDir, read_jsonl  # noqa: E402
 
-# The settings compared, the first one named being the baseline of the others. `all` asks both
-# orders of every round-robin game (what auto did before judge.second_order); `deciding` asks the
-# second order only of the games of each prompt's best and worst candidates (what auto does now).
-# The rest ask both orders of every game: `old` pairs every prompt whose round robin ranks anything;
-# `new` and `alpha*` keep only the prompts the judge separated beyond chance at that level (`new`:
-# 0.2, what auto was while that study ran); `length` is `old` with the length-aware choice (the
-# shortest of the candidates within 0.15 of the best share, the longest within 0.15 of the worst).
+# The settings compared, the first one named being the baseline of the others. Every one asks
+# both orders of every round-robin game but `deciding`, which asks the second order only of the
+# games of each prompt's best and worst candidates. `all` is the earlier default: every prompt
+# whose round robin ranks anything gives a pair, trained with the chosen-response NLL (`old` is
+# the same, under the name of the first study). `no_nll` is the default now (auto): a prompt the
+# judge did not separate beyond chance (level 0.2) keeps its pair without that NLL term. `new` and
+# `alpha*` drop such prompts at that level (`new`: 0.2); `length` is `all` with the length-aware
+# choice (the shortest of the candidates within 0.15 of the best share, the longest within 0.15
+# of the worst).
 EVERY_GAME = "judge.second_order=all"
-SETTINGS = {"all": [EVERY_GAME], "deciding": ["judge.second_order=deciding"],
-            "old": [EVERY_GAME, "pairs.separation_alpha=1.0"], "new": [EVERY_GAME, "pairs.separation_alpha=0.2"],
-            "alpha0.05": [EVERY_GAME, "pairs.separation_alpha=0.05"],
-            "alpha0.1": [EVERY_GAME, "pairs.separation_alpha=0.1"],
-            "alpha0.2": [EVERY_GAME, "pairs.separation_alpha=0.2"],
-            "length": [EVERY_GAME, "pairs.separation_alpha=1.0", "pairs.length_aware=true",
-                       "pairs.length_tolerance=0.15"]}
+NO_TEST = "pairs.separation_alpha=1.0"
+
+
+def dropping(level: float) -> list[str]:
+    return [EVERY_GAME, f"pairs.separation_alpha={level:g}", "pairs.unseparated=drop"]
+
+
+SETTINGS = {"all": [EVERY_GAME, NO_TEST], "deciding": ["judge.second_order=deciding", NO_TEST],
+            "no_nll": [EVERY_GAME, "pairs.separation_alpha=0.2", "pairs.unseparated=no_nll"],
+            "old": [EVERY_GAME, NO_TEST], "new": dropping(0.2),
+            "alpha0.05": dropping(0.05), "alpha0.1": dropping(0.1), "alpha0.2": dropping(0.2),
+            "length": [EVERY_GAME, NO_TEST, "pairs.length_aware=true", "pairs.length_tolerance=0.15"]}
 
 
 def campaign(out: Path, name: str, seed: int, judge: list[str], extra: list[str]) -> Path:
@@ -158,7 +165,7 @@ def main() -> None:
     ap.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3])
     ap.add_argument("--position-bias", type=float, default=0.7)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--settings", nargs="+", default=["all", "deciding"], choices=list(SETTINGS),
+    ap.add_argument("--settings", nargs="+", default=["all", "no_nll"], choices=list(SETTINGS),
                     help="the first is the baseline: each other setting's accuracy is compared with its")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/noise_study")
     ap.add_argument("--json", type=Path, default=None)

@@ -19,10 +19,12 @@ Per prompt, the K candidates with a usable score (not a judge error) are paired 
 
 A prompt with no pair clearing `min_margin` is a tie: dropped, or (drop_ties=False) kept
 as one pair with `chosen_prob` 0.5, which the DPO loss trains toward "equally good".
-With `separation_alpha` set, a prompt whose pairwise judge did not separate its candidates
-beyond chance (its round robin's `separation` p-value above it) is dropped before any
-strategy runs: its ranking is the judge's noise.
-Every record carries `tie` and `chosen_prob` (1.0 for a real preference).
+A prompt whose pairwise judge did not separate its candidates beyond chance (its round
+robin's `separation` p-value above `separation_alpha`) is a ranking of the judge's noise: by
+`unseparated`, its pair is kept without the chosen-response NLL (`chosen_nll_weight` 0), or the
+prompt is dropped before any strategy runs.
+Every record carries `tie`, `chosen_prob` (1.0 for a real preference) and `chosen_nll_weight`
+(the weight of its chosen response's NLL term in the update: 1.0, or 0.0 when unseparated).
 
 `replay_pairs` draws earlier rounds' pairs to mix into an update (`replay_fraction`).
 Everything here is a pure function of its inputs (and the seed passed in), so a resumed
@@ -46,9 +48,8 @@ from online_dpo.seeds import stable_seed
 TIE = "tie (margin <= min_margin)"
 TOO_FEW_JUDGED = "fewer than 2 judged candidates"
 UNSEPARATED = "judge did not separate the candidates (p > separation_alpha)"
-# The separation test's level tried in the judge-noise study (bench/README.md "Judge noise"), and the
-# level the judge-quality summary reports at while the test is off. The study measured no gain
-# from the test, so auto leaves it off.
+# The separation test's level studied (bench/README.md "Judge noise"): what auto sets for a
+# pairwise judge, and the level the judge-quality summary reports at while the test is off.
 SEPARATION_LEVEL = 0.2
 
 STRATEGIES = ("best_vs_worst", "random", "all_above_margin", "divpo")
@@ -85,6 +86,7 @@ class Funnel:
     dropped: Counter = field(default_factory=Counter)  # reason -> prompts that yielded no pair
     prompts_paired: int = 0  # prompts that yielded at least one pair
     ties_kept: int = 0  # of `pairs`, the ties kept with chosen_prob 0.5 (drop_ties=False)
+    without_nll: int = 0  # of `pairs`, those of prompts the judge did not separate (unseparated=no_nll)
     over_cap: int = 0  # all_above_margin: pairs that cleared the margin beyond max_pairs_per_prompt
     replayed: int = 0  # earlier rounds' pairs added to this round's update (the campaign sets it)
 
@@ -92,7 +94,7 @@ class Funnel:
         return {"prompts": self.prompts, "candidates": self.candidates, "judged": self.judged,
                 "judge_errors": self.judge_errors, "pairs": self.pairs, "dropped": dict(self.dropped),
                 "prompts_paired": self.prompts_paired, "ties_kept": self.ties_kept,
-                "over_cap": self.over_cap, "replayed": self.replayed}
+                "without_nll": self.without_nll, "over_cap": self.over_cap, "replayed": self.replayed}
 
     def summary(self) -> str:
         """One readable line for the log, e.g.
@@ -103,6 +105,8 @@ class Funnel:
         notes = []
         if self.ties_kept:
             notes.append(f"{self.ties_kept} ties kept")
+        if self.without_nll:
+            notes.append(f"{self.without_nll} unseparated, without NLL")
         if self.over_cap:
             notes.append(f"{self.over_cap} more over max_pairs_per_prompt")
         if self.replayed:
@@ -130,7 +134,8 @@ def select_pairs(
     Args: `candidates[i]` and `scores[i]` are the K candidates of `prompts[i]` and their
     scores (None where the judge failed). `separation[i]`: the p-value of prompts[i]'s
     round robin (`judges.ranking.separation_pvalue`; None, or no list: a scorer's scores,
-    not tested); a prompt above `cfg.separation_alpha` is dropped (`tests_separation`).
+    not tested); a prompt the judge did not separate (`is_unseparated`) is dropped, or its
+    pairs get `chosen_nll_weight` 0 (`cfg.unseparated`).
     `seed` drives the random strategy only (each prompt draws from a stream derived from
     (seed, prompt id), so the pick does not depend on the prompts' order); pass one derived
     from (campaign seed, round).
@@ -140,13 +145,13 @@ def select_pairs(
     funnel = Funnel(prompts=len(prompts))
     pairs = []
     separation = separation or [None] * len(prompts)
-    alpha = separation_alpha(cfg)
     for prompt, cands, cand_scores, p_value in zip(prompts, candidates, scores, separation, strict=True):
         usable = judged_candidates(prompt, cands, cand_scores, funnel)
         if len(usable) < 2:
             funnel.dropped[TOO_FEW_JUDGED] += 1
             continue
-        if p_value is not None and tests_separation(cfg) and p_value > alpha:
+        unseparated = is_unseparated(cfg, p_value, len(cands))
+        if unseparated and cfg.unseparated == "drop":
             funnel.dropped[UNSEPARATED] += 1
             continue
         rng = random.Random(stable_seed(seed, prompt.id)) if cfg.strategy == "random" else None
@@ -165,7 +170,9 @@ def select_pairs(
             found = eligible[: cfg.max_pairs_per_prompt]
 
         if found:
-            pairs += [pair_record(prompt, c, r, s_c, s_r) for (s_c, c), (s_r, r) in found]
+            weight = 0.0 if unseparated else 1.0
+            pairs += [pair_record(prompt, c, r, s_c, s_r, chosen_nll_weight=weight) for (s_c, c), (s_r, r) in found]
+            funnel.without_nll += len(found) if unseparated else 0
         elif cfg.drop_ties:
             funnel.dropped[TIE] += 1
             continue
@@ -197,14 +204,25 @@ def deciding_band(cfg: PairsConfig) -> float:
 
 
 def separation_alpha(cfg: PairsConfig) -> float:
-    """pairs.separation_alpha as a number (auto: 1.0, the test off; it only acts on a pairwise judge's p-values)."""
-    return 1.0 if cfg.separation_alpha == "auto" else float(cfg.separation_alpha)
+    """pairs.separation_alpha as a number (auto: SEPARATION_LEVEL; it only acts on a pairwise judge's p-values)."""
+    return SEPARATION_LEVEL if cfg.separation_alpha == "auto" else float(cfg.separation_alpha)
 
 
 def tests_separation(cfg: PairsConfig) -> bool:
-    """Whether the separation test acts on the pairs: when set by hand (auto leaves it off; a
-    level no ranking of K candidates can reach drops every prompt, and the log warns)."""
-    return cfg.separation_alpha != "auto"
+    """Whether the separation test can act on the pairs: a level below 1.0 (a level set by hand
+    that no ranking of K candidates can reach catches every prompt, and the log warns)."""
+    return separation_alpha(cfg) < 1.0
+
+
+def is_unseparated(cfg: PairsConfig, p_value: float | None, candidates: int) -> bool:
+    """Whether the judge's round robin over a prompt's `candidates` did not separate them beyond
+    chance: its p-value is above the level. Never for a prompt not tested (p_value None: a
+    scorer's scores), nor under auto where no ranking of that many candidates could pass."""
+    if p_value is None or not tests_separation(cfg):
+        return False
+    if cfg.separation_alpha == "auto" and smallest_separation_pvalue(candidates) > separation_alpha(cfg):
+        return False
+    return p_value > separation_alpha(cfg)
 
 
 def reported_separation_level(cfg: PairsConfig, candidates: int) -> float | None:
@@ -215,23 +233,33 @@ def reported_separation_level(cfg: PairsConfig, candidates: int) -> float | None
 
 
 def explain_separation_alpha(cfg: PairsConfig, pairwise_judge: bool, samples_per_prompt: int) -> tuple[str, bool]:
-    """The log's line on pairs.separation_alpha: what it comes to for this campaign's judge and
-    K, and why; and whether that deserves a warning (a setting that drops every prompt)."""
+    """The log's line on pairs.separation_alpha and pairs.unseparated: what they come to for this
+    campaign's judge and K, and why; and whether that deserves a warning (a level set by hand
+    that no ranking of K candidates can reach)."""
     setting, alpha = cfg.separation_alpha, separation_alpha(cfg)
     if not pairwise_judge:
         return (f"pairs.separation_alpha={setting}: not applied (the judge scores each response, as a verifier or a "
                 f"scorer does: equal scores are ties already)"), False
-    if setting == "auto":
-        return (f"pairs.separation_alpha=auto -> off: every prompt whose round robin ranks its candidates gives a pair "
-                f"(dropping those within chance, pairs.separation_alpha={SEPARATION_LEVEL:g}, showed no gain in matched "
-                f"runs: bench/README.md \"Judge noise\")"), False
+    effect = ("gives no pair (pairs.unseparated=drop)" if cfg.unseparated == "drop" else
+              "gives its pair without the chosen response's NLL term (pairs.unseparated=no_nll)")
     floor = smallest_separation_pvalue(samples_per_prompt)
+    if setting == "auto":
+        if floor > alpha:
+            return (f"pairs.separation_alpha=auto -> off: with {samples_per_prompt} candidates per prompt no ranking "
+                    f"can pass the separation test at {alpha:g} (p >= {floor:.2g})"), False
+        return (f"pairs.separation_alpha=auto -> {alpha:g}: a prompt whose round robin does not separate its "
+                f"candidates beyond chance {effect}; chosen by matched runs under a noisy judge "
+                f"(bench/README.md \"Judge noise\")"), False
     if floor > alpha:
-        return (f"pairs.separation_alpha={setting} drops every prompt: with {samples_per_prompt} candidates per prompt "
+        every = "drops every prompt" if cfg.unseparated == "drop" else "catches every prompt: each one " + effect
+        return (f"pairs.separation_alpha={setting} {every}: with {samples_per_prompt} candidates per prompt "
                 f"even a perfectly consistent ranking has p >= {floor:.2g}. Raise generation.samples_per_prompt "
                 f"(6 or more), or set pairs.separation_alpha=auto"), True
-    return (f"pairs.separation_alpha={setting}: a prompt gives a pair only where its round robin separates the "
-            f"candidates beyond chance (1.0 keeps every prompt)"), False
+    if alpha >= 1.0:
+        return (f"pairs.separation_alpha={setting}: off, every prompt whose round robin ranks its candidates "
+                f"gives a pair"), False
+    return (f"pairs.separation_alpha={setting}: a prompt whose round robin does not separate its candidates beyond "
+            f"chance {effect}"), False
 
 
 def _check(cfg: PairsConfig) -> None:
@@ -331,7 +359,7 @@ def _tie_pair(usable: list[Scored], length_tolerance: float | None, rng: random.
 
 
 def pair_record(prompt: Prompt, chosen: Candidate, rejected: Candidate, s_chosen: float, s_rejected: float,
-                tie: bool = False) -> dict:
+                tie: bool = False, chosen_nll_weight: float = 1.0) -> dict:
     # prompt/chosen/rejected in TRL's conversational format, so DPOTrainer reads the dataset as is.
     return {
         "prompt": prompt.messages,
@@ -350,6 +378,8 @@ def pair_record(prompt: Prompt, chosen: Candidate, rejected: Candidate, s_chosen
         "tie": tie,
         # The probability the DPO loss trains P(chosen > rejected) toward: a soft label.
         "chosen_prob": 0.5 if tie else 1.0,
+        # The weight of the chosen response's NLL term (dpo.rpo_alpha) for this pair.
+        "chosen_nll_weight": chosen_nll_weight,
         # Set on replayed copies (replay_pairs); present (None) on fresh pairs too, so a
         # mixed list keeps one schema when saved as a datasets.Dataset.
         "replay_from_round": None,

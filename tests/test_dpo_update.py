@@ -131,3 +131,40 @@ def test_kto_loss_with_a_given_reference_point():
     expected = [1 - 1 / (1 + torch.exp(torch.tensor(-1.5))), 1 - 1 / (1 + torch.exp(torch.tensor(-2.5)))]
     assert torch.allclose(losses, torch.stack(expected))
     assert rewards.tolist() == [2.0, -2.0] and float(z0) == 0.25
+
+
+def test_a_pair_whose_chosen_nll_weight_is_zero_trains_by_the_pair_loss_alone():
+    """pairs.unseparated=no_nll: a pair of a prompt the judge did not separate keeps its DPO term
+    but not the chosen-response NLL; the other pairs keep both."""
+    from accelerate import Accelerator
+
+    from online_dpo.config.loss_type import LossType
+    from online_dpo.train.losses import chosen_nll, make_loss_fn
+    from online_dpo.train.update import pair_step_sums
+
+    pairs = [([1, 2, 3], [10, 11, 12, 2], [20, 21, 2]), ([4, 5], [13, 14, 2], [22, 23, 24, 2])]
+    encoded = [encode_pair(p, c, r, 32) for p, c, r in pairs]
+
+    def trained(rpo_alpha: float, weights: list[float]):
+        model, accelerator = tiny_llama(), Accelerator(cpu=True)
+        batches = [collate_pairs(encoded, pad_id=0, chosen_nll_weight=weights)]
+        cfg = DPOConfig(beta=0.5, learning_rate=1e-2, max_steps=4, batch_size=2, mixed_precision="no", rpo_alpha=rpo_alpha)
+        ref = reference_logps(model, batches, accelerator)
+        train_round(model, torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate), batches, ref, cfg, accelerator)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain = trained(0.0, [1.0, 1.0])
+    assert torch.equal(trained(1.0, [0.0, 0.0]), plain)  # no NLL on either pair: plain DPO, bit for bit
+    assert not torch.allclose(trained(1.0, [1.0, 1.0]), plain)  # the NLL term changes the update
+
+    # per pair: the second pair's loss lacks its NLL term, the first's has it
+    batch = collate_pairs(encoded, pad_id=0, chosen_nll_weight=[1.0, 0.0])
+    model = tiny_llama()
+    with torch.no_grad():
+        policy = batch_logps(model, batch)
+    ref = (policy[0] - 1.0, policy[1] + 1.0)
+    loss_fn = make_loss_fn(LossType.SIGMOID, beta=0.5)
+    mean, _ = pair_step_sums(loss_fn, 2.0, batch, policy, ref, None)
+    dpo, _, _ = loss_fn(*policy, *ref)
+    nll = chosen_nll(policy[0], response_token_counts(batch)[0])
+    assert mean.item() == pytest.approx(((dpo[0] + 2.0 * nll[0]) + dpo[1]).item() / 2)

@@ -1,34 +1,33 @@
 """A campaign judged through the `openai` judge by a local OpenAI-compatible server whose verdicts
 are imperfect (decisive answers flipped 15% of the time, the first-shown response preferred 70%
 of the time on ties, log-probs on every reply): the judge's quality is measured per round, the
-prompts it cannot separate give no pair (with the separation test on), and a judge that separates nothing stops the round
-until it is fixed. Generation is HF `generate` on the embedded model (the judging path is what
+pairs of the prompts it cannot separate train without the chosen-response NLL, and a judge that
+separates nothing stops the round until it is fixed. Generation is HF `generate` on the embedded model (the judging path is what
 is tested; the vLLM campaigns are elsewhere)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
+from datasets import load_from_disk
+
 from judges.noisy import NoiseModel
-from online_dpo.pairs import UNSEPARATED
+from online_dpo.pairs import TIE, UNSEPARATED
 from online_dpo.rundir import read_parquet
 from tests.conftest import ROOT
 from tests.fake_openai_server import FakeOpenAI
 
 CONFIG = ["rounds=1", "generation.backend=hf", "data.train_prompts_per_round=6", "generation.samples_per_prompt=8",
           "generation.max_new_tokens=12", "data.eval_prompts=8", "eval.max_new_tokens=12", "eval.diversity_prompts=0",
-          "dpo.max_steps=2", "dpo.batch_size=2",
-          "pairs.separation_alpha=0.2"]  # the separation test, which auto leaves off, on: its drops are checked
+          "dpo.max_steps=2", "dpo.batch_size=2"]
 
 
 def cli(args: list[str], server: FakeOpenAI, model: str, tmp_path) -> subprocess.CompletedProcess:
     judge = ["judge.name=openai", f"judge.options.model={model}", f"judge.options.base_url={server.base_url}",
              "judge.options.api_key_env=null", f"judge.options.cache_path={tmp_path / 'cache.sqlite'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "online_dpo.cli", *args, *judge], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "online_dpo.cli", *args, *judge], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -50,17 +49,19 @@ def test_a_judge_that_separates_nothing_stops_the_round_and_the_fixed_judge_resu
                    "judge-v2", tmp_path)
         answered = len(fixed.answered)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "pairs.separation_alpha=0.2: a prompt gives a pair only where its round robin separates" in done.stderr
+    assert "pairs.separation_alpha=auto -> 0.2: a prompt whose round robin does not separate" in done.stderr
 
     result = json.loads((round0 / "eval.json").read_text())
     quality = result["judge_quality"]
     assert quality["comparisons"] == 6 * 28 and quality["errors"] == 0
     assert 0.0 < quality["position_consistency"] < 1.0  # the server's position bias shows
     assert quality["tested_prompts"] == 6 and 0 <= quality["separated_prompts"] <= 6
+    # the prompts the judge did not separate keep their pairs, without the chosen-response NLL
     funnel = result["funnel"]
-    assert funnel["prompts_paired"] + sum(funnel["dropped"].values()) == 6
-    assert funnel["dropped"].get(UNSEPARATED, 0) == 6 - quality["separated_prompts"] - funnel["dropped"].get(
-        "tie (margin <= min_margin)", 0)
+    assert funnel["prompts_paired"] + funnel["dropped"].get(TIE, 0) == 6 and UNSEPARATED not in funnel["dropped"]
+    assert funnel["without_nll"] == 6 - quality["separated_prompts"] - funnel["dropped"].get(TIE, 0)
+    weights = load_from_disk(str(round0 / "pairs"))["chosen_nll_weight"]
+    assert sorted(weights) == [0.0] * funnel["without_nll"] + [1.0] * (len(weights) - funnel["without_nll"])
     # every request the fixed judge answered is counted, in the training round robin and the eval
     assert result["judge_stats"]["requests"] == answered > 0
     games = read_parquet(round0 / "comparisons.parquet")

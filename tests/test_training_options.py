@@ -90,14 +90,17 @@ def test_hard_labels_as_a_tensor_are_bit_identical_to_no_labels(smoothing):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-def test_make_batches_carries_chosen_prob_per_pair_and_missing_means_one():
+def test_make_batches_carries_chosen_prob_and_nll_weight_per_pair_and_missing_means_one():
     pairs, prompt_ids = synthetic_pairs(5)
     pairs[1]["chosen_prob"], pairs[3]["chosen_prob"] = 0.5, 1.0  # the others have no key
+    pairs[2]["chosen_nll_weight"], pairs[4]["chosen_nll_weight"] = 0.0, 1.0  # nor this one (earlier runs' records)
     cfg = DPOConfig(batch_size=2)
     batches, order = make_batches(pairs, prompt_ids, batch_size=cfg.batch_size, max_length=cfg.max_length, pad_id=0, seed=9)
     assert order == torch.randperm(5, generator=torch.Generator().manual_seed(9)).tolist()  # a seeded shuffle
     got = torch.cat([b.chosen_prob for b in batches]).tolist()
     assert got == [0.5 if i == 1 else 1.0 for i in order]
+    assert torch.cat([b.chosen_nll_weight for b in batches]).tolist() == [0.0 if i == 2 else 1.0 for i in order]
+    assert torch.equal(batches[0].shard(1, 2).chosen_nll_weight, batches[0].chosen_nll_weight[1:])
     # each pair's label sits with that pair's tokens
     first = batches[0]
     assert first.rows.input_ids[0, len(prompt_ids[pairs[order[0]]["prompt_id"]]):].tolist()[:2] == pairs[order[0]]["chosen_token_ids"][:2]

@@ -147,14 +147,18 @@ class PairsConfig:
     replay_fraction: float = 0.0
     # Judge noise. A pairwise judge (an LLM) ranks a prompt's K candidates by a round robin, and
     # position bias and chance spread their scores even where the candidates are equally good
-    # (all right, or all wrong): best-vs-worst would then pair two equals, a label of noise. Set
-    # to a level (0.2 was studied), a prompt yields a pair only where a judge that cannot tell its
-    # candidates apart would spread them this far with probability <= separation_alpha (a
-    # sign-flip test, judges.ranking.separation_pvalue); the others are dropped, as ties are.
-    # It never applies to pointwise scorers (verifiers, reward models), whose equal scores are
-    # ties already. auto: off (1.0) for now: in matched runs under a noisy judge (bench/README.md
-    # "Judge noise") the test at 0.2 gave no measurable gain. The log says what auto chose, and why.
+    # (all right, or all wrong): best-vs-worst then pairs two equals, and the chosen-response NLL
+    # (dpo.rpo_alpha) trains toward whichever of two wrong answers chance chose. A prompt counts
+    # as separated where a judge that cannot tell its candidates apart would spread them this far
+    # with probability <= separation_alpha (a sign-flip test, judges.ranking.separation_pvalue).
+    # auto: 0.2 for a pairwise judge with enough candidates for a ranking to pass (K >= 5; else
+    # off); 1.0 turns the test off. It never applies to pointwise scorers (verifiers, reward
+    # models), whose equal scores are ties already. The log says what auto chose, and why.
     separation_alpha: float | Literal["auto"] = "auto"
+    # What a prompt the judge did not separate gives: its pair, trained by the pair loss without
+    # the chosen response's NLL, which only a pair the judge ordered beyond chance earns
+    # (no_nll); or nothing, as a tie gives (drop). See bench/README.md "Judge noise".
+    unseparated: Literal["no_nll", "drop"] = "no_nll"
 
 
 @dataclass

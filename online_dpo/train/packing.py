@@ -113,15 +113,20 @@ def response_room(prompt_ids: list[int], max_length: int) -> int:
 @dataclass
 class PairBatch:
     """B pairs, one shared-prompt row each (`Rows`: segment 1 = chosen, 2 = rejected).
-    chosen_prob [B]: the label of each pair (1.0 = chosen preferred, 0.5 = a kept tie)."""
+    chosen_prob [B]: the label of each pair (1.0 = chosen preferred, 0.5 = a kept tie).
+    chosen_nll_weight [B]: the weight of each pair's chosen-response NLL term (1.0, or 0.0 for a
+    pair of a prompt the judge did not separate)."""
 
     rows: Rows
     chosen_prob: torch.Tensor | None = None
+    chosen_nll_weight: torch.Tensor | None = None
     segments = 2
 
     def __post_init__(self):
         if self.chosen_prob is None:
             self.chosen_prob = torch.ones(self.num_pairs)
+        if self.chosen_nll_weight is None:
+            self.chosen_nll_weight = torch.ones(self.num_pairs)
 
     @property
     def num_pairs(self) -> int:
@@ -138,13 +143,13 @@ class PairBatch:
         return bool((self.chosen_prob != 1).any())
 
     def to(self, device) -> PairBatch:
-        return PairBatch(self.rows.to(device), self.chosen_prob.to(device))
+        return PairBatch(self.rows.to(device), self.chosen_prob.to(device), self.chosen_nll_weight.to(device))
 
     def shard(self, index: int, count: int) -> PairBatch:
         """Process `index` of `count`'s equal share of the pairs (contiguous, in order); the
         padded width is kept, so every process runs the same shapes."""
         lo, hi = shard_range(self.num_pairs, index, count)
-        return PairBatch(self.rows.select(slice(lo, hi)), self.chosen_prob[lo:hi])
+        return PairBatch(self.rows.select(slice(lo, hi)), self.chosen_prob[lo:hi], self.chosen_nll_weight[lo:hi])
 
 
 def shard_range(num_pairs: int, index: int, count: int) -> tuple[int, int]:
@@ -157,11 +162,15 @@ def shard_range(num_pairs: int, index: int, count: int) -> tuple[int, int]:
     return index * share, (index + 1) * share
 
 
-def collate_pairs(encoded: list, pad_id: int, chosen_prob: list[float] | None = None) -> PairBatch:
+def collate_pairs(encoded: list, pad_id: int, chosen_prob: list[float] | None = None,
+                  chosen_nll_weight: list[float] | None = None) -> PairBatch:
     """`encoded`: (prompt_ids, chosen_ids, rejected_ids) per pair (`encode_pair`) -> PairBatch.
-    `chosen_prob`: one label per pair (default 1.0 each)."""
-    probs = torch.tensor(chosen_prob, dtype=torch.float32) if chosen_prob is not None else None
-    return PairBatch(pack_rows([(p, [c, r]) for p, c, r in encoded], pad_id), probs)
+    `chosen_prob`, `chosen_nll_weight`: one value per pair each (default 1.0 each)."""
+    def per_pair(values):
+        return torch.tensor(values, dtype=torch.float32) if values is not None else None
+
+    rows = pack_rows([(p, [c, r]) for p, c, r in encoded], pad_id)
+    return PairBatch(rows, per_pair(chosen_prob), per_pair(chosen_nll_weight))
 
 
 @dataclass
@@ -232,7 +241,8 @@ def make_batches(pairs: list[dict], prompt_ids: dict[str, list[int]], *, batch_s
     is cut so that prompt + response fits `max_length`.
     Returns (batches, order): order[i] is the index in `pairs` of the i-th batched pair.
 
-    A pair's `chosen_prob` (0.5 for a kept tie; missing means 1.0) travels with it.
+    A pair's `chosen_prob` (0.5 for a kept tie) and `chosen_nll_weight` travel with it (either
+    missing, as in records of earlier versions, means 1.0).
     With several processes every batch must split evenly: `batch_size` must be a
     multiple of `num_processes`, and the last (num_pairs % num_processes) shuffled pairs
     are left out of this round, so the last, smaller batch splits too."""
@@ -240,6 +250,8 @@ def make_batches(pairs: list[dict], prompt_ids: dict[str, list[int]], *, batch_s
     encoded = [encode_pair(prompt_ids[pairs[i]["prompt_id"]], pairs[i]["chosen_token_ids"],
                            pairs[i]["rejected_token_ids"], max_length) for i in order]
     probs = [float(pairs[i].get("chosen_prob", 1.0)) for i in order]
-    batches = [collate_pairs(encoded[i : i + batch_size], pad_id, probs[i : i + batch_size])
+    chosen_nll_weights = [float(pairs[i].get("chosen_nll_weight", 1.0)) for i in order]
+    batches = [collate_pairs(encoded[i : i + batch_size], pad_id, probs[i : i + batch_size],
+                             chosen_nll_weights[i : i + batch_size])
                for i in range(0, len(encoded), batch_size)]
     return batches, order

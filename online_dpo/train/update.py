@@ -108,7 +108,9 @@ def pair_step_sums(loss_fn, nll_alpha: float, local: PairBatch, policy: tuple, r
         extra = {"chosen_prob": soft} if soft is not None else {}
         losses, rew_c, rew_r = loss_fn(pol_c, pol_r, *ref, **extra)
     if nll_alpha > 0:
-        losses = losses + nll_alpha * chosen_nll(pol_c, response_token_counts(local)[0])
+        # A pair of a prompt the judge did not separate keeps its pair loss but not this term.
+        weight = nll_alpha * local.chosen_nll_weight.to(losses.dtype)
+        losses = losses + weight * chosen_nll(pol_c, response_token_counts(local)[0])
     n = local.num_pairs
     sums = {"loss": losses.detach().sum(), "reward_margin": (rew_c - rew_r).sum(),
             "pair_accuracy": (rew_c > rew_r).float().sum(), "chosen_logps": pol_c.detach().sum(),
