@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,11 @@ def start(args: list[str], log_path: Path) -> subprocess.Popen:
                             stdout=open(log_path.with_suffix(".out"), "w"), stderr=subprocess.PIPE)
 
 
-def run(args: list[str], log_path: Path, kill_on: str | None = None, delay: float = 0.0, timeout: float = 600) -> int:
-    """Run the CLI; with `kill_on`, SIGKILL it `delay` s after a log line containing that text."""
+def run(args: list[str], log_path: Path, kill_on: str | None = None, delay: float = 0.0,
+        until: Callable[[], bool] | None = None, timeout: float = 600) -> int:
+    """Run the CLI; with `kill_on`, SIGKILL it `delay` s after a log line containing that text,
+    or, with `until`, as soon as after that line `until()` holds (polled every millisecond: what
+    a kill must land in, whatever else loads the machine)."""
     proc = start(args, log_path)
     deadline = time.monotonic() + timeout
     with open(log_path, "w") as log:
@@ -55,6 +59,8 @@ def run(args: list[str], log_path: Path, kill_on: str | None = None, delay: floa
             log.write(line)
             if kill_on and kill_on in line:
                 time.sleep(delay)
+                while until is not None and not until() and proc.poll() is None:
+                    time.sleep(0.001)
                 proc.send_signal(signal.SIGKILL)
                 kill_on = None
             if time.monotonic() > deadline:
@@ -137,9 +143,10 @@ def test_killed_five_times_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_
         assert rc == -signal.SIGKILL
         assert "pairs" in stages(root, 1) and "checkpoint" not in stages(root, 1)
 
-        # 5. during the checkpoint save of round 1 (it takes about a second: 0.3 s in, the
-        # weights are half written into the temp folder that becomes checkpoint/ on rename)
-        rc = run(resume, logs / "5.log", kill_on="round 1 checkpoint: saving", delay=0.3)
+        # 5. during the checkpoint save of round 1: once the weights are being written into the
+        # temp folder that becomes checkpoint/ on rename (the save takes about a second)
+        rc = run(resume, logs / "5.log", kill_on="round 1 checkpoint: saving",
+                 until=lambda: any((root / "round_001").glob(".checkpoint.*/*")))
         assert rc == -signal.SIGKILL and "checkpoint" not in stages(root, 1)
         assert list((root / "round_001").glob(".checkpoint.*")), "the kill missed the checkpoint save"
 
