@@ -40,7 +40,7 @@ from online_dpo.rundir import RunDir, read_jsonl  # noqa: E402
 # both orders of every round-robin game but `deciding`, which asks the second order only of the
 # games of each prompt's best and worst candidates. `all` is the earlier default: every prompt
 # whose round robin ranks anything gives a pair, trained with the chosen-response NLL (`old` is
-# the same, under the name of the first study). `no_nll` is the default now (auto): a prompt the
+# the same, under the name of the first study; `auto` is that still). `no_nll`: a prompt the
 # judge did not separate beyond chance (level 0.2) keeps its pair without that NLL term. `new` and
 # `alpha*` drop such prompts at that level (`new`: 0.2); `length` is `all` with the length-aware
 # choice (the shortest of the candidates within 0.15 of the best share, the longest within 0.15

@@ -9,8 +9,8 @@
   the right one, and the flip rate it implies (a wrong verdict counts 1, a tie 1/2: with
   both orders that is the rate at which a single request names the wrong response);
 - the separation test (`judges.ranking.separation_pvalue`): the prompts whose round robin
-  separated the candidates beyond chance, at the level the pairs are tested at
-  (`pairs.separation_alpha`, auto: `pairs.SEPARATION_LEVEL`), else at SEPARATION_LEVEL.
+  separated the candidates beyond chance, at `pairs.separation_alpha` where it is set, else
+  at `pairs.SEPARATION_LEVEL` (reported only: auto leaves the test off).
 
 Everything here is a pure function of saved verdicts; `quality_warnings` says when the
 judge looks no better than a coin.

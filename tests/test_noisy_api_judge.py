@@ -21,7 +21,8 @@ from tests.fake_openai_server import FakeOpenAI
 
 CONFIG = ["rounds=1", "generation.backend=hf", "data.train_prompts_per_round=6", "generation.samples_per_prompt=8",
           "generation.max_new_tokens=12", "data.eval_prompts=8", "eval.max_new_tokens=12", "eval.diversity_prompts=0",
-          "dpo.max_steps=2", "dpo.batch_size=2"]
+          "dpo.max_steps=2", "dpo.batch_size=2",
+          "pairs.separation_alpha=0.2"]  # the separation test, which auto leaves off, on: its no_nll pairs are checked
 
 
 def cli(args: list[str], server: FakeOpenAI, model: str, tmp_path) -> subprocess.CompletedProcess:
@@ -49,7 +50,7 @@ def test_a_judge_that_separates_nothing_stops_the_round_and_the_fixed_judge_resu
                    "judge-v2", tmp_path)
         answered = len(fixed.answered)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "pairs.separation_alpha=auto -> 0.2: a prompt whose round robin does not separate" in done.stderr
+    assert "pairs.separation_alpha=0.2: a prompt whose round robin does not separate" in done.stderr
 
     result = json.loads((round0 / "eval.json").read_text())
     quality = result["judge_quality"]

@@ -151,9 +151,11 @@ class PairsConfig:
     # (dpo.rpo_alpha) trains toward whichever of two wrong answers chance chose. A prompt counts
     # as separated where a judge that cannot tell its candidates apart would spread them this far
     # with probability <= separation_alpha (a sign-flip test, judges.ranking.separation_pvalue).
-    # auto: 0.2 for a pairwise judge with enough candidates for a ranking to pass (K >= 5; else
-    # off); 1.0 turns the test off. It never applies to pointwise scorers (verifiers, reward
-    # models), whose equal scores are ties already. The log says what auto chose, and why.
+    # Set it (0.2 was studied) to act on the prompts it did not separate (`unseparated`); auto and
+    # 1.0 leave the test off: in matched runs (bench/README.md "Judge noise") 0.2 with no_nll
+    # gained within noise under a judge wrong 15% of the time and lost within noise under one
+    # never wrong. It never applies to pointwise scorers (verifiers, reward models), whose equal
+    # scores are ties already. The log says what auto chose, and why.
     separation_alpha: float | Literal["auto"] = "auto"
     # What a prompt the judge did not separate gives: its pair, trained by the pair loss without
     # the chosen response's NLL, which only a pair the judge ordered beyond chance earns
