@@ -242,8 +242,8 @@ def explain_separation_alpha(cfg: PairsConfig, pairwise_judge: bool, samples_per
     if setting == "auto":
         return (f"pairs.separation_alpha=auto -> off: every prompt whose round robin ranks its candidates gives a pair "
                 f"with the chosen response's NLL term; pairs.separation_alpha={SEPARATION_LEVEL:g} (whose unseparated "
-                f"prompts then train without it) measured +2.6 points under a judge wrong 15% of the time and -1.9 "
-                f"under one never wrong, both within noise (bench/README.md \"Judge noise\")"), False
+                f"prompts then train without it) gained under a noisy judge and lost under an exact one in matched "
+                f"runs, within noise both ways (bench/README.md \"Judge noise\")"), False
     if floor > alpha:
         every = "drops every prompt" if cfg.unseparated == "drop" else "catches every prompt: each one " + effect
         return (f"pairs.separation_alpha={setting} {every}: with {samples_per_prompt} candidates per prompt "
