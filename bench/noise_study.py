@@ -38,13 +38,14 @@ from online_dpo.rundir import RunDir, read_jsonl  # noqa: E402
 
 # The settings compared, the first one named being the baseline of the others. Every one asks
 # both orders of every round-robin game but `deciding`, which asks the second order only of the
-# games of each prompt's best and worst candidates. `all` is the earlier default: every prompt
-# whose round robin ranks anything gives a pair, trained with the chosen-response NLL (`old` is
-# the same, under the name of the first study; `auto` is that still). `no_nll`: a prompt the
-# judge did not separate beyond chance (level 0.2) keeps its pair without that NLL term. `new` and
-# `alpha*` drop such prompts at that level (`new`: 0.2); `length` is `all` with the length-aware
-# choice (the shortest of the candidates within 0.15 of the best share, the longest within 0.15
-# of the worst).
+# games of each prompt's best and worst candidates. `auto` is the defaults, nothing pinned: the
+# separation test chosen per round from the judge's measured flip rate. `all` is the earlier
+# default, the test off: every prompt whose round robin ranks anything gives a pair, trained
+# with the chosen-response NLL (`old` is the same, under the name of the first study).
+# `no_nll`: a prompt the judge did not separate beyond chance (level 0.2, every round) keeps
+# its pair without that NLL term. `new` and `alpha*` drop such prompts at that level (`new`:
+# 0.2); `length` is `all` with the length-aware choice (the shortest of the candidates within
+# 0.15 of the best share, the longest within 0.15 of the worst).
 EVERY_GAME = "judge.second_order=all"
 NO_TEST = "pairs.separation_alpha=1.0"
 
@@ -53,7 +54,7 @@ def dropping(level: float) -> list[str]:
     return [EVERY_GAME, f"pairs.separation_alpha={level:g}", "pairs.unseparated=drop"]
 
 
-SETTINGS = {"all": [EVERY_GAME, NO_TEST], "deciding": ["judge.second_order=deciding", NO_TEST],
+SETTINGS = {"auto": [EVERY_GAME], "all": [EVERY_GAME, NO_TEST], "deciding": ["judge.second_order=deciding", NO_TEST],
             "no_nll": [EVERY_GAME, "pairs.separation_alpha=0.2", "pairs.unseparated=no_nll"],
             "old": [EVERY_GAME, NO_TEST], "new": dropping(0.2),
             "alpha0.05": dropping(0.05), "alpha0.1": dropping(0.1), "alpha0.2": dropping(0.2),
@@ -97,7 +98,8 @@ def results(run_dir: Path, greedy: bool = False) -> dict:
         "vs_previous": [r["eval"].get("vs_previous", {}).get("win_rate") for r in rounds],
         "pairs": pairs, "judge_requests": requests,
         "judge_quality": [r.get("judge_quality") and {k: r["judge_quality"].get(k) for k in
-                          ("position_consistency", "separated_prompts", "tested_prompts")} for r in rounds],
+                          ("position_consistency", "separated_prompts", "tested_prompts", "separation_level")}
+                          for r in rounds],
         "flip_rate_measured": [((r.get("judge_quality") or {}).get("vs_reference") or {}).get("flip_rate") for r in rounds],
         "pair_labels": pair_labels(RunDir(run_dir), [r["round"] for r in rounds]),
         "greedy_correct": greedy_correct(run_dir, final["round"]) if greedy and final is not None else None,
@@ -165,7 +167,7 @@ def main() -> None:
     ap.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3])
     ap.add_argument("--position-bias", type=float, default=0.7)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--settings", nargs="+", default=["all", "no_nll"], choices=list(SETTINGS),
+    ap.add_argument("--settings", nargs="+", default=["all", "auto"], choices=list(SETTINGS),
                     help="the first is the baseline: each other setting's accuracy is compared with its")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/noise_study")
     ap.add_argument("--json", type=Path, default=None)
@@ -254,17 +256,25 @@ def pooled(diffs: list[dict], n_boot: int = 4000) -> list[dict]:
     return out
 
 
+def test_level(quality: dict | None) -> str:
+    """The level a round's separation test acted at, as the table shows it ("-": no pairwise
+    judge, or a run from before the level was recorded)."""
+    level = (quality or {}).get("separation_level")
+    return "-" if level is None else "off" if level >= 1.0 else f"{level:g}"
+
+
 def print_table(rows: list[dict], diffs: list[dict]) -> None:
     print("\n| seed | judge | ε | setting | judge seed | accuracy by round | final accuracy (95% CI) | greedy accuracy "
           "| win vs initial (95% CI) "
           "| vs previous by round | pairs | right>wrong / wrong>right / both right / both wrong | judge requests "
-          "| requests/pair | flip rate measured |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| requests/pair | flip rate measured | separation test at |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lo, hi = r["accuracy_interval"]
         win = "-" if r["win_vs_initial"] is None else f"{r['win_vs_initial']:.1%} ({r['win_interval'][0]:.1%}-{r['win_interval'][1]:.1%})"
         per_pair = f"{r['judge_requests'] / r['pairs']:.0f}" if r["pairs"] and r["judge_requests"] else "-"
         flips = ", ".join("-" if f is None else f"{f:.2f}" for f in r["flip_rate_measured"])
+        levels = ", ".join(test_level(q) for q in r["judge_quality"])
         by_round = " → ".join(f"{a:.1%}" for a in r["accuracy_by_round"])
         vs_prev = ", ".join("-" if w is None else f"{w:.0%}" for w in r["vs_previous"])
         labels = " / ".join(str(n) for n in r["pair_labels"].values())
@@ -272,7 +282,7 @@ def print_table(rows: list[dict], diffs: list[dict]) -> None:
         print(f"| {r['seed']} | {r['judge']} | {'-' if r['eps'] is None else r['eps']} | {r['setting']} "
               f"| {r['judge_seed'] if r['judge_seed'] is not None else '-'} | {by_round} "
               f"| **{r['accuracy']:.1%}** ({lo:.1%}-{hi:.1%}) | {greedy} | {win} | {vs_prev} | {r['pairs']} | {labels} | {r['judge_requests'] or '-'} "
-              f"| {per_pair} | {flips} |")
+              f"| {per_pair} | {flips} | {levels} |")
     print("\n| seed | judge seed | ε | difference | accuracy points (paired bootstrap 95% CI) |")
     print("|---|---|---|---|---|")
     for d in diffs:

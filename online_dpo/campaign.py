@@ -29,7 +29,7 @@ from online_dpo.engines.server import ANOTHERS, AS_STARTED, Probe, ServerGenerat
 from online_dpo.engines.transports import build_transport
 from online_dpo.errors import servers_during
 from online_dpo.objectives import Objective, build_objective
-from online_dpo.pairs import explain_separation_alpha
+from online_dpo.separation import explain_separation_alpha
 from online_dpo.rundir import RunDir, write_json
 from online_dpo.seeds import stable_seed
 from online_dpo.train import lora, optim

@@ -9,8 +9,10 @@
   the right one, and the flip rate it implies (a wrong verdict counts 1, a tie 1/2: with
   both orders that is the rate at which a single request names the wrong response);
 - the separation test (`judges.ranking.separation_pvalue`): the prompts whose round robin
-  separated the candidates beyond chance, at `pairs.separation_alpha` where it is set, else
-  at `pairs.SEPARATION_LEVEL` (reported only: auto leaves the test off).
+  separated the candidates beyond chance, at the level the round's test acted at
+  (`separation.separation_level`), else at `separation.SEPARATION_LEVEL` (reported only);
+  and that level, which `pairs.separation_alpha=auto` chooses from the flip rate's upper
+  bound (`flip_rate_bound`).
 
 Everything here is a pure function of saved verdicts; `quality_warnings` says when the
 judge looks no better than a coin.
@@ -47,12 +49,14 @@ def separation_pvalues(prompts, candidates, games: list[dict], seed: int) -> lis
 
 
 def judge_quality(games: list[dict], correct: dict[tuple[str, int], float] | None,
-                  separated: int | None = None, tested: int | None = None) -> dict | None:
+                  separated: int | None = None, tested: int | None = None,
+                  separation_level: float | None = None) -> dict | None:
     """The round's judge-quality summary (see the module docstring), or None without verdicts.
 
     games: comparisons.parquet's rows {prompt_id, i, j, winner, error, position_consistent};
     correct: (prompt_id, candidate index) -> 1.0 / 0.0 against the reference (None: no references);
-    separated / tested: prompts whose round robin passed the separation test, of those tested.
+    separated / tested: prompts whose round robin passed the separation test, of those tested;
+    separation_level: the level the round's test acted at on the pairs (1.0: off).
     """
     if not games:
         return None
@@ -66,6 +70,7 @@ def judge_quality(games: list[dict], correct: dict[tuple[str, int], float] | Non
         "inconsistent_rate": _share(len(both) - sum(both), len(both)),
         "separated_prompts": separated,
         "tested_prompts": tested,
+        "separation_level": separation_level,
     }
     if correct is not None:
         out["vs_reference"] = agreement(answered, correct)
@@ -95,6 +100,14 @@ def agreement(answered: list[dict], correct: dict[tuple[str, int], float]) -> di
             "interval": [low, high], "ties": ties}
 
 
+def flip_rate_bound(reference: dict | None) -> float | None:
+    """The 95% upper bound of the judge's flip rate against the references (`agreement`'s
+    result), or None where nothing measured it (no references, no decisive comparison)."""
+    if not reference or not reference.get("decisive"):
+        return None
+    return 1.0 - reference["interval"][0]
+
+
 def quality_warnings(quality: dict | None, alpha: float | None) -> list[str]:
     """Warnings for a judge that looks no better than chance."""
     if not quality:
@@ -121,6 +134,9 @@ def summary(quality: dict | None) -> str:
         parts.append(f"position consistency {_pct(quality['position_consistency'])}")
     if quality["tested_prompts"]:
         parts.append(f"separated {quality['separated_prompts']}/{quality['tested_prompts']} prompts")
+    level = quality.get("separation_level")
+    if level is not None:
+        parts.append("separation test off" if level >= 1.0 else f"separation test at {level:g}")
     line = "judge: " + ", ".join(parts)
     ref = quality.get("vs_reference")
     if ref and ref["decisive"]:

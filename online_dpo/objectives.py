@@ -26,9 +26,11 @@ class Objective(Protocol):
     measures_drift: bool  # the update reports how far it moved the chosen and rejected likelihoods
 
     def select(self, prompts, candidates: list[list[Candidate]], scores: list[list[float | None]],
-               seed: int, separation: list[float | None] | None = None) -> tuple[list[dict], Funnel | labels.LabelFunnel]:
+               seed: int, separation: list[float | None] | None = None,
+               separation_level: float = 1.0) -> tuple[list[dict], Funnel | labels.LabelFunnel]:
         """The round's fresh records and the funnel of what was kept and dropped. `separation`:
-        each prompt's round-robin p-value (pairwise judges), for the objectives that use it."""
+        each prompt's round-robin p-value (pairwise judges), tested at `separation_level`, for
+        the objectives that use it."""
 
     def batches(self, records: list[dict], prompt_ids: dict[str, list[int]], pad_id: int, seed: int,
                 num_processes: int) -> tuple[list[PairBatch] | list[ExampleBatch], list[int]]:
@@ -52,8 +54,9 @@ class PairwiseDPO:
     def __init__(self, pairs: PairsConfig, dpo: DPOConfig):
         self.pairs_cfg, self.dpo_cfg = pairs, dpo
 
-    def select(self, prompts, candidates, scores, seed, separation=None):
-        return select_pairs(prompts, candidates, scores, self.pairs_cfg, seed=seed, separation=separation)
+    def select(self, prompts, candidates, scores, seed, separation=None, separation_level=1.0):
+        return select_pairs(prompts, candidates, scores, self.pairs_cfg, seed=seed, separation=separation,
+                            separation_level=separation_level)
 
     def batches(self, records, prompt_ids, pad_id, seed, num_processes):
         return make_batches(records, prompt_ids, **batching(self.dpo_cfg), pad_id=pad_id, seed=seed,
@@ -79,7 +82,7 @@ class KTO:
     def __init__(self, kto: KTOConfig, dpo: DPOConfig):
         self.kto_cfg, self.dpo_cfg = kto, dpo
 
-    def select(self, prompts, candidates, scores, seed, separation=None):
+    def select(self, prompts, candidates, scores, seed, separation=None, separation_level=1.0):
         return labels.label_candidates(prompts, candidates, scores, self.kto_cfg)  # labels each response: no pairs to test
 
     def batches(self, records, prompt_ids, pad_id, seed, num_processes):

@@ -20,9 +20,9 @@ Per prompt, the K candidates with a usable score (not a judge error) are paired 
 A prompt with no pair clearing `min_margin` is a tie: dropped, or (drop_ties=False) kept
 as one pair with `chosen_prob` 0.5, which the DPO loss trains toward "equally good".
 A prompt whose pairwise judge did not separate its candidates beyond chance (its round
-robin's `separation` p-value above `separation_alpha`) is a ranking of the judge's noise: by
-`unseparated`, its pair is kept without the chosen-response NLL (`chosen_nll_weight` 0), or the
-prompt is dropped before any strategy runs.
+robin's `separation` p-value above the round's level, `separation_level`) is a ranking of the
+judge's noise: by `unseparated`, its pair is kept without the chosen-response NLL
+(`chosen_nll_weight` 0), or the prompt is dropped before any strategy runs.
 Every record carries `tie`, `chosen_prob` (1.0 for a real preference) and `chosen_nll_weight`
 (the weight of its chosen response's NLL term in the update: 1.0, or 0.0 when unseparated).
 
@@ -38,20 +38,16 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from judges.ranking import smallest_separation_pvalue
 from online_dpo.config import PairsConfig
 from online_dpo.data.prompts import Prompt
 from online_dpo.diversity import distance_to_others
 from online_dpo.seeds import stable_seed
+from online_dpo.separation import is_unseparated
 
 # Funnel drop reasons; funnel.json of earlier campaigns uses these exact strings.
 TIE = "tie (margin <= min_margin)"
 TOO_FEW_JUDGED = "fewer than 2 judged candidates"
 UNSEPARATED = "judge did not separate the candidates (p > separation_alpha)"
-# The separation test's level studied (bench/README.md "Judge noise"), and the level the
-# judge-quality summary reports at while the test is off (auto).
-SEPARATION_LEVEL = 0.2
-
 STRATEGIES = ("best_vs_worst", "random", "all_above_margin", "divpo")
 
 
@@ -128,14 +124,16 @@ def select_pairs(
     cfg: PairsConfig,
     seed: int = 0,
     separation: list[float | None] | None = None,
+    separation_level: float = 1.0,
 ) -> tuple[list[dict], Funnel]:
     """Preference pairs for one round, by `cfg.strategy`.
 
     Args: `candidates[i]` and `scores[i]` are the K candidates of `prompts[i]` and their
     scores (None where the judge failed). `separation[i]`: the p-value of prompts[i]'s
     round robin (`judges.ranking.separation_pvalue`; None, or no list: a scorer's scores,
-    not tested); a prompt the judge did not separate (`is_unseparated`) is dropped, or its
-    pairs get `chosen_nll_weight` 0 (`cfg.unseparated`).
+    not tested); a prompt the judge did not separate at `separation_level` (the round's,
+    `separation.separation_level`; 1.0: the test off) is dropped, or its pairs get
+    `chosen_nll_weight` 0 (`cfg.unseparated`).
     `seed` drives the random strategy only (each prompt draws from a stream derived from
     (seed, prompt id), so the pick does not depend on the prompts' order); pass one derived
     from (campaign seed, round).
@@ -150,7 +148,7 @@ def select_pairs(
         if len(usable) < 2:
             funnel.dropped[TOO_FEW_JUDGED] += 1
             continue
-        unseparated = is_unseparated(cfg, p_value)
+        unseparated = is_unseparated(p_value, separation_level)
         if unseparated and cfg.unseparated == "drop":
             funnel.dropped[UNSEPARATED] += 1
             continue
@@ -201,59 +199,6 @@ def deciding_band(cfg: PairsConfig) -> float:
     """How far below the best (above the worst) score a candidate can be and still make the
     best-vs-worst pair: length_tolerance where the choice is length-aware, else 0 (the extremes)."""
     return cfg.length_tolerance if cfg.length_aware else 0.0
-
-
-def separation_alpha(cfg: PairsConfig) -> float:
-    """pairs.separation_alpha as a number (auto: 1.0, the test off; it only acts on a pairwise judge's p-values)."""
-    return 1.0 if cfg.separation_alpha == "auto" else float(cfg.separation_alpha)
-
-
-def tests_separation(cfg: PairsConfig) -> bool:
-    """Whether the separation test can act on the pairs: a level below 1.0 (a level set by hand
-    that no ranking of K candidates can reach catches every prompt, and the log warns)."""
-    return separation_alpha(cfg) < 1.0
-
-
-def is_unseparated(cfg: PairsConfig, p_value: float | None) -> bool:
-    """Whether the judge's round robin over a prompt's candidates did not separate them beyond
-    chance: its p-value is above the level. Never for a prompt not tested (p_value None: a
-    scorer's scores) or with the test off."""
-    return p_value is not None and tests_separation(cfg) and p_value > separation_alpha(cfg)
-
-
-def reported_separation_level(cfg: PairsConfig, candidates: int) -> float | None:
-    """The level the judge-quality summary counts separated prompts at: the test's own where it
-    is on, else SEPARATION_LEVEL; None where no ranking of that many candidates can reach it."""
-    level = separation_alpha(cfg) if tests_separation(cfg) else SEPARATION_LEVEL
-    return level if smallest_separation_pvalue(candidates) <= level else None
-
-
-def explain_separation_alpha(cfg: PairsConfig, pairwise_judge: bool, samples_per_prompt: int) -> tuple[str, bool]:
-    """The log's line on pairs.separation_alpha and pairs.unseparated: what they come to for this
-    campaign's judge and K, and why; and whether that deserves a warning (a level set by hand
-    that no ranking of K candidates can reach)."""
-    setting, alpha = cfg.separation_alpha, separation_alpha(cfg)
-    if not pairwise_judge:
-        return (f"pairs.separation_alpha={setting}: not applied (the judge scores each response, as a verifier or a "
-                f"scorer does: equal scores are ties already)"), False
-    effect = ("gives no pair (pairs.unseparated=drop)" if cfg.unseparated == "drop" else
-              "gives its pair without the chosen response's NLL term (pairs.unseparated=no_nll)")
-    floor = smallest_separation_pvalue(samples_per_prompt)
-    if setting == "auto":
-        return (f"pairs.separation_alpha=auto -> off: every prompt whose round robin ranks its candidates gives a pair "
-                f"with the chosen response's NLL term; pairs.separation_alpha={SEPARATION_LEVEL:g} (whose unseparated "
-                f"prompts then train without it) gained under a noisy judge and lost under an exact one in matched "
-                f"runs, within noise both ways (bench/README.md \"Judge noise\")"), False
-    if floor > alpha:
-        every = "drops every prompt" if cfg.unseparated == "drop" else "catches every prompt: each one " + effect
-        return (f"pairs.separation_alpha={setting} {every}: with {samples_per_prompt} candidates per prompt "
-                f"even a perfectly consistent ranking has p >= {floor:.2g}. Raise generation.samples_per_prompt "
-                f"(6 or more), or set pairs.separation_alpha=auto"), True
-    if alpha >= 1.0:
-        return (f"pairs.separation_alpha={setting}: off, every prompt whose round robin ranks its candidates "
-                f"gives a pair"), False
-    return (f"pairs.separation_alpha={setting}: a prompt whose round robin does not separate its candidates beyond "
-            f"chance {effect}"), False
 
 
 def _check(cfg: PairsConfig) -> None:

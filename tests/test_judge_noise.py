@@ -14,14 +14,14 @@ from judges.ranking import round_robin_games, separation_pvalue, smallest_separa
 from online_dpo.config import PairsConfig
 from online_dpo.data.prompts import Prompt
 from online_dpo.errors import JudgeUnusableError
-from online_dpo.judge_quality import judge_quality, quality_warnings, separation_pvalues
-from online_dpo.pairs import (
+from online_dpo.judge_quality import agreement, flip_rate_bound, judge_quality, quality_warnings, separation_pvalues
+from online_dpo.pairs import UNSEPARATED, Candidate, select_pairs
+from online_dpo.separation import (
     SEPARATION_LEVEL,
-    UNSEPARATED,
-    Candidate,
+    explain_level,
     explain_separation_alpha,
     reported_separation_level,
-    select_pairs,
+    separation_level,
 )
 from online_dpo.stages.judge import check_usable
 
@@ -127,16 +127,77 @@ def test_an_unseparated_prompt_keeps_its_pair_without_the_nll_term_or_is_dropped
     cands = [candidates_for(p.id, K) for p in prompts]
     scores = [[1.0, 0.5] + [0.0] * (K - 2)] * 3
     separation = [0.01, 0.5, None]  # p2: a scorer's scores, never tested
-    for cfg in (PairsConfig(separation_alpha=0.2), PairsConfig(separation_alpha=0.2, unseparated="no_nll")):
-        pairs, funnel = select_pairs(prompts, cands, scores, cfg, separation=separation)
+    for cfg in (PairsConfig(), PairsConfig(unseparated="no_nll")):
+        pairs, funnel = select_pairs(prompts, cands, scores, cfg, separation=separation, separation_level=0.2)
         assert [(p["prompt_id"], p["chosen_nll_weight"]) for p in pairs] == [("p0", 1.0), ("p1", 0.0), ("p2", 1.0)]
         assert funnel.without_nll == 1 and not funnel.dropped and "1 unseparated, without NLL" in funnel.summary()
-    pairs, funnel = select_pairs(prompts, cands, scores, PairsConfig(separation_alpha=0.2, unseparated="drop"),
-                                 separation=separation)
+    pairs, funnel = select_pairs(prompts, cands, scores, PairsConfig(unseparated="drop"), separation=separation,
+                                 separation_level=0.2)
     assert [p["prompt_id"] for p in pairs] == ["p0", "p2"] and funnel.dropped == {UNSEPARATED: 1}
-    for off in (PairsConfig(), PairsConfig(separation_alpha=1.0, unseparated="drop")):  # auto and 1.0: the test is off
-        everything, funnel = select_pairs(prompts, cands, scores, off, separation=separation)
+    for cfg in (PairsConfig(), PairsConfig(unseparated="drop")):  # level 1.0: the test is off
+        everything, funnel = select_pairs(prompts, cands, scores, cfg, separation=separation, separation_level=1.0)
         assert [p["chosen_nll_weight"] for p in everything] == [1.0] * 3 and funnel.without_nll == 0
+
+
+def reference_agreement(rng: random.Random, eps: float, prompts: int = 24) -> dict:
+    """`agreement` of a simulated round: `prompts` round robins over three right and five wrong
+    candidates, each game asked in both orders, decisive verdicts flipped with probability eps."""
+    rows, correct = [], {}
+    right = [True] * 3 + [False] * 5
+    for k in range(prompts):
+        rows += games_rows(f"p{k}", *simulated_round_robin(rng, right, eps=eps))
+        correct.update({(f"p{k}", i): float(r) for i, r in enumerate(right)})
+    return agreement(rows, correct)
+
+
+def test_auto_tests_separation_unless_the_references_show_the_judge_nearly_exact():
+    rng = random.Random(11)
+    exact, noisy = reference_agreement(rng, eps=0.0), reference_agreement(rng, eps=0.15)
+    assert exact["flip_rate"] == 0.0 and flip_rate_bound(exact) < 0.05 < flip_rate_bound(noisy)
+    auto = PairsConfig()
+    assert separation_level(auto, K, flip_rate_bound(exact)) == 1.0  # an exact judge's rankings are clean
+    assert separation_level(auto, K, flip_rate_bound(noisy)) == SEPARATION_LEVEL
+    assert separation_level(auto, K, None) == SEPARATION_LEVEL  # no references: not shown exact
+    few = reference_agreement(rng, eps=0.0, prompts=1)  # 15 decisive comparisons, all right: too few to show it
+    assert few["flip_rate"] == 0.0 and separation_level(auto, K, flip_rate_bound(few)) == SEPARATION_LEVEL
+    assert separation_level(auto, 4, None) == 1.0  # no ranking of 4 candidates reaches the level
+    for set_by_hand in (0.1, 1.0):  # a number is that level, whatever the judge
+        assert separation_level(PairsConfig(separation_alpha=set_by_hand), K, flip_rate_bound(exact)) == set_by_hand
+        assert separation_level(PairsConfig(separation_alpha=set_by_hand), K, None) == set_by_hand
+    assert flip_rate_bound(None) is None and flip_rate_bound({"decisive": 0}) is None
+
+    line = explain_level(auto, 1.0, flip_rate_bound(exact), exact)
+    assert line.startswith("pairs.separation_alpha=auto -> off") and "flip rate was 0%" in line
+    assert f"on the {exact['decisive']} comparisons" in line and "nearly exact" in line
+    line = explain_level(auto, 0.2, flip_rate_bound(noisy), noisy)
+    assert line.startswith("pairs.separation_alpha=auto -> 0.2") and "not shown below 5%" in line
+    assert "no reference answers" in explain_level(auto, 0.2, None, None)
+    assert "no comparison the reference answers decide" in explain_level(auto, 0.2, None, {"decisive": 0})
+    assert explain_level(PairsConfig(separation_alpha=0.2), 0.2, None, None) == ""  # set by hand: said at the start
+
+
+def test_the_round_chooses_its_level_from_its_own_verdicts_against_the_reference_answers():
+    # The select stage's decision, on a round's saved verdicts: candidates whose texts the
+    # arithmetic check marks right or wrong, judged by a simulated both-orders judge.
+    from types import SimpleNamespace
+
+    from online_dpo.config import CampaignConfig
+    from online_dpo.stages.select import round_separation_level
+
+    campaign = SimpleNamespace(cfg=CampaignConfig())
+    right = [True] * 3 + [False] * 5
+    prompts = [Prompt(f"p{k}", [{"role": "user", "content": f"What is {k} + 1?"}], reference=str(k + 1))
+               for k in range(24)]
+    candidates = [[Candidate(p.id, i, f"The answer is {k + 1 if ok else k + 2}", [i + 1], "stop")
+                   for i, ok in enumerate(right)] for k, p in enumerate(prompts)]
+    for eps, level in ((0.0, 1.0), (0.15, SEPARATION_LEVEL)):
+        rng = random.Random(3)
+        games = [row for p in prompts for row in games_rows(p.id, *simulated_round_robin(rng, right, eps=eps))]
+        chosen, reference = round_separation_level(campaign, prompts, candidates, games)
+        assert chosen == level and reference["decisive"] == 24 * 15
+    unreferenced = [Prompt(p.id, p.messages) for p in prompts]  # a task without reference answers
+    assert round_separation_level(campaign, unreferenced, candidates, games) == (SEPARATION_LEVEL, None)
+    assert round_separation_level(campaign, prompts, candidates, []) == (1.0, None)  # no round robins: a scorer
 
 
 def test_the_log_says_what_the_separation_setting_does_and_warns_where_it_catches_everything():
@@ -145,14 +206,18 @@ def test_the_log_says_what_the_separation_setting_does_and_warns_where_it_catche
     prompts = [Prompt("p0", [{"role": "user", "content": "q"}])]
     three = [candidates_for("p0", 3)]
     dropping = PairsConfig(separation_alpha=0.1, unseparated="drop")
-    dropped, funnel = select_pairs(prompts, three, [[1.0, 0.5, 0.0]], dropping, separation=[0.75])
+    dropped, funnel = select_pairs(prompts, three, [[1.0, 0.5, 0.0]], dropping, separation=[0.75],
+                                   separation_level=separation_level(dropping, 3, None))
     assert dropped == [] and funnel.dropped == {UNSEPARATED: 1}
     line, warn = explain_separation_alpha(dropping, pairwise_judge=True, samples_per_prompt=3)
     assert warn and "drops every prompt" in line and "p >= 0.75" in line
     line, warn = explain_separation_alpha(PairsConfig(separation_alpha=0.1), pairwise_judge=True, samples_per_prompt=3)
     assert warn and "catches every prompt" in line and "without the chosen response's NLL term" in line
     line, warn = explain_separation_alpha(PairsConfig(), pairwise_judge=True, samples_per_prompt=8)
-    assert not warn and "auto -> off" in line and "pairs.separation_alpha=0.2" in line and "within noise" in line
+    assert not warn and "auto: each round" in line and "(p > 0.2) gives its pair without" in line
+    assert "nearly exact against the reference answers" in line
+    line, warn = explain_separation_alpha(PairsConfig(), pairwise_judge=True, samples_per_prompt=4)
+    assert not warn and "auto -> off: with 4 candidates" in line
     line, warn = explain_separation_alpha(PairsConfig(separation_alpha=0.2), pairwise_judge=True, samples_per_prompt=8)
     assert not warn and "without the chosen response's NLL term (pairs.unseparated=no_nll)" in line
     line, warn = explain_separation_alpha(dropping, pairwise_judge=True, samples_per_prompt=8)
@@ -162,9 +227,9 @@ def test_the_log_says_what_the_separation_setting_does_and_warns_where_it_catche
     line, _ = explain_separation_alpha(PairsConfig(), pairwise_judge=False, samples_per_prompt=8)
     assert "not applied" in line
     assert smallest_separation_pvalue(8) < 0.001 < smallest_separation_pvalue(5)
-    assert reported_separation_level(PairsConfig(), 8) == SEPARATION_LEVEL  # reported though not applied
-    assert reported_separation_level(PairsConfig(), 4) is None  # no ranking of 4 can reach it
-    assert reported_separation_level(PairsConfig(separation_alpha=0.05), 8) == 0.05
+    assert reported_separation_level(1.0, 8) == SEPARATION_LEVEL  # reported though not applied
+    assert reported_separation_level(1.0, 4) is None  # no ranking of 4 can reach it
+    assert reported_separation_level(0.05, 8) == 0.05
 
 
 def games_rows(prompt_id: str, games, outcomes) -> list[dict]:
@@ -355,3 +420,20 @@ def test_second_order_deciding_applies_to_a_best_vs_worst_pair_from_a_judge_that
         assert order == "all" and line.startswith("judge.second_order=deciding: not applied")
     with pytest.raises(ConfigError, match="judge.second_order=deciding .* pairs.strategy=random"):
         load_config("configs/quickstart.yaml", ["judge.second_order=deciding", "pairs.strategy=random"])
+
+
+def test_the_report_shows_per_round_the_level_the_pairs_were_tested_at():
+    from online_dpo.report.view import JUDGE_COLUMNS, RoundView, judge_rows
+
+    def judged(level):
+        quality = judge_quality([{"prompt_id": "p", "i": 0, "j": 1, "winner": "a", "error": None,
+                                  "position_consistent": True}], {("p", 0): 1.0, ("p", 1): 0.0},
+                                separated=3, tested=4, separation_level=level)
+        return {"judge_quality": quality}
+
+    rounds = [RoundView(0, judged(1.0)), RoundView(1, judged(0.2)), RoundView(2, judged(None)), RoundView(3, {})]
+    rows = judge_rows(rounds)
+    at = JUDGE_COLUMNS.index("test at")
+    assert [row[at] for row in rows] == ["off", "0.2", "-"]  # a scorer's round (no quality) has no row
+    assert rows[0][JUDGE_COLUMNS.index("separated")] == "3/4"
+    assert rows[0][JUDGE_COLUMNS.index("flip rate")] == "0.00"

@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "online_dpo.rundir": 1,
     "online_dpo.hardware": 2,
     "online_dpo.data": 2,
+    "online_dpo.separation": 2,
     "online_dpo.engines": 3,
     "online_dpo.train": 3,
     "online_dpo.pairs": 3,

@@ -1,9 +1,10 @@
 """A campaign judged through the `openai` judge by a local OpenAI-compatible server whose verdicts
 are imperfect (decisive answers flipped 15% of the time, the first-shown response preferred 70%
 of the time on ties, log-probs on every reply): the judge's quality is measured per round, the
-pairs of the prompts it cannot separate train without the chosen-response NLL, and a judge that
-separates nothing stops the round until it is fixed. Generation is HF `generate` on the embedded model (the judging path is what
-is tested; the vLLM campaigns are elsewhere)."""
+separation test's auto turns on from it, the pairs of the prompts the judge cannot separate
+train without the chosen-response NLL, and a judge that separates nothing stops the round until
+it is fixed. Generation is HF `generate` on the embedded model (the judging path is what is
+tested; the vLLM campaigns are elsewhere)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ from tests.fake_openai_server import FakeOpenAI
 
 CONFIG = ["rounds=1", "generation.backend=hf", "data.train_prompts_per_round=6", "generation.samples_per_prompt=8",
           "generation.max_new_tokens=12", "data.eval_prompts=8", "eval.max_new_tokens=12", "eval.diversity_prompts=0",
-          "dpo.max_steps=2", "dpo.batch_size=2",
-          "pairs.separation_alpha=0.2"]  # the separation test, which auto leaves off, on: its no_nll pairs are checked
+          "dpo.max_steps=2", "dpo.batch_size=2"]
 
 
 def cli(args: list[str], server: FakeOpenAI, model: str, tmp_path) -> subprocess.CompletedProcess:
@@ -50,13 +50,16 @@ def test_a_judge_that_separates_nothing_stops_the_round_and_the_fixed_judge_resu
                    "judge-v2", tmp_path)
         answered = len(fixed.answered)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "pairs.separation_alpha=0.2: a prompt whose round robin does not separate" in done.stderr
+    # auto, from the round's verdicts: a judge wrong 15% of the time is not shown exact, so the test acts
+    assert "pairs.separation_alpha=auto: each round, a prompt whose round robin does not separate" in done.stderr
+    assert "round 0 pairs.separation_alpha=auto -> 0.2: on the " in done.stderr
 
     result = json.loads((round0 / "eval.json").read_text())
     quality = result["judge_quality"]
     assert quality["comparisons"] == 6 * 28 and quality["errors"] == 0
     assert 0.0 < quality["position_consistency"] < 1.0  # the server's position bias shows
     assert quality["tested_prompts"] == 6 and 0 <= quality["separated_prompts"] <= 6
+    assert quality["separation_level"] == 0.2 and "separation test at 0.2" in done.stderr
     # the prompts the judge did not separate keep their pairs, without the chosen-response NLL
     funnel = result["funnel"]
     assert funnel["prompts_paired"] + funnel["dropped"].get(TIE, 0) == 6 and UNSEPARATED not in funnel["dropped"]

@@ -151,11 +151,13 @@ class PairsConfig:
     # (dpo.rpo_alpha) trains toward whichever of two wrong answers chance chose. A prompt counts
     # as separated where a judge that cannot tell its candidates apart would spread them this far
     # with probability <= separation_alpha (a sign-flip test, judges.ranking.separation_pvalue).
-    # Set it (0.2 was studied) to act on the prompts it did not separate (`unseparated`); auto and
-    # 1.0 leave the test off: in matched runs (bench/README.md "Judge noise") 0.2 with no_nll
-    # gained within noise under a judge wrong 15% of the time and lost within noise under one
-    # never wrong. It never applies to pointwise scorers (verifiers, reward models), whose equal
-    # scores are ties already. The log says what auto chose, and why.
+    # The test acts on the prompts it did not separate (`unseparated`). auto chooses per round from
+    # the round's verdicts: off where the reference answers show the judge nearly exact (flip rate
+    # below 5% at 95%: its rankings are clean already), else 0.2, the level studied, so an LLM
+    # judge, never shown exact where the task has no references, gets it (bench/README.md "Judge
+    # noise" has the matched runs). A number is that level every round; 1.0 is off. It never
+    # applies to pointwise scorers (verifiers, reward models), whose equal scores are ties
+    # already. The log says what auto chose each round, and from what.
     separation_alpha: float | Literal["auto"] = "auto"
     # What a prompt the judge did not separate gives: its pair, trained by the pair loss without
     # the chosen response's NLL, which only a pair the judge ordered beyond chance earns

@@ -398,8 +398,8 @@ def diversity_rows(rounds: list[RoundView], baseline: dict | None) -> list[list[
     return rows + [cells(str(v.round), v.eval["diversity"]) for v in rounds if v.eval.get("diversity")]
 
 
-JUDGE_COLUMNS = ("round", "comparisons", "ties", "errors", "consistency", "separated", "right vs refs (95% CI)",
-                 "flip rate")
+JUDGE_COLUMNS = ("round", "comparisons", "ties", "errors", "consistency", "separated", "test at",
+                 "right vs refs (95% CI)", "flip rate")
 
 
 def judge_rows(rounds: list[RoundView]) -> list[list[str]]:
@@ -409,12 +409,11 @@ def judge_rows(rounds: list[RoundView]) -> list[list[str]]:
         q = (v.result or {}).get("judge_quality")
         if not q:
             continue
-        ref = q.get("vs_reference") or {}
-        right = "-"
-        if ref.get("accuracy") is not None:
-            low, high = ref["interval"]
-            right = f"{pct(ref['accuracy'])} ({100 * low:.1f}-{100 * high:.1f}) of {ref['decisive']}"
+        ref, level = q.get("vs_reference") or {}, q.get("separation_level")  # level: absent in earlier runs
+        right = "-" if ref.get("accuracy") is None else \
+            f"{pct(ref['accuracy'])} ({100 * ref['interval'][0]:.1f}-{100 * ref['interval'][1]:.1f}) of {ref['decisive']}"
         separated = f"{q['separated_prompts']}/{q['tested_prompts']}" if q.get("tested_prompts") else "-"
+        tested_at = "-" if level is None else "off" if level >= 1.0 else f"{level:g}"
         rows.append([str(v.round), str(q["comparisons"]), pct(q.get("tie_rate")), str(q["errors"]),
-                     pct(q.get("position_consistency")), separated, right, _num(ref.get("flip_rate"), ".2f")])
+                     pct(q.get("position_consistency")), separated, tested_at, right, _num(ref.get("flip_rate"), ".2f")])
     return rows

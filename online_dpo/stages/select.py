@@ -10,7 +10,8 @@ from online_dpo import judge_quality as quality
 from online_dpo import labels
 from online_dpo.campaign import Campaign
 from online_dpo.evaluate import correctness
-from online_dpo.pairs import Funnel, replay_pairs, reported_separation_level, tests_separation
+from online_dpo.pairs import Funnel, replay_pairs
+from online_dpo.separation import explain_level, reported_separation_level, separation_level
 from online_dpo.rundir import atomic_path, read_parquet, write_json, write_jsonl
 from online_dpo.seeds import stable_seed
 from online_dpo.stages.generate import rows_to_candidates
@@ -27,12 +28,14 @@ def stage_pairs(c: Campaign, r: int, prompts, candidates, scores) -> Funnel | la
     was saved.
     """
     objective, paths = c.objective, c.run.round_paths(r)
+    games = round_games(c, r)
+    level, reference = round_separation_level(c, prompts, candidates, games)
+    if games and (line := explain_level(c.cfg.pairs, level, quality.flip_rate_bound(reference), reference)):
+        log.info("round %d %s", r, line)
     # The p-values only where the test acts on the pairs (the judge-quality summary computes its own).
-    separation = None
-    if tests_separation(c.cfg.pairs):
-        separation = round_separation(c, r, prompts, candidates, round_games(c, r))
+    separation = round_separation(c, r, prompts, candidates, games) if level < 1.0 else None
     fresh, funnel = objective.select(prompts, candidates, scores, seed=stable_seed(c.cfg.seed, r, "pairs"),
-                                     separation=separation)
+                                     separation=separation, separation_level=level)
     replayed = replayed_pairs(c, r, len(fresh))
     funnel.replayed = len(replayed)
     if not c.run.is_done(r, "pairs"):
@@ -59,6 +62,30 @@ def round_separation(c: Campaign, r: int, prompts, candidates, games: list[dict]
     return quality.separation_pvalues(prompts, candidates, games, seed=stable_seed(c.cfg.seed, r, "separation"))
 
 
+def round_separation_level(c: Campaign, prompts, candidates, games: list[dict]) -> tuple[float, dict | None]:
+    """The level round r's separation test acts at (`pairs.separation_level`; 1.0 without
+    round robins: a pointwise judge), and the judge's agreement with the reference answers it
+    was chosen from (`judge_quality.agreement`; None without references)."""
+    correct = reference_correctness(prompts, candidates)
+    reference = None
+    if games and correct is not None:
+        reference = quality.agreement([g for g in games if g["error"] is None], correct)
+    if not games:
+        return 1.0, reference
+    k = c.cfg.generation.samples_per_prompt
+    return separation_level(c.cfg.pairs, k, quality.flip_rate_bound(reference)), reference
+
+
+def reference_correctness(prompts, candidates) -> dict[tuple[str, int], float] | None:
+    """(prompt id, candidate index) -> 1.0 / 0.0 against the prompts' reference answers; None
+    unless every prompt has one."""
+    if not all(p.reference is not None for p in prompts):
+        return None
+    flat = [(p, x) for p, cs in zip(prompts, candidates) for x in cs]
+    truth = correctness([p for p, _ in flat], [x.text for _, x in flat])
+    return {(x.prompt_id, x.index): t for (_, x), t in zip(flat, truth)}
+
+
 def round_judge_quality(c: Campaign, r: int) -> dict | None:
     """What round r's verdicts show of a pairwise judge's quality (online_dpo.judge_quality),
     logged with a warning where the judge looks no better than chance; None for a scorer."""
@@ -67,15 +94,13 @@ def round_judge_quality(c: Campaign, r: int) -> dict | None:
         return None
     prompts = c.split.round_prompts(r, c.cfg.data.train_prompts_per_round)
     candidates = rows_to_candidates(prompts, read_parquet(c.run.round_paths(r).candidates))
-    correct = None
-    if all(p.reference is not None for p in prompts):
-        flat = [(p, x) for p, cs in zip(prompts, candidates) for x in cs]
-        truth = correctness([p for p, _ in flat], [x.text for _, x in flat])
-        correct = {(x.prompt_id, x.index): t for (_, x), t in zip(flat, truth)}
-    levels = [(p, reported_separation_level(c.cfg.pairs, len(cs)))
+    acted_at, _ = round_separation_level(c, prompts, candidates, games)
+    levels = [(p, reported_separation_level(acted_at, len(cs)))
               for p, cs in zip(round_separation(c, r, prompts, candidates, games), candidates) if p is not None]
     tested = [(p, level) for p, level in levels if level is not None]
-    found = quality.judge_quality(games, correct, separated=sum(p <= level for p, level in tested), tested=len(tested))
+    found = quality.judge_quality(games, reference_correctness(prompts, candidates),
+                                  separated=sum(p <= level for p, level in tested), tested=len(tested),
+                                  separation_level=acted_at)
     alpha = max((level for _, level in tested), default=None)
     log.info("round %d %s", r, quality.summary(found))
     found["warnings"] = quality.quality_warnings(found, alpha)
