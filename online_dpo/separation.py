@@ -41,16 +41,18 @@ def separation_level(cfg: PairsConfig, candidates: int, flip_rate_bound: float |
 
 
 def explain_level(cfg: PairsConfig, level: float, flip_rate_bound: float | None, reference: dict | None) -> str:
-    """The log's line on what pairs.separation_alpha came to in one round (`separation_level`),
-    and from what evidence; "" where it was set by hand (the campaign's first lines say that)."""
-    if cfg.separation_alpha != "auto":
+    """The log's line on what pairs.separation_alpha=auto came to in one round (`separation_level`),
+    and from what evidence; "" where the level was set by hand or auto is off for too few
+    candidates (the campaign's first lines say those)."""
+    exact = flip_rate_bound is not None and flip_rate_bound < EXACT_JUDGE_FLIP_RATE
+    if cfg.separation_alpha != "auto" or (level >= 1.0 and not exact):
         return ""
     chosen = "off" if level >= 1.0 else f"{level:g}"
     if reference and reference.get("decisive"):
         seen = (f"on the {reference['decisive']} comparisons the reference answers decide, the judge's flip rate "
                 f"was {reference['flip_rate']:.0%} (95% CI up to {flip_rate_bound:.0%})")
-        why = (f"below {EXACT_JUDGE_FLIP_RATE:.0%}: a nearly exact judge" if level >= 1.0 and flip_rate_bound is not None
-               and flip_rate_bound < EXACT_JUDGE_FLIP_RATE else f"not shown below {EXACT_JUDGE_FLIP_RATE:.0%}")
+        why = f"below {EXACT_JUDGE_FLIP_RATE:.0%}: a nearly exact judge" if exact else \
+            f"not shown below {EXACT_JUDGE_FLIP_RATE:.0%}"
         return f"pairs.separation_alpha=auto -> {chosen}: {seen}, {why}"
     why = ("no reference answers tell how often the judge is wrong" if reference is None else
            "no comparison the reference answers decide")

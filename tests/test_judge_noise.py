@@ -174,6 +174,7 @@ def test_auto_tests_separation_unless_the_references_show_the_judge_nearly_exact
     assert "no reference answers" in explain_level(auto, 0.2, None, None)
     assert "no comparison the reference answers decide" in explain_level(auto, 0.2, None, {"decisive": 0})
     assert explain_level(PairsConfig(separation_alpha=0.2), 0.2, None, None) == ""  # set by hand: said at the start
+    assert explain_level(auto, 1.0, None, None) == ""  # off for too few candidates: said at the start too
 
 
 def test_the_round_chooses_its_level_from_its_own_verdicts_against_the_reference_answers():

@@ -11,9 +11,9 @@ from online_dpo import labels
 from online_dpo.campaign import Campaign
 from online_dpo.evaluate import correctness
 from online_dpo.pairs import Funnel, replay_pairs
-from online_dpo.separation import explain_level, reported_separation_level, separation_level
 from online_dpo.rundir import atomic_path, read_parquet, write_json, write_jsonl
 from online_dpo.seeds import stable_seed
+from online_dpo.separation import explain_level, reported_separation_level, separation_level
 from online_dpo.stages.generate import rows_to_candidates
 
 log = logging.getLogger("online_dpo")
@@ -63,15 +63,14 @@ def round_separation(c: Campaign, r: int, prompts, candidates, games: list[dict]
 
 
 def round_separation_level(c: Campaign, prompts, candidates, games: list[dict]) -> tuple[float, dict | None]:
-    """The level round r's separation test acts at (`pairs.separation_level`; 1.0 without
-    round robins: a pointwise judge), and the judge's agreement with the reference answers it
-    was chosen from (`judge_quality.agreement`; None without references)."""
-    correct = reference_correctness(prompts, candidates)
-    reference = None
-    if games and correct is not None:
-        reference = quality.agreement([g for g in games if g["error"] is None], correct)
+    """The level a round's separation test acts at (`separation.separation_level`), from the
+    round's verdicts `games` on its `candidates`; and the judge's agreement with the reference
+    answers it was chosen from (`judge_quality.agreement`; None without references). Without
+    round robins (a pointwise judge): 1.0, None."""
     if not games:
-        return 1.0, reference
+        return 1.0, None
+    correct = reference_correctness(prompts, candidates)
+    reference = None if correct is None else quality.agreement([g for g in games if g["error"] is None], correct)
     k = c.cfg.generation.samples_per_prompt
     return separation_level(c.cfg.pairs, k, quality.flip_rate_bound(reference)), reference
 
