@@ -30,7 +30,7 @@ def stage_pairs(c: Campaign, r: int, prompts, candidates, scores) -> Funnel | la
     objective, paths = c.objective, c.run.round_paths(r)
     games = round_games(c, r)
     level, reference = round_separation_level(c, prompts, candidates, games)
-    if games and (line := explain_level(c.cfg.pairs, level, quality.flip_rate_bound(reference), reference)):
+    if line := explain_level(c.cfg.pairs, level, quality.flip_rate_bound(reference), reference):
         log.info("round %d %s", r, line)
     # The p-values only where the test acts on the pairs (the judge-quality summary computes its own).
     separation = round_separation(c, r, prompts, candidates, games) if level < 1.0 else None
