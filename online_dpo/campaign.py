@@ -171,9 +171,10 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
         c.second_order, line = resolve_second_order(cfg, judge)
         if line:
             log.log(logging.INFO if c.second_order == "deciding" else logging.WARNING, "%s", line)
-        line, alarming = explain_separation_alpha(cfg.pairs, isinstance(judge, PairwiseJudge),
-                                                  cfg.generation.samples_per_prompt)
-        log.log(logging.WARNING if alarming else logging.INFO, "%s", line)
+        if c.objective.tests_separation:  # KTO labels each response: the setting has nothing to act on
+            line, alarming = explain_separation_alpha(cfg.pairs, isinstance(judge, PairwiseJudge),
+                                                      cfg.generation.samples_per_prompt)
+            log.log(logging.WARNING if alarming else logging.INFO, "%s", line)
     version = policy_version(last_accepted_round(run, cfg.rounds) if last else None)
     if last and cfg.generation.backend != "hf":
         weights = policy_weights(c)  # a collective under FSDP/ZeRO-3: every process calls it

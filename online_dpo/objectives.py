@@ -24,6 +24,7 @@ class Objective(Protocol):
     responses: tuple[str, ...]  # the responses of one record, in the order of its reference log-probs
     replay_keys: tuple[str, ...]  # what replay.jsonl keeps of a replayed record: enough to find it
     measures_drift: bool  # the update reports how far it moved the chosen and rejected likelihoods
+    tests_separation: bool  # `select` acts on the judge's separation test (separation.py)
 
     def select(self, prompts, candidates: list[list[Candidate]], scores: list[list[float | None]],
                seed: int, separation: list[float | None] | None = None,
@@ -50,6 +51,7 @@ class PairwiseDPO:
     responses = ("chosen", "rejected")
     replay_keys = ("replay_from_round", "prompt_id", "chosen_index", "rejected_index")
     measures_drift = True  # against the reference log-probs, where the loss has them
+    tests_separation = True
 
     def __init__(self, pairs: PairsConfig, dpo: DPOConfig):
         self.pairs_cfg, self.dpo_cfg = pairs, dpo
@@ -78,6 +80,7 @@ class KTO:
     responses = ("completion",)
     replay_keys = ("replay_from_round", "prompt_id", "index")
     measures_drift = False  # one kind of response only: the chosen/rejected drift has no meaning
+    tests_separation = False  # every response is labelled by its own score: no pair to keep or weigh
 
     def __init__(self, kto: KTOConfig, dpo: DPOConfig):
         self.kto_cfg, self.dpo_cfg = kto, dpo

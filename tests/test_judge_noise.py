@@ -183,9 +183,11 @@ def test_the_round_chooses_its_level_from_its_own_verdicts_against_the_reference
     from types import SimpleNamespace
 
     from online_dpo.config import CampaignConfig
+    from online_dpo.objectives import build_objective
     from online_dpo.stages.select import round_separation_level
 
-    campaign = SimpleNamespace(cfg=CampaignConfig())
+    cfg = CampaignConfig()
+    campaign = SimpleNamespace(cfg=cfg, objective=build_objective(cfg))
     right = [True] * 3 + [False] * 5
     prompts = [Prompt(f"p{k}", [{"role": "user", "content": f"What is {k} + 1?"}], reference=str(k + 1))
                for k in range(24)]
@@ -199,6 +201,10 @@ def test_the_round_chooses_its_level_from_its_own_verdicts_against_the_reference
     unreferenced = [Prompt(p.id, p.messages) for p in prompts]  # a task without reference answers
     assert round_separation_level(campaign, unreferenced, candidates, games) == (SEPARATION_LEVEL, None)
     assert round_separation_level(campaign, prompts, candidates, []) == (1.0, None)  # no round robins: a scorer
+    kto = CampaignConfig()
+    kto.dpo.loss = "kto"  # labels each response by its own score: nothing for the test to act on
+    kto_campaign = SimpleNamespace(cfg=kto, objective=build_objective(kto))
+    assert round_separation_level(kto_campaign, prompts, candidates, games) == (1.0, None)
 
 
 def test_the_log_says_what_the_separation_setting_does_and_warns_where_it_catches_everything():

@@ -66,8 +66,9 @@ def round_separation_level(c: Campaign, prompts, candidates, games: list[dict]) 
     """The level a round's separation test acts at (`separation.separation_level`), from the
     round's verdicts `games` on its `candidates`; and the judge's agreement with the reference
     answers it was chosen from (`judge_quality.agreement`; None without references). Without
-    round robins (a pointwise judge): 1.0, None."""
-    if not games:
+    round robins (a pointwise judge), or for an objective that does not use the test (KTO):
+    1.0, None."""
+    if not games or not c.objective.tests_separation:
         return 1.0, None
     correct = reference_correctness(prompts, candidates)
     reference = None if correct is None else quality.agreement([g for g in games if g["error"] is None], correct)
