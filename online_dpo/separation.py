@@ -35,16 +35,22 @@ def separation_level(cfg: PairsConfig, candidates: int, flip_rate_bound: float |
     """
     if cfg.separation_alpha != "auto":
         return float(cfg.separation_alpha)
-    if flip_rate_bound is not None and flip_rate_bound < EXACT_JUDGE_FLIP_RATE:
+    if shown_exact(flip_rate_bound):
         return 1.0
     return SEPARATION_LEVEL if smallest_separation_pvalue(candidates) <= SEPARATION_LEVEL else 1.0
+
+
+def shown_exact(flip_rate_bound: float | None) -> bool:
+    """Whether a round's verdicts show the judge nearly exact: its flip rate's 95% upper bound
+    against the reference answers is below EXACT_JUDGE_FLIP_RATE (None: not measured)."""
+    return flip_rate_bound is not None and flip_rate_bound < EXACT_JUDGE_FLIP_RATE
 
 
 def explain_level(cfg: PairsConfig, level: float, flip_rate_bound: float | None, reference: dict | None) -> str:
     """The log's line on what pairs.separation_alpha=auto came to in one round (`separation_level`),
     and from what evidence; "" where the level was set by hand or auto is off for too few
     candidates (the campaign's first lines say those)."""
-    exact = flip_rate_bound is not None and flip_rate_bound < EXACT_JUDGE_FLIP_RATE
+    exact = shown_exact(flip_rate_bound)
     if cfg.separation_alpha != "auto" or (level >= 1.0 and not exact):
         return ""
     chosen = "off" if level >= 1.0 else f"{level:g}"
