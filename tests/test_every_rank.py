@@ -1,7 +1,8 @@
 """Every training process generates (an in-process backend under accelerate, TRL's colocate mode): a 2-round
 campaign under two CPU processes, each with its own in-process vLLM engine. Afterwards each
 process's share of each round's candidates is sampled again by a fresh engine in one
-process, from the weights that round started from and with that process's seed. The tokens
+process, from the weights that round started from (round 1's: the round-0 checkpoint, pushed
+into that engine as a campaign pushes its update) and with that process's seed. The tokens
 are the same, so each share came from its own process's engine, the shares were gathered in
 prompt order, and round 0's update reached both engines before round 1."""
 
@@ -27,9 +28,12 @@ OVERRIDES = [
     "dpo.mixed_precision=no", "generation.dtype=float32",
 ]
 
-# Samples each process's share of round R's prompts again, in one process and a fresh engine,
+# Samples each process's share of a round's prompts again, in one process and a fresh engine,
 # as every process of the campaign does: the campaign's engine settings (campaign.build_generator),
-# the round's sampling, the process's seed (engines.ranks.rank_sampling).
+# the round's sampling, the process's seed (engines.ranks.rank_sampling). One engine replays
+# every case (one start instead of three): round 0 and round 1 from the initial weights (round 1:
+# what a policy the update never reached would sample), then round 1 from the round-0
+# checkpoint, pushed into the engine as the campaign pushes its update.
 REPLAY = """
 import json, sys, types
 from pathlib import Path
@@ -38,29 +42,36 @@ from online_dpo.campaign import build_generator
 from online_dpo.config import load_config
 from online_dpo.data import Prompt
 from online_dpo.engines.generate import Sampling
-from online_dpo.engines.models import load_tokenizer
+from online_dpo.engines.models import load_policy, load_tokenizer
 from online_dpo.engines.ranks import rank_sampling, rank_share
-from online_dpo.rundir import RunDir
 from online_dpo.seeds import stable_seed
+from online_dpo.train import lora
 
-root, r, model = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+root, initial = Path(sys.argv[1]), sys.argv[2]
 cfg = load_config(str(root / "config.yaml"))
-tokenizer = load_tokenizer(model)
-c = types.SimpleNamespace(cfg=cfg, resolved=hardware.resolve(cfg), model_path=model, tokenizer=tokenizer)
+tokenizer = load_tokenizer(initial)
+c = types.SimpleNamespace(cfg=cfg, resolved=hardware.resolve(cfg), model_path=initial, tokenizer=tokenizer)
 generator = build_generator(c, initial=True)
-prompts = [Prompt(**{k: row[k] for k in ("id", "messages")}) for row in map(json.loads,
-           (root / f"round_{r:03d}" / "prompts.jsonl").read_text().splitlines())]
 g = cfg.generation
-sampling = Sampling(g.samples_per_prompt, g.temperature, g.top_p, g.max_new_tokens,
-                    stable_seed(cfg.seed, r, "train-generate"), logprobs=True)
-shares = []
-for rank in range(2):
-    share = prompts[rank_share(len(prompts), rank, 2)]
-    shares.append({p.id: [c.token_ids for c in cs]
-                   for p, cs in zip(share, generator.generate(share, rank_sampling(sampling, rank)))})
-share = prompts[rank_share(len(prompts), 1, 2)]
-wrong_seed = {p.id: [c.token_ids for c in cs] for p, cs in zip(share, generator.generate(share, sampling))}
-print(json.dumps([shares, wrong_seed]))
+
+def replay(r):
+    prompts = [Prompt(**{k: row[k] for k in ("id", "messages")}) for row in map(json.loads,
+               (root / f"round_{r:03d}" / "prompts.jsonl").read_text().splitlines())]
+    sampling = Sampling(g.samples_per_prompt, g.temperature, g.top_p, g.max_new_tokens,
+                        stable_seed(cfg.seed, r, "train-generate"), logprobs=True)
+    shares = []
+    for rank in range(2):
+        share = prompts[rank_share(len(prompts), rank, 2)]
+        shares.append({p.id: [c.token_ids for c in cs]
+                       for p, cs in zip(share, generator.generate(share, rank_sampling(sampling, rank)))})
+    share = prompts[rank_share(len(prompts), 1, 2)]
+    wrong_seed = {p.id: [c.token_ids for c in cs] for p, cs in zip(share, generator.generate(share, sampling))}
+    return [shares, wrong_seed]
+
+out = {"0": replay(0), "1 stale": replay(1)}
+generator.update_weights(lora.merged_weights(load_policy(str(root / "round_000" / "checkpoint"))), "round-0")
+out["1"] = replay(1)
+print(json.dumps(out))
 """
 
 
@@ -89,16 +100,16 @@ def candidates_by_prompt(root, r: int) -> dict[str, list[list[int]]]:
 def test_each_process_generates_its_share_with_its_own_engine(two_process_run):
     root = two_process_run
     manifest = json.loads((root / "manifest.json").read_text())
-    models = {"initial": resolve_model_path("embedded"), "round-0": str(root / "round_000" / "checkpoint")}
+    replay = run_python(["-c", REPLAY, str(root), resolve_model_path("embedded")], timeout=600, env={"OMP_NUM_THREADS": "1"})
+    assert replay.returncode == 0, replay.stderr[-5000:]
+    replayed = json.loads(replay.stdout.strip().splitlines()[-1])
     for r, version in ((0, "initial"), (1, "round-0")):
         assert manifest["rounds"][str(r)]["generate"]["policy_version"] == version
         saved = candidates_by_prompt(root, r)
         prompt_ids = [json.loads(line)["id"] for line in (root / f"round_{r:03d}" / "prompts.jsonl").read_text().splitlines()]
         assert list(saved) == prompt_ids and all(len(cs) == 4 for cs in saved.values())  # gathered in prompt order
 
-        replay = run_python(["-c", REPLAY, str(root), str(r), models[version]], timeout=600, env={"OMP_NUM_THREADS": "1"})
-        assert replay.returncode == 0, replay.stderr[-5000:]
-        shares, wrong_seed = json.loads(replay.stdout.strip().splitlines()[-1])
+        shares, wrong_seed = replayed[str(r)]
         assert [len(s) for s in shares] == [3, 2]  # 5 prompts over 2 processes
         for rank, share in enumerate(shares):
             assert {pid: saved[pid] for pid in share} == share, f"round {r}: process {rank}'s share differs"
@@ -106,10 +117,7 @@ def test_each_process_generates_its_share_with_its_own_engine(two_process_run):
         assert {pid: saved[pid] for pid in wrong_seed} != wrong_seed
 
     # and round 0's update mattered: the initial model samples other round-1 candidates
-    replay = run_python(["-c", REPLAY, str(root), "1", models["initial"]], timeout=600, env={"OMP_NUM_THREADS": "1"})
-    assert replay.returncode == 0, replay.stderr[-5000:]
-    stale = json.loads(replay.stdout.strip().splitlines()[-1])[0]
-    saved = candidates_by_prompt(root, 1)
+    stale, saved = replayed["1 stale"][0], candidates_by_prompt(root, 1)
     assert all({pid: saved[pid] for pid in share} != share for share in stale)
 
 
