@@ -12,7 +12,8 @@ from tests.fake_openai_server import FakeOpenAI
 
 TINY = ["rounds=1", "name=budget", "generation.backend=hf", "data.train_prompts_per_round=2",
         "generation.samples_per_prompt=2", "generation.max_new_tokens=8", "eval.max_new_tokens=8",
-        "data.eval_prompts=3", "dpo.batch_size=2", "dpo.max_steps=2"]
+        "data.eval_prompts=3", "dpo.batch_size=2", "dpo.max_steps=2",
+        "eval.diversity_prompts=0"]  # the judge's budget is what this tests; the diversity watch: test_campaign
 
 
 def test_budget_stop_then_resume_pays_once(tmp_path):
