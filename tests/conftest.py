@@ -66,6 +66,32 @@ def embedded_model_path() -> str:
     return str(embedded_model_dir())
 
 
+SHALLOW_LAYERS = 2
+
+
+@pytest.fixture(scope="session")
+def shallow_model_path(embedded_model_path, tmp_path_factory) -> str:
+    """The embedded model cut to its first SHALLOW_LAYERS of 30 decoder layers (embeddings, final
+    norm, tokenizer and chat template kept): a quarter of the compute per token. For the tests of a
+    campaign's mechanics (schedules, data sources, losses, resume, servers), which hold for any
+    policy. Its answers are word salad that runs to max_new_tokens, so a test on it needs a judge
+    that ranks any text (length, a fake API judge's hash), not correct answers: an arithmetic
+    verifier scores them all wrong, a tie, and the round has nothing to train on."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(embedded_model_path), tmp_path_factory.mktemp("shallow-model")
+    for f in src.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            shutil.copy(f, dst / f.name)
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = SHALLOW_LAYERS
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    kept = {name: t for name, t in load_file(src / "model.safetensors").items()
+            if not name.startswith("model.layers.") or int(name.split(".")[2]) < SHALLOW_LAYERS}
+    save_file(kept, dst / "model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
 @pytest.fixture(scope="module")
 def module_tmp(tmp_path_factory, request) -> Path:
     """A folder for one test module's campaigns, deleted when the module's tests are done unless

@@ -1,5 +1,6 @@
-"""Two small end-to-end campaigns (embedded model, HF generation backend) that exercise the
-campaign options, each checked against numbers recomputed here:
+"""Two small end-to-end campaigns (HF generation backend) that exercise the campaign options,
+each checked against numbers recomputed here (on the embedded model's first layers, the
+conftest's shallow model: which policy is the reference holds for any policy):
 
 - from a Parquet file of chat-format prompts, with replay (pairs.replay_fraction) and the
   default refreshed reference: round 1's reference log-probs are those of the round-0
@@ -41,9 +42,9 @@ def chat(i):
             {"role": "user", "content": f"Name a color, variant {i}."}]
 
 
-def run_campaign(out: Path, name: str, source: str, extra: list[str]) -> Path:
+def run_campaign(out: Path, name: str, source: str, model: str, extra: list[str]) -> Path:
     proc = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", f"name={name}",
-                       f"data.source={source}", *SMALL, *extra], timeout=900)
+                       f"data.source={source}", f"policy.model={model}", *SMALL, *extra], timeout=900)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     return out / name
 
@@ -88,24 +89,24 @@ def close(a, b, atol=2e-3) -> bool:
 
 
 @pytest.fixture(scope="module")
-def parquet_run(module_tmp, embedded_model_path):
+def parquet_run(module_tmp, shallow_model_path):
     tmp = module_tmp / "parquet"
     tmp.mkdir()
     path = tmp / "chat.parquet"
     pd.DataFrame({"messages": [chat(i) for i in range(12)]}).to_parquet(path)
-    root = run_campaign(tmp / "runs", "chat-parquet", str(path),
+    root = run_campaign(tmp / "runs", "chat-parquet", str(path), shallow_model_path,
                         ["data.prompt_column=messages", "pairs.replay_fraction=0.5", "save_checkpoints=all"])
     return root, path
 
 
 @pytest.fixture(scope="module")
-def jsonl_run(module_tmp):
+def jsonl_run(module_tmp, shallow_model_path):
     tmp = module_tmp / "jsonl"
     tmp.mkdir()
     words = ["cat", "dog", "tree", "sun", "moon", "star", "rain", "fish", "bird", "cake", "cat"]
     src = tmp / "plain.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"Give me a word that rhymes with {w}."}) + "\n" for w in words))
-    root = run_campaign(tmp / "runs", "plain-jsonl", str(src),
+    root = run_campaign(tmp / "runs", "plain-jsonl", str(src), shallow_model_path,
                         ["lora.enabled=true", "lora.r=4", "dpo.reference=initial", "dpo.optimizer_state=carry",
                          "dpo.lr_schedule=cosine", "dpo.warmup_steps=1", "dpo.gradient_checkpointing=true",
                          "dpo.learning_rate=1e-3"])
@@ -139,13 +140,13 @@ def test_replay_mixes_earlier_pairs_into_the_update(parquet_run):
     assert json.loads((root / "round_001" / "funnel.json").read_text())["replayed"] == len(replayed)
 
 
-def test_refreshed_reference_is_the_previous_rounds_policy(parquet_run, embedded_model_path):
+def test_refreshed_reference_is_the_previous_rounds_policy(parquet_run, shallow_model_path):
     root, _ = parquet_run
     rows = read_jsonl(root / "round_001" / "reference_logps.jsonl")
     saved = saved_reference(rows)
     assert close(saved, logps_under(str(root / "round_000" / "checkpoint"), root, rows))
     # and not the initial model (round 0's update moved these log-probs measurably)
-    assert not close(saved, logps_under(embedded_model_path, root, rows))
+    assert not close(saved, logps_under(shallow_model_path, root, rows))
 
 
 def test_campaign_from_a_jsonl_of_plain_prompts(jsonl_run):
@@ -163,12 +164,12 @@ def test_campaign_from_a_jsonl_of_plain_prompts(jsonl_run):
     assert len(eval_ids) == 2 and not eval_ids & train_ids
 
 
-def test_initial_reference_with_lora_is_the_round0_model(jsonl_run, embedded_model_path):
+def test_initial_reference_with_lora_is_the_round0_model(jsonl_run, shallow_model_path):
     root, _ = jsonl_run
     rows = read_jsonl(root / "round_001" / "reference_logps.jsonl")
     assert rows, "no pairs formed in round 1"
     saved = saved_reference(rows)
-    assert close(saved, logps_under(embedded_model_path, root, rows))
+    assert close(saved, logps_under(shallow_model_path, root, rows))
     # the policy did move: the round-1 checkpoint (merged LoRA) scores these pairs differently
     assert not close(saved, logps_under(str(root / "round_001" / "checkpoint"), root, rows))
 
@@ -191,11 +192,11 @@ def test_lora_checkpoint_optimizer_and_schedule(jsonl_run):
 
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])
-def test_reference_free_losses_run_a_round_without_a_reference_pass(tmp_path, loss):
+def test_reference_free_losses_run_a_round_without_a_reference_pass(tmp_path, loss, shallow_model_path):
     words = ["cat", "dog", "tree", "sun", "moon", "star", "rain", "fish"]
     src = tmp_path / "plain.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"Give me a word that rhymes with {w}."}) + "\n" for w in words))
-    root = run_campaign(tmp_path / "runs", loss, str(src), ["rounds=1", f"dpo.loss={loss}", "dpo.beta=2.0"])
+    root = run_campaign(tmp_path / "runs", loss, str(src), shallow_model_path, ["rounds=1", f"dpo.loss={loss}", "dpo.beta=2.0"])
     result = json.loads((root / "round_000" / "eval.json").read_text())
     steps = read_jsonl(root / "round_000" / "train_metrics.jsonl")
     assert result["pairs"] > 0 and steps, "no pairs formed: nothing was trained"

@@ -65,13 +65,14 @@ TINY = ["generation.backend=hf", "rounds=2", "data.train_prompts_per_round=4", "
 
 
 @pytest.fixture(scope="module")
-def compared(module_tmp):
+def compared(module_tmp, shallow_model_path):
     out = module_tmp / "runs"
+    tiny = [*TINY, f"policy.model={shallow_model_path}"]  # the identities hold for any policy
     proc = run_python(["-m", "online_dpo.cli", "compare", "configs/quickstart.yaml", f"output_dir={out}", "name=tiny",
-                       *TINY, "--sync-every", "4"], timeout=1200)
+                       *tiny, "--sync-every", "4"], timeout=1200)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     plain = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", "name=plain",
-                        *TINY], timeout=600)
+                        *tiny], timeout=600)
     assert plain.returncode == 0, plain.stderr[-5000:]
     return out, proc
 
