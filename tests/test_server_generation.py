@@ -1,7 +1,9 @@
 """generation.backend=vllm_server against real vLLM servers, started here on localhost with the
-embedded model by `online-dpo serve`'s own launcher: weight pushes checked by log-probs, stale
-answers refused, a campaign split across two servers, one server killed mid-round and resumed.
-Fault paths that need a server to misbehave on purpose use a small local HTTP server."""
+shallow model (the embedded model's first layers: tests/conftest.py) by `online-dpo serve`'s own
+launcher: weight pushes checked by log-probs, stale answers refused, a campaign split across two
+servers, one server killed mid-round and resumed. None of it depends on what the policy answers,
+so the campaigns rank candidates by length (the shallow model answers no sum right). Fault paths
+that need a server to misbehave on purpose use a small local HTTP server."""
 
 from __future__ import annotations
 
@@ -81,8 +83,8 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def servers(embedded_model_path, tmp_path_factory):
-    s = Servers(embedded_model_path, tmp_path_factory.mktemp("servers"))
+def servers(shallow_model_path, tmp_path_factory):
+    s = Servers(shallow_model_path, tmp_path_factory.mktemp("servers"))
     s.start(0)
     s.start(1)  # both start at once; each takes about a minute here
     s.wait(0)
@@ -92,10 +94,10 @@ def servers(embedded_model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def policy(embedded_model_path):
+def policy(shallow_model_path):
     from online_dpo.engines.models import load_policy, load_tokenizer
 
-    return load_policy(embedded_model_path), load_tokenizer(embedded_model_path)
+    return load_policy(shallow_model_path), load_tokenizer(shallow_model_path)
 
 
 def trainer_autocast():
@@ -122,7 +124,7 @@ def generator_for(urls, tokenizer, model, root: Path, prefix: str, **options):
 
 
 def as_started(servers, policy, tmp_path, i: int = 0) -> None:
-    """Server i holds the embedded model under vLLM's never-pushed label, as one just started
+    """Server i holds the model it started with under vLLM's never-pushed label, as one just started
     does (the tests before have pushed other campaigns' weights to it)."""
     from online_dpo.engines.server import NEVER_PUSHED
     from online_dpo.train import lora
@@ -167,7 +169,7 @@ def test_a_push_reaches_the_server_and_is_checked_by_log_probs(servers, policy, 
     gen = generator_for(servers.urls[:1], tokenizer, model, tmp_path / "pushed", "push-test/")
     server = gen.servers[0]
     previous = probe_of(model, tokenizer)
-    assert probe_gap(server, previous) < 0.1  # it serves the embedded model
+    assert probe_gap(server, previous) < 0.1  # it serves the policy's model
     try:
         for version in ("v1", "v2"):
             dpo_step(model, tokenizer, previous)
@@ -259,6 +261,12 @@ def test_a_seeded_request_is_drawn_by_its_seed_on_either_server_alone_or_among_o
 # The campaigns here check where candidates come from and what survives a failure, none of which
 # depends on how long the answers are: short ones keep the float32 path's decoding short.
 SHORT_ANSWERS = ["generation.max_new_tokens=12", "eval.max_new_tokens=12"]
+# The servers' model, and a judge that ranks any text: every round has pairs, so every update is pushed.
+BY_LENGTH = ["judge.name=length", "judge.options={max_chars: 20, slack: 200}"]
+
+
+def policy_of(servers) -> list[str]:
+    return [f"policy.model={servers.model_path}", *BY_LENGTH]
 
 
 def run_cli(tmp_path, name: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -269,8 +277,8 @@ def run_cli(tmp_path, name: str, *overrides: str) -> subprocess.CompletedProcess
 
 
 def test_a_server_with_another_model_is_refused_at_start(servers, policy, tmp_path):
-    """The policy is a changed copy of the embedded model: the server (started with the
-    embedded model) fails the start check, and the error says how to start the right one."""
+    """The policy is a changed copy of the servers' model: the server (started with that
+    model) fails the start check, and the error says how to start the right one."""
     import torch
 
     as_started(servers, policy, tmp_path)
@@ -293,12 +301,12 @@ def test_errors_name_the_server_down_at_start_and_a_server_without_dev_mode(tmp_
     from online_dpo.engines.server import Server
 
     down = f"http://127.0.0.1:{free_port()}"
-    out = run_cli(tmp_path, "down", f"servers.urls=[{down}]")
+    out = run_cli(tmp_path, "down", f"servers.urls=[{down}]", *policy_of(servers))
     assert out.returncode == 5 and f"generation server {down} during start: cannot reach it" in out.stderr, out.stderr
 
     plain = PlainOpenAIServer()  # an OpenAI-compatible server without the dev-mode routes
     try:
-        out = run_cli(tmp_path, "plain", f"servers.urls=[{plain.url}]")
+        out = run_cli(tmp_path, "plain", f"servers.urls=[{plain.url}]", *policy_of(servers))
         assert out.returncode == 5
         assert re.search(r"lacks .*/pause \(needs VLLM_SERVER_DEV_MODE=1\).*online-dpo serve", out.stderr), out.stderr
     finally:
@@ -326,7 +334,7 @@ def test_async_rounds_generate_the_next_round_during_the_update(servers, tmp_pat
 
     out = run_cli(tmp_path, "async", "rounds=2", "data.train_prompts_per_round=4", "generation.samples_per_prompt=4",
                   "data.eval_prompts=8", "eval.diversity_prompts=0", "dpo.max_steps=2", "generation.async_rounds=1",
-                  f"servers.urls=[{servers.urls[0]},{servers.urls[1]}]")
+                  f"servers.urls=[{servers.urls[0]},{servers.urls[1]}]", *policy_of(servers))
     assert out.returncode == 0, out.stderr[-3000:] + servers.log_tails()
     rounds = RunDir(tmp_path / "async").manifest["rounds"]
     assert [rounds[r]["generate"]["policy_version"] for r in ("0", "1")] == ["initial", "initial"]
@@ -358,7 +366,7 @@ def test_two_rounds_on_two_servers_survive_a_killed_server(servers, tmp_path):
     cmd = [sys.executable, "-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={tmp_path}",
            f"name={name}", "rounds=2", f"data.train_prompts_per_round={P}", f"generation.samples_per_prompt={K}",
            "data.eval_prompts=16", "eval.diversity_prompts=4", "dpo.max_steps=2", "generation.backend=vllm_server",
-           f"servers.urls=[{servers.urls[0]},{servers.urls[1]}]", *SHORT_ANSWERS]
+           f"servers.urls=[{servers.urls[0]},{servers.urls[1]}]", *SHORT_ANSWERS, *policy_of(servers)]
     for url in servers.urls:
         Server(url, timeout_s=30).request("POST", "/update_weight_version", json={"new_version": "another-campaign/round-3"})
     before = [request_counts(u) for u in servers.urls]
@@ -368,8 +376,8 @@ def test_two_rounds_on_two_servers_survive_a_killed_server(servers, tmp_path):
     while not (run.manifest_path.exists() and RunDir(run.root).is_done(0, "eval")):
         assert campaign.poll() is None, campaign.stdout.read()[-3000:] + servers.log_tails()
         assert time.monotonic() < deadline
-        time.sleep(0.05)
-    servers.kill(1)  # round 1 is generating now
+        time.sleep(0.005)
+    servers.kill(1)  # round 1 is generating now (its 24 short answers take the servers well over 5 ms)
     out, _ = campaign.communicate(timeout=300)
     assert campaign.returncode == 5, out[-3000:] + servers.log_tails()
     assert "hold another campaign's weights; loading the initial model" in out
