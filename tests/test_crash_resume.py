@@ -6,7 +6,9 @@ mid-evaluation; the sequence also extends a finished 1-round campaign to 2 round
 `resume ... rounds=2`. The judge is the OpenAI judge against the local fake server,
 which counts every request it answers, so "no judge call repeated" is checked at the
 source. Generation uses the HF backend (the kill/resume logic is backend-agnostic, and
-vLLM start-up seven times over would dominate the suite).
+vLLM start-up seven times over would dominate the suite), and the policy is the shallow model
+(tests/conftest.py): what is checked is that the resumed run ends as the uninterrupted one
+does, whatever the policy answers; the fake judge prefers the shorter of any two answers.
 """
 
 from __future__ import annotations
@@ -101,16 +103,21 @@ def artifacts(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(module_tmp):
+def config(shallow_model_path) -> list[str]:
+    return [*CONFIG, f"policy.model={shallow_model_path}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(module_tmp, config):
     tmp = module_tmp
     with FakeOpenAI("shorter") as server:
-        rc = run(["run", "configs/quickstart.yaml", f"output_dir={tmp}", "name=c", "rounds=2", *CONFIG,
+        rc = run(["run", "configs/quickstart.yaml", f"output_dir={tmp}", "name=c", "rounds=2", *config,
                   *judge_options(server, tmp / "cache.sqlite")], tmp / "run.log")
         assert rc == 0, (tmp / "run.log").read_text()[-4000:]
         return artifacts(tmp / "c"), Counter(json.dumps(b, sort_keys=True) for b in server.answered)
 
 
-def test_killed_five_times_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_path, uninterrupted):
+def test_killed_five_times_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_path, uninterrupted, config):
     expected, expected_requests = uninterrupted
     root = tmp_path / "c"
     logs = tmp_path
@@ -118,10 +125,16 @@ def test_killed_five_times_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_
         judge = judge_options(server, tmp_path / "cache.sqlite")
         resume = ["resume", str(root)]
 
-        # 1. mid-generation of round 0 (a 1-round campaign, extended below)
-        rc = run(["run", "configs/quickstart.yaml", f"output_dir={tmp_path}", "name=c", "rounds=1", *CONFIG, *judge],
-                 logs / "1.log", kill_on="round 0 generate:", delay=0.5)
-        assert rc == -signal.SIGKILL and "generate" not in stages(root, 0)
+        # 1. mid-generation of round 0 (a 1-round campaign, extended below): the API judge works on
+        # each slice while the next generates (judge.overlap_generation=auto, one prompt a slice), so
+        # the first judge request arrives while later slices are generating; the server kills the
+        # client then, before answering it
+        proc = start(["run", "configs/quickstart.yaml", f"output_dir={tmp_path}", "name=c", "rounds=1", *config, *judge],
+                     logs / "1.log")
+        server.kill_on_request(1, proc.pid)
+        (logs / "1.log").write_text(proc.stderr.read())
+        assert proc.wait() == -signal.SIGKILL and "generate" not in stages(root, 0)
+        assert "(slice 1/4)" in (logs / "1.log").read_text() and not server.answered
 
         # 2. mid-judging: the server kills the client when the 8th request arrives, before answering it.
         # The API judge works while later slices generate (judge.overlap_generation=auto), so the

@@ -4,14 +4,14 @@ process's share of each round's candidates is sampled again by a fresh engine in
 process, from the weights that round started from (round 1's: the round-0 checkpoint, pushed
 into that engine as a campaign pushes its update) and with that process's seed. The tokens
 are the same, so each share came from its own process's engine, the shares were gathered in
-prompt order, and round 0's update reached both engines before round 1."""
+prompt order, and round 0's update reached both engines before round 1. The policy is the shallow
+model (tests/conftest.py), its candidates ranked by length, so every round has pairs to train on."""
 
 import json
 import types
 
 import pytest
 
-from judges.models import resolve_model_path
 from online_dpo.config import CampaignConfig, ConfigError
 from online_dpo.engines.ranks import rank_share
 from tests.conftest import run_python
@@ -76,12 +76,13 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def two_process_run(module_tmp):
+def two_process_run(module_tmp, shallow_model_path):
     out = module_tmp / "runs"
     env = {"OMP_NUM_THREADS": "1"}  # two processes on two cores; the replay runs with the same kernels
     proc = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                        "--master_port", str(free_port()), "-m", "online_dpo.cli", "run", "configs/quickstart.yaml",
-                       f"output_dir={out}", *OVERRIDES], timeout=900, env=env)
+                       f"output_dir={out}", *OVERRIDES, f"policy.model={shallow_model_path}", "judge.name=length",
+                       "judge.options={max_chars: 20, slack: 200}"], timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     return out / "every-rank"
 
@@ -97,10 +98,10 @@ def candidates_by_prompt(root, r: int) -> dict[str, list[list[int]]]:
     return by_prompt
 
 
-def test_each_process_generates_its_share_with_its_own_engine(two_process_run):
+def test_each_process_generates_its_share_with_its_own_engine(two_process_run, shallow_model_path):
     root = two_process_run
     manifest = json.loads((root / "manifest.json").read_text())
-    replay = run_python(["-c", REPLAY, str(root), resolve_model_path("embedded")], timeout=600, env={"OMP_NUM_THREADS": "1"})
+    replay = run_python(["-c", REPLAY, str(root), shallow_model_path], timeout=600, env={"OMP_NUM_THREADS": "1"})
     assert replay.returncode == 0, replay.stderr[-5000:]
     replayed = json.loads(replay.stdout.strip().splitlines()[-1])
     for r, version in ((0, "initial"), (1, "round-0")):
