@@ -1,7 +1,8 @@
 """A tiny real campaign (HF backend, embedded model, 2 rounds) shared by the report tests.
 
-It is made once per pytest session under the session's base temp folder, so both report
-test modules reuse it; each test works on its own copy (the report writes into the run).
+It is made once per pytest session under the session's base temp folder (the one all pytest-xdist
+workers share, under a file lock: the first module to need it makes it, the other waits for it),
+so both report test modules reuse it; each test works on its own copy (the report writes into the run).
 """
 
 from __future__ import annotations
@@ -26,18 +27,27 @@ def tiny_run(tmp_path_factory) -> Path:
     reuse = os.environ.get("REPORT_TEST_RUN")
     if reuse and (Path(reuse) / "round_001" / "eval.json").exists():
         return Path(reuse)
-    out = tmp_path_factory.getbasetemp() / "report-tiny-run"
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: basetemp/popen-gwN
+    out = session / "report-tiny-run"
     root = out / "tiny"
-    if not (root / "round_001" / "eval.json").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        proc = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", *TINY_RUN],
-                          timeout=900)
-        assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
-        # The report never reads checkpoints; this run lives to the session's end, so free its ~0.5 GB now.
-        for checkpoint in root.glob("round_*/checkpoint"):
-            shutil.rmtree(checkpoint)
-        (root / "best").unlink(missing_ok=True)  # the link to a checkpoint just removed
+    with FileLock(session / "report-tiny-run.lock"):
+        if not (root / "round_001" / "eval.json").exists():
+            make_tiny_run(out, root)
     return root
+
+
+def make_tiny_run(out: Path, root: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    proc = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", *TINY_RUN],
+                      timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    # The report never reads checkpoints; this run lives to the session's end, so free its ~0.5 GB now.
+    for checkpoint in root.glob("round_*/checkpoint"):
+        shutil.rmtree(checkpoint)
+    (root / "best").unlink(missing_ok=True)  # the link to a checkpoint just removed
 
 
 def copy_run(root: Path, dest: Path) -> Path:
