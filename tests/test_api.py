@@ -29,8 +29,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_run_and_resume_with_a_function_judge_from_python(tmp_path):
-    proc = run_python(["-c", SCRIPT, str(tmp_path), *TINY], timeout=900)
+def test_run_and_resume_with_a_function_judge_from_python(tmp_path, shallow_model_path):
+    # the API's run, resume and results, whatever the policy answers: the shallow model (conftest)
+    proc = run_python(["-c", SCRIPT, str(tmp_path), *TINY, f"policy.model={shallow_model_path}"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = last_json_line(proc.stdout)
     assert got["first"] == [0] and got["again"] == [0, 1]
