@@ -67,6 +67,9 @@ def embedded_model_path() -> str:
 
 
 SHALLOW_LAYERS = 2
+# A judge for campaigns on the shallow model: scores fall with length past 20 characters, so
+# candidates of different lengths form pairs whatever they say, and every round trains.
+BY_LENGTH = ["judge.name=length", "judge.options={max_chars: 20, slack: 200}"]
 
 
 @pytest.fixture(scope="session")

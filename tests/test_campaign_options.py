@@ -23,7 +23,7 @@ from online_dpo.data import chat_prompt_ids
 from online_dpo.pairs import replay_count
 from online_dpo.train.logps import batch_logps
 from online_dpo.train.packing import collate_pairs, encode_pair, make_example_batches
-from tests.conftest import run_python
+from tests.conftest import BY_LENGTH, run_python
 
 SMALL = ["rounds=2", "generation.backend=hf", "data.train_prompts_per_round=4", "generation.samples_per_prompt=3",
          "generation.max_new_tokens=12", "eval.max_new_tokens=8", "data.eval_prompts=2", "dpo.batch_size=2",
@@ -33,8 +33,7 @@ SMALL = ["rounds=2", "generation.backend=hf", "data.train_prompts_per_round=4", 
          # per response) is not what is tested. The bf16 path has its own test: tests/test_precision.py.
          "dpo.mixed_precision=no",
          "eval.diversity_prompts=0",  # the diversity watch is tested by the KTO round below and tests/test_campaign.py
-         # scores fall with length past 20 characters, so candidates of different lengths form pairs
-         "judge.name=length", "judge.options={max_chars: 20, slack: 200}"]
+         *BY_LENGTH]
 
 
 def chat(i):

@@ -14,8 +14,7 @@ import pytest
 
 from online_dpo.config import CampaignConfig, ConfigError
 from online_dpo.engines.ranks import rank_share
-from tests.conftest import run_python
-from tests.conftest import free_port
+from tests.conftest import BY_LENGTH, free_port, run_python
 
 pytestmark = pytest.mark.vllm
 
@@ -81,8 +80,8 @@ def two_process_run(module_tmp, shallow_model_path):
     env = {"OMP_NUM_THREADS": "1"}  # two processes on two cores; the replay runs with the same kernels
     proc = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                        "--master_port", str(free_port()), "-m", "online_dpo.cli", "run", "configs/quickstart.yaml",
-                       f"output_dir={out}", *OVERRIDES, f"policy.model={shallow_model_path}", "judge.name=length",
-                       "judge.options={max_chars: 20, slack: 200}"], timeout=900, env=env)
+                       f"output_dir={out}", *OVERRIDES, f"policy.model={shallow_model_path}", *BY_LENGTH],
+                      timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     return out / "every-rank"
 
