@@ -1,6 +1,7 @@
 """The round guard (guard.on_loss): the rule on hand-made evals, the best round, and tiny
-campaigns (HF backend, in this process) whose round is rejected: rolled back and retried on
-fresh prompts, or the campaign stops, and a resume agrees with what ran."""
+campaigns (HF backend, in this process, on the conftest's shallow model: the guard's rule is made
+to reject, so what the policy answers does not matter) whose round is rejected: rolled back and
+retried on fresh prompts, or the campaign stops, and a resume agrees with what ran."""
 
 import itertools
 import json
@@ -78,10 +79,12 @@ def reference_under(checkpoint: Path, rows: list[dict], pairs: list[dict]) -> li
     return out
 
 
-def test_a_rejected_round_is_rolled_back_and_the_next_starts_from_the_last_accepted_policy(tmp_path, monkeypatch):
+def test_a_rejected_round_is_rolled_back_and_the_next_starts_from_the_last_accepted_policy(tmp_path, monkeypatch,
+                                                                                           shallow_model_path):
     from datasets import load_from_disk
 
-    root = run_in_process(tmp_path, "retry", ["rounds=3", "guard.on_loss=retry", "save_checkpoints=all"], {1}, monkeypatch)
+    root = run_in_process(tmp_path, "retry", ["rounds=3", "guard.on_loss=retry", "save_checkpoints=all",
+                                              f"policy.model={shallow_model_path}"], {1}, monkeypatch)
     manifest = json.loads((root / "manifest.json").read_text())
     assert [manifest["rounds"][str(r)]["eval"]["accepted"] for r in range(3)] == [True, False, True]
     assert not (root / "round_001" / "checkpoint").exists()  # the rejected policy is gone
@@ -104,8 +107,10 @@ def test_a_rejected_round_is_rolled_back_and_the_next_starts_from_the_last_accep
     assert summary["rounds"][1]["guard"]["accepted"] is False and "made to reject round 1" in summary["rounds"][1]["guard"]["reason"]
 
 
-def test_guard_stop_ends_the_campaign_at_the_rejected_round_and_resume_keeps_it_stopped(tmp_path, monkeypatch):
-    root = run_in_process(tmp_path, "stop", ["rounds=3", "guard.on_loss=stop"], {0}, monkeypatch)
+def test_guard_stop_ends_the_campaign_at_the_rejected_round_and_resume_keeps_it_stopped(tmp_path, monkeypatch,
+                                                                                      shallow_model_path):
+    root = run_in_process(tmp_path, "stop", ["rounds=3", "guard.on_loss=stop", f"policy.model={shallow_model_path}"],
+                          {0}, monkeypatch)
     summary = json.loads((root / "summary.json").read_text())
     assert summary["stopped_after_round"] == 0 and summary["best_round"] is None
     assert not (root / "round_001").exists() and not (root / "best").exists()
