@@ -16,7 +16,7 @@ TINY = ["rounds=1", "name=budget", "generation.backend=hf", "data.train_prompts_
         "eval.diversity_prompts=0"]  # the judge's budget is what this tests; the diversity watch: test_campaign
 
 
-def test_budget_stop_then_resume_pays_once(tmp_path):
+def test_budget_stop_then_resume_pays_once(tmp_path, shallow_model_path):
     env = {"FAKE_JUDGE_KEY": "sk-test-Zq9xK2vLw7-456"}
     # A judge that prefers one of any two different responses: the round has something to train on
     # (a judge whose every verdict is a tie stops the round: tests/test_noisy_api_judge.py).
@@ -25,7 +25,9 @@ def test_budget_stop_then_resume_pays_once(tmp_path):
                  "judge.options.api_key_env=FAKE_JUDGE_KEY", f"judge.options.cache_path={tmp_path / 'cache.sqlite'}",
                  "judge.options.max_concurrency=1"]
         first = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={tmp_path}",
-                            *TINY, *judge, "judge.options.max_calls=1"], timeout=600, env=env)
+                            *TINY, *judge, "judge.options.max_calls=1",
+                            f"policy.model={shallow_model_path}"],  # the budget holds whatever the policy answers
+                           timeout=600, env=env)
         assert first.returncode == 3, (first.stdout[-2000:], first.stderr[-4000:])
         assert "judge budget reached" in first.stderr and "resume" in first.stderr
         run_dir = tmp_path / "budget"

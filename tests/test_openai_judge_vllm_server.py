@@ -86,7 +86,7 @@ def test_api_judge_through_real_vllm_server(vllm_server, tmp_path):
     assert [v.winner for v in verdicts2] == [v.winner for v in verdicts]
 
 
-def test_campaign_round_with_the_api_judge(vllm_server, tmp_path):
+def test_campaign_round_with_the_api_judge(vllm_server, tmp_path, shallow_model_path):
     """A campaign round judged through the real server. The embedded 135M model is a judge in
     name only: asked in both orders it tends to name the same position both times, so its
     verdicts are ties and the round stops (exit 6) before anything is saved or trained on. The
@@ -100,8 +100,9 @@ def test_campaign_round_with_the_api_judge(vllm_server, tmp_path):
                         "name=api-judge", *common, "rounds=1", "data.train_prompts_per_round=4",
                         "generation.samples_per_prompt=4", "dpo.max_steps=2", "data.eval_prompts=8",
                         "generation.max_new_tokens=16", "eval.max_new_tokens=16",
-                        "eval.diversity_prompts=0"],  # the policy's diversity watch is not what this tests (test_campaign)
-                       timeout=900)
+                        "eval.diversity_prompts=0",  # the policy's diversity watch is not what this tests (test_campaign)
+                        # the judge on the server is the embedded model; the policy it judges can be any (conftest)
+                        f"policy.model={shallow_model_path}"], timeout=900)
     assert first.returncode in (0, 6), (first.stdout[-3000:], first.stderr[-5000:])
     orders = 2
     if first.returncode == 6:  # what this model did on the machines it was tried on
