@@ -195,7 +195,8 @@ def test_reference_free_losses_run_a_round_without_a_reference_pass(tmp_path, lo
     words = ["cat", "dog", "tree", "sun", "moon", "star", "rain", "fish"]
     src = tmp_path / "plain.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"Give me a word that rhymes with {w}."}) + "\n" for w in words))
-    root = run_campaign(tmp_path / "runs", loss, str(src), shallow_model_path, ["rounds=1", f"dpo.loss={loss}", "dpo.beta=2.0"])
+    root = run_campaign(tmp_path / "runs", loss, str(src), shallow_model_path,
+                        ["rounds=1", f"dpo.loss={loss}", "dpo.beta=2.0"])
     result = json.loads((root / "round_000" / "eval.json").read_text())
     steps = read_jsonl(root / "round_000" / "train_metrics.jsonl")
     assert result["pairs"] > 0 and steps, "no pairs formed: nothing was trained"

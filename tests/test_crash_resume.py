@@ -129,8 +129,8 @@ def test_killed_five_times_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_
         # each slice while the next generates (judge.overlap_generation=auto, one prompt a slice), so
         # the first judge request arrives while later slices are generating; the server kills the
         # client then, before answering it
-        proc = start(["run", "configs/quickstart.yaml", f"output_dir={tmp_path}", "name=c", "rounds=1", *config, *judge],
-                     logs / "1.log")
+        proc = start(["run", "configs/quickstart.yaml", f"output_dir={tmp_path}", "name=c", "rounds=1", *config,
+                      *judge], logs / "1.log")
         server.kill_on_request(1, proc.pid)
         (logs / "1.log").write_text(proc.stderr.read())
         assert proc.wait() == -signal.SIGKILL and "generate" not in stages(root, 0)

@@ -261,6 +261,8 @@ def test_a_seeded_request_is_drawn_by_its_seed_on_either_server_alone_or_among_o
 # The campaigns here check where candidates come from and what survives a failure, none of which
 # depends on how long the answers are: short ones keep the float32 path's decoding short.
 SHORT_ANSWERS = ["generation.max_new_tokens=12", "eval.max_new_tokens=12"]
+
+
 def policy_of(servers) -> list[str]:
     """The servers' model, and a judge that ranks any text: every round has pairs, so every update is pushed."""
     return [f"policy.model={servers.model_path}", *BY_LENGTH]
