@@ -80,7 +80,8 @@ def shallow_model_path(embedded_model_path, tmp_path_factory) -> str:
     policy. Its answers are word salad that runs to max_new_tokens, so a test on it needs a judge
     that ranks any text (length, a fake API judge's hash), not correct answers: an arithmetic
     verifier scores them all wrong, a tie, and the round has nothing to train on."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     src, dst = Path(embedded_model_path), tmp_path_factory.mktemp("shallow-model")
     for f in src.iterdir():
@@ -89,8 +90,9 @@ def shallow_model_path(embedded_model_path, tmp_path_factory) -> str:
     config = json.loads((src / "config.json").read_text())
     config["num_hidden_layers"] = SHALLOW_LAYERS
     (dst / "config.json").write_text(json.dumps(config, indent=2))
-    kept = {name: t for name, t in load_file(src / "model.safetensors").items()
-            if not name.startswith("model.layers.") or int(name.split(".")[2]) < SHALLOW_LAYERS}
+    with safe_open(src / "model.safetensors", framework="pt") as weights:  # reads only the tensors kept
+        kept = {name: weights.get_tensor(name) for name in weights.keys()
+                if not name.startswith("model.layers.") or int(name.split(".")[2]) < SHALLOW_LAYERS}
     save_file(kept, dst / "model.safetensors", metadata={"format": "pt"})
     return str(dst)
 

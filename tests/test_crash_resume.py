@@ -71,6 +71,15 @@ def run(args: list[str], log_path: Path, kill_on: str | None = None, delay: floa
     return proc.wait()
 
 
+def run_killed_at_request(server: FakeOpenAI, n: int, args: list[str], log_path: Path) -> int:
+    """Run the CLI; the fake judge server SIGKILLs it when the n-th request from now arrives,
+    before answering it (a kill at a known point, whatever else loads the machine)."""
+    proc = start(args, log_path)
+    server.kill_on_request(n, proc.pid)
+    log_path.write_text(proc.stderr.read())
+    return proc.wait()
+
+
 def stages(run_dir: Path, r: int) -> set[str]:
     return set(json.loads((run_dir / "manifest.json").read_text())["rounds"].get(str(r), {}))
 
@@ -129,21 +138,15 @@ def test_killed_five_times_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_
         # each slice while the next generates (judge.overlap_generation=auto, one prompt a slice), so
         # the first judge request arrives while later slices are generating; the server kills the
         # client then, before answering it
-        proc = start(["run", "configs/quickstart.yaml", f"output_dir={tmp_path}", "name=c", "rounds=1", *config,
-                      *judge], logs / "1.log")
-        server.kill_on_request(1, proc.pid)
-        (logs / "1.log").write_text(proc.stderr.read())
-        assert proc.wait() == -signal.SIGKILL and "generate" not in stages(root, 0)
+        rc = run_killed_at_request(server, 1, ["run", "configs/quickstart.yaml", f"output_dir={tmp_path}", "name=c",
+                                               "rounds=1", *config, *judge], logs / "1.log")
+        assert rc == -signal.SIGKILL and "generate" not in stages(root, 0)
         assert "(slice 1/4)" in (logs / "1.log").read_text() and not server.answered
 
         # 2. mid-judging: the server kills the client when the 8th request arrives, before answering it.
         # The API judge works while later slices generate (judge.overlap_generation=auto), so the
         # generate marker may or may not be on record yet; the judge marker is not.
-        proc_args = resume
-        proc = start(proc_args, logs / "2.log")
-        server.kill_on_request(8, proc.pid)
-        (logs / "2.log").write_text(proc.stderr.read())
-        assert proc.wait() == -signal.SIGKILL
+        assert run_killed_at_request(server, 8, resume, logs / "2.log") == -signal.SIGKILL
         assert "judge" not in stages(root, 0)
         assert len(server.answered) == 7
 
@@ -164,10 +167,7 @@ def test_killed_five_times_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_
         assert list((root / "round_001").glob(".checkpoint.*")), "the kill missed the checkpoint save"
 
         # 6. mid-evaluation of round 1: the 5th judge request of this process is an eval comparison
-        proc = start(resume, logs / "6.log")
-        server.kill_on_request(5, proc.pid)
-        (logs / "6.log").write_text(proc.stderr.read())
-        assert proc.wait() == -signal.SIGKILL
+        assert run_killed_at_request(server, 5, resume, logs / "6.log") == -signal.SIGKILL
         assert "checkpoint" in stages(root, 1) and "eval" not in stages(root, 1)
         assert "removed an unfinished write" in (logs / "6.out").read_text()
 
