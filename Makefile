@@ -39,14 +39,16 @@ test: install
 	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 # Benchmarks (not tests; see bench/README.md): per-stage round times, generation and training
-# tokens/s against the bf16/fp32 matmul roofline, and online-dpo vs TRL's OnlineDPOTrainer.
-# About 25 minutes on a quiet 2-core CPU; the JSON goes to runs/bench/.
+# tokens/s against the bf16/fp32 matmul roofline, online-dpo vs TRL's OnlineDPOTrainer, and a CPU
+# server's tokens/s with the cores `online-dpo serve` gives it. About 30 minutes on a quiet 2-core
+# CPU; the JSON goes to runs/bench/.
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"
 	mkdir -p runs/bench
 	$(BIN)/python bench/stages.py --json runs/bench/stages.json
 	$(BIN)/python bench/throughput.py --json runs/bench/throughput.json
 	$(BIN)/python bench/vs_trl.py --json runs/bench/vs_trl.json
+	$(BIN)/python bench/server_cores.py --json runs/bench/server_cores.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,7 +5,8 @@
   and peak RSS (the child's own high-water mark from wait4, and the sampled sum over the
   child's whole process tree, for engines that spawn workers);
 - `TreeRssSampler`: the sampled peak RSS of any process tree (a generation server's);
-- `vm_hwm_bytes`: this process's peak resident set (Linux /proc), for children to report.
+- `vm_hwm_bytes`: this process's peak resident set (Linux /proc), for children to report;
+- `free_port`: a localhost port for a server the bench starts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -139,6 +141,13 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     tmp.replace(path)
+
+
+def free_port() -> int:
+    """A localhost port no one listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def gib(n: float | None) -> str:

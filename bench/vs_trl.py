@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TreeRssSampler, gib, run_child, vm_hwm_bytes, write_json  # noqa: E402
+from common import TreeRssSampler, free_port, gib, run_child, vm_hwm_bytes, write_json  # noqa: E402
 
 T_PROCESS = time.perf_counter()
 ROOT = Path(__file__).resolve().parent.parent
@@ -378,16 +378,13 @@ def run_servers_side(s: Settings, tmp: Path) -> dict:
     """The online-dpo campaign generating on one vLLM server, started (and timed) here with
     `online-dpo serve`'s defaults; the server's process tree is sampled for its peak RSS."""
     import dataclasses
-    import socket
 
     from judges.models import resolve_model_path
     from online_dpo.campaign import longest_sequence
     from online_dpo.engines.serve import start_server, stop_server, wait_ready
 
     cfg = _load_cfg(s, str(tmp))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log_path = tmp / "server.log"
     print(f"starting a vLLM server ... (log: {log_path})", flush=True)
     t0 = time.perf_counter()

@@ -55,6 +55,22 @@ def test_kv_blocks_set_in_the_config_win_and_cpu_servers_get_the_cpu_blocks(monk
     assert argv.count("--block-size") == 1 and argv[argv.index("--block-size") + 1] == "64"
 
 
+def test_a_cpu_server_on_a_small_machine_computes_on_every_core(monkeypatch):
+    """vLLM keeps a core for its scheduler on a CPU; on up to 4 cores `online-dpo serve` gives it
+    to the worker, unless the user set vLLM's own core settings."""
+    from online_dpo.engines.serve import cpu_core_env, server_command
+
+    assert cpu_core_env({}, 2) == cpu_core_env({}, 4) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_core_env({}, 8) == {}
+    assert cpu_core_env({"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, 2) == {}
+    assert cpu_core_env({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, 2) == {}
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("online_dpo.hardware.available_cores", lambda: 2)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)  # tests/conftest.py binds the tests' servers
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    assert server_command("/models/m")[1]["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
 def test_threads_are_the_processes_share_of_the_cores_it_may_use(monkeypatch):
     monkeypatch.setattr("online_dpo.hardware.available_cores", lambda: 16)
     assert resolve_threads({}).value == 16

@@ -14,6 +14,19 @@ import time
 from online_dpo.errors import GenerationServerError
 
 CPU_KV_CACHE_GB = 1.0  # vLLM's own KV sizing on a CPU counts the whole machine's memory
+# vLLM's CPU server keeps one core for its scheduler process and computes on the others. Up to
+# this many cores that core is a quarter of the machine or more, and the scheduler mostly waits
+# on the worker, so the worker computes on every core instead (bench/README.md, "Servers").
+SMALL_CPU_CORES = 4
+
+
+def cpu_core_env(environ: dict, cores: int) -> dict[str, str]:
+    """What a CPU server's environment adds for its cores: on a machine of at most
+    SMALL_CPU_CORES, no core reserved for vLLM's scheduler; nothing where the user set
+    vLLM's own core settings (VLLM_CPU_NUM_OF_RESERVED_CPU, VLLM_CPU_OMP_THREADS_BIND)."""
+    if cores > SMALL_CPU_CORES or {"VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND"} & set(environ):
+        return {}
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def server_command(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
@@ -48,6 +61,8 @@ def server_command(model_path: str, *, host: str = "127.0.0.1", port: int = 8000
         # offset, which a CPU generator cannot do: the engine dies. Whole prefills avoid it.
         argv.append("--no-enable-chunked-prefill")
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}  # /pause, /resume, /collective_rpc, weight versions
+    if not on_gpu:
+        env.update(cpu_core_env(os.environ, hardware.available_cores()))
     return argv + list(extra), env
 
 
