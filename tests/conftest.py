@@ -20,21 +20,14 @@ def worker_threads() -> int:
     return max(1, available_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
-def worker_cores() -> str:
-    """The cores of this pytest-xdist worker's share, as vLLM's VLLM_CPU_OMP_THREADS_BIND lists them."""
-    cores = sorted(os.sched_getaffinity(0))
-    share, index = worker_threads(), int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
-    start = (index * share) % len(cores)
-    return ",".join(str(c) for c in cores[start:start + share])
-
-
 def pytest_configure(config):
     # Before anything imports torch, which reads it once: in-process models and every process
     # a test starts get this worker's share of the cores.
     os.environ["OMP_NUM_THREADS"] = str(worker_threads())
-    # A vLLM server binds its threads to cores it picks (online-dpo serve: on a small machine,
-    # every core); the servers a test starts take this worker's share instead.
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", worker_cores())
+    # The vLLM servers the tests start keep vLLM's own split of the cores (one for its scheduler,
+    # the rest for its worker: on 2 cores one thread, this worker's share), not the every core
+    # that `online-dpo serve` gives a server on a small machine (engines/serve.py).
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
 
 
 # The modules that take minutes, slowest first. pytest-xdist hands whole modules to the workers

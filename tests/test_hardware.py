@@ -66,8 +66,8 @@ def test_a_cpu_server_on_a_small_machine_computes_on_every_core(monkeypatch):
     assert cpu_core_env({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, 2) == {}
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr("online_dpo.hardware.available_cores", lambda: 2)
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)  # tests/conftest.py binds the tests' servers
-    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)  # tests/conftest.py sets it for the tests' servers
     assert server_command("/models/m")[1]["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
 
 
