@@ -15,8 +15,8 @@ from online_dpo.errors import GenerationServerError
 
 CPU_KV_CACHE_GB = 1.0  # vLLM's own KV sizing on a CPU counts the whole machine's memory
 # vLLM's CPU server keeps one core for its scheduler process and computes on the others. Up to
-# this many cores that core is a quarter of the machine or more, and the scheduler mostly waits
-# on the worker, so the worker computes on every core instead (bench/README.md, "Servers").
+# this many cores that core is a quarter of the machine or more; on 2 cores a worker on every
+# core generated faster, the scheduler beside it (bench/server_cores.py).
 SMALL_CPU_CORES = 4
 
 
@@ -53,6 +53,7 @@ def server_command(model_path: str, *, host: str = "127.0.0.1", port: int = 8000
         kv_cache_gb = CPU_KV_CACHE_GB
     if kv_cache_gb:
         argv += ["--kv-cache-memory-bytes", str(int(kv_cache_gb * 2**30))]
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}  # /pause, /resume, /collective_rpc, weight versions
     if not on_gpu:
         argv.append("--enforce-eager")  # no graph capture on a CPU
         if "--block-size" not in extra:  # the samples of a prompt share its prefill (hardware.resolve_kv_block_tokens)
@@ -60,8 +61,6 @@ def server_command(model_path: str, *, host: str = "127.0.0.1", port: int = 8000
         # A seeded request whose prompt's prefill is split over steps rewinds its generator's
         # offset, which a CPU generator cannot do: the engine dies. Whole prefills avoid it.
         argv.append("--no-enable-chunked-prefill")
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}  # /pause, /resume, /collective_rpc, weight versions
-    if not on_gpu:
         env.update(cpu_core_env(os.environ, hardware.available_cores()))
     return argv + list(extra), env
 
