@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,12 +37,12 @@ def measure(model: str, prompts: list[str], args, reserved: str | None) -> dict:
     from online_dpo import hardware
     from online_dpo.engines.serve import cpu_core_env, start_server, stop_server, wait_ready
 
-    saved = os.environ.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
-    if reserved is not None:
-        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved
     body = {"model": model, "prompt": prompts, "n": args.samples, "max_tokens": args.max_new_tokens,
             "temperature": 1.0, "ignore_eos": True}
-    try:
+    with mock.patch.dict(os.environ):  # the launcher reads the environment; restored on exit
+        os.environ.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
+        if reserved is not None:
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved
         added = cpu_core_env(os.environ, hardware.available_cores())
         with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "server.log", "w+") as log:
             started = time.perf_counter()
@@ -62,10 +63,6 @@ def measure(model: str, prompts: list[str], args, reserved: str | None) -> dict:
                 raise
             finally:
                 stop_server(process)
-    finally:
-        os.environ.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
-        if saved is not None:
-            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = saved
     label = "vLLM's own split (one core for its scheduler)" if reserved is not None else "online-dpo serve"
     return {"server": label, "env_added": added, "ready_s": round(ready_s, 1),
             "tokens_per_s": [round(r, 1) for r in rates]}
