@@ -1,11 +1,13 @@
-"""Benchmark: a vLLM server's generation tokens/s on a CPU with the cores `online-dpo serve` gives
-its worker against vLLM's own split (one core kept for its scheduler process), in one run.
+"""Benchmark: a vLLM server on a CPU as `online-dpo serve` starts it (on a small machine, the model
+in vLLM's engine process on every core) against vLLM's own placement (the model in a worker
+process, one core kept for the scheduler) and that worker on every core: time to ready and
+generation tokens/s, in one run.
 
-Both servers are started by `online-dpo serve`'s launcher (`engines.serve.start_server`) on the
-same model, one after the other, and each answers the same completion request (the same prompts,
-K samples each, a fixed number of tokens: `ignore_eos`) `--repeats` times; the first answer of each
-also warms the server. vLLM's own split is what the launcher leaves it with
-VLLM_CPU_NUM_OF_RESERVED_CPU=1.
+The three servers are started by `online-dpo serve`'s launcher (`engines.serve.start_server`) on
+the same model, one after the other, and each answers the same completion request (the same
+prompts, K samples each, a fixed number of tokens: `ignore_eos`) `--repeats` times; the first
+answer of each also warms the server. The launcher leaves vLLM's own placement where
+VLLM_CPU_NUM_OF_RESERVED_CPU is set (engines.serve.VLLM_CORE_SETTINGS).
 
     python bench/server_cores.py                       # the embedded model
     python bench/server_cores.py --model DIR --prompts 16 --samples 2
@@ -29,20 +31,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import free_port, write_json  # noqa: E402
 
 
-def measure(model: str, prompts: list[str], args, reserved: str | None) -> dict:
-    """Start a server with VLLM_CPU_NUM_OF_RESERVED_CPU=`reserved` (None: as the launcher sets
-    it) and time `args.repeats` answers to the same request."""
+# (label, what the environment sets of engines.serve.VLLM_CORE_SETTINGS; the launcher adds the rest)
+PLACEMENTS = [("vLLM's own: a worker process, one core for the scheduler", {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}),
+              ("a worker process on every core", {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
+              ("online-dpo serve", {})]
+
+
+def measure(model: str, prompts: list[str], args, label: str, settings: dict[str, str]) -> dict:
+    """Start a server with `settings` in its environment (and none of the launcher's other core
+    settings) and time its start and `args.repeats` answers to the same request."""
     import httpx
 
     from online_dpo import hardware
-    from online_dpo.engines.serve import cpu_core_env, start_server, stop_server, wait_ready
+    from online_dpo.engines.serve import VLLM_CORE_SETTINGS, cpu_core_env, start_server, stop_server, wait_ready
 
     body = {"model": model, "prompt": prompts, "n": args.samples, "max_tokens": args.max_new_tokens,
             "temperature": 1.0, "ignore_eos": True}
     with mock.patch.dict(os.environ):  # the launcher reads the environment; restored on exit
-        os.environ.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
-        if reserved is not None:
-            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved
+        for name in VLLM_CORE_SETTINGS:
+            os.environ.pop(name, None)
+        os.environ.update(settings)
         added = cpu_core_env(os.environ, hardware.available_cores())
         with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "server.log", "w+") as log:
             started = time.perf_counter()
@@ -63,8 +71,7 @@ def measure(model: str, prompts: list[str], args, reserved: str | None) -> dict:
                 raise
             finally:
                 stop_server(process)
-    label = "vLLM's own split (one core for its scheduler)" if reserved is not None else "online-dpo serve"
-    return {"server": label, "env_added": added, "ready_s": round(ready_s, 1),
+    return {"server": label, "env": {**settings, **added}, "ready_s": round(ready_s, 1),
             "tokens_per_s": [round(r, 1) for r in rates]}
 
 
@@ -91,14 +98,16 @@ def main() -> None:
                                              tokenize=False, add_generation_prompt=True) for i in range(args.prompts)]
     hw = hardware.Hardware.detect()
     print(f"machine: {hw.device}, {hardware.available_cores()} cores, bf16 native: {hw.fast_bf16}", flush=True)
-    rows = [measure(model, prompts, args, reserved) for reserved in ("1", None)]
+    rows = [measure(model, prompts, args, label, settings) for label, settings in PLACEMENTS]
     for row in rows:
         print(json.dumps(row))
-    own, serve = rows[0]["tokens_per_s"][-1], rows[1]["tokens_per_s"][-1]
-    print(f"last repeat: {serve:.1f} vs {own:.1f} tokens/s = {serve / own:.2f}x with online-dpo serve's cores")
+    own, serve = rows[0], rows[-1]
+    ratio = serve["tokens_per_s"][-1] / own["tokens_per_s"][-1]
+    print(f"online-dpo serve against vLLM's own placement: ready in {serve['ready_s']} s against {own['ready_s']} s; "
+          f"last repeat {serve['tokens_per_s'][-1]:.1f} against {own['tokens_per_s'][-1]:.1f} tokens/s = {ratio:.2f}x")
     if args.json:
         write_json(args.json, {"machine": {"cores": hardware.available_cores(), "fast_bf16": hw.fast_bf16},
-                               "args": vars(args), "servers": rows, "ratio": serve / own})
+                               "args": vars(args), "servers": rows, "ratio": ratio})
 
 
 if __name__ == "__main__":

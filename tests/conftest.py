@@ -24,10 +24,6 @@ def pytest_configure(config):
     # Before anything imports torch, which reads it once: in-process models and every process
     # a test starts get this worker's share of the cores.
     os.environ["OMP_NUM_THREADS"] = str(worker_threads())
-    # The vLLM servers the tests start keep vLLM's own split of the cores (one for its scheduler,
-    # the rest for its worker: on 2 cores one thread, this worker's share), not the every core
-    # that `online-dpo serve` gives a server on a small machine (engines/serve.py).
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
 
 
 # The modules that take minutes, slowest first. pytest-xdist hands whole modules to the workers

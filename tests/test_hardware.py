@@ -56,19 +56,23 @@ def test_kv_blocks_set_in_the_config_win_and_cpu_servers_get_the_cpu_blocks(monk
 
 
 def test_a_cpu_server_on_a_small_machine_computes_on_every_core(monkeypatch):
-    """vLLM keeps a core for its scheduler on a CPU; on up to 4 cores `online-dpo serve` gives it
-    to the worker, unless the user set vLLM's own core settings."""
-    from online_dpo.engines.serve import cpu_core_env, server_command
+    """vLLM runs a CPU server's model in a worker process and keeps a core for its scheduler; on
+    up to 4 cores `online-dpo serve` runs the model in the engine process on every core, unless the
+    user set vLLM's own core settings or the threads."""
+    from online_dpo.engines.serve import VLLM_CORE_SETTINGS, cpu_core_env, server_command
 
-    assert cpu_core_env({}, 2) == cpu_core_env({}, 4) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    in_engine = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert cpu_core_env({}, 2) == {**in_engine, "OMP_NUM_THREADS": "2"}
+    assert cpu_core_env({}, 4) == {**in_engine, "OMP_NUM_THREADS": "4"}
+    assert cpu_core_env({"OMP_NUM_THREADS": "1"}, 2) == {**in_engine, "OMP_NUM_THREADS": "1"}
     assert cpu_core_env({}, 8) == {}
-    assert cpu_core_env({"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, 2) == {}
-    assert cpu_core_env({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, 2) == {}
+    for setting in VLLM_CORE_SETTINGS:
+        assert cpu_core_env({setting: "1"}, 2) == {}
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr("online_dpo.hardware.available_cores", lambda: 2)
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)  # tests/conftest.py sets it for the tests' servers
-    assert server_command("/models/m")[1]["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    for setting in VLLM_CORE_SETTINGS:
+        monkeypatch.delenv(setting, raising=False)
+    assert server_command("/models/m")[1]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
 def test_threads_are_the_processes_share_of_the_cores_it_may_use(monkeypatch):

@@ -14,19 +14,25 @@ import time
 from online_dpo.errors import GenerationServerError
 
 CPU_KV_CACHE_GB = 1.0  # vLLM's own KV sizing on a CPU counts the whole machine's memory
-# vLLM's CPU server keeps one core for its scheduler process and computes on the others. Up to
-# this many cores that core is a quarter of the machine or more; on 2 cores a worker on every
-# core generated faster, the scheduler beside it (bench/server_cores.py).
+# On a CPU, vLLM's server runs its model in a worker process of its own and keeps one core for the
+# scheduler beside it. Up to this many cores that core is a quarter of the machine or more, and the
+# worker process one more interpreter to start: there the model runs inside the engine process, on
+# every core (bench/server_cores.py measured both).
 SMALL_CPU_CORES = 4
+# Where the user set any of these, vLLM's own placement of the model on the cores is theirs.
+VLLM_CORE_SETTINGS = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND")
 
 
 def cpu_core_env(environ: dict, cores: int) -> dict[str, str]:
     """What a CPU server's environment adds for its cores: on a machine of at most
-    SMALL_CPU_CORES, no core reserved for vLLM's scheduler; nothing where the user set
-    vLLM's own core settings (VLLM_CPU_NUM_OF_RESERVED_CPU, VLLM_CPU_OMP_THREADS_BIND)."""
-    if cores > SMALL_CPU_CORES or {"VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND"} & set(environ):
+    SMALL_CPU_CORES, the model in vLLM's engine process (VLLM_ENABLE_V1_MULTIPROCESSING=0: no
+    worker process, no core kept for the scheduler) with OMP_NUM_THREADS threads, every core
+    unless the environment already says how many; nothing where the user set VLLM_CORE_SETTINGS."""
+    if cores > SMALL_CPU_CORES or set(VLLM_CORE_SETTINGS) & set(environ):
         return {}
-    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    # Set, not left to torch's default: where it is unset, vLLM asks for one thread in a serving engine
+    # (its CPU worker refuses that call today; a later version may not).
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", str(cores))}
 
 
 def server_command(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
