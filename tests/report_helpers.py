@@ -1,4 +1,5 @@
-"""A tiny real campaign (HF backend, embedded model, 2 rounds) shared by the report tests.
+"""A tiny real campaign (HF backend, 2 rounds) shared by the report tests. What the report reads
+holds for any policy, so it runs on the shallow model (tests/conftest.py) with the length judge.
 
 It is made once per pytest session under the session's base temp folder (the one all pytest-xdist
 workers share, under a file lock: the first module to need it makes it, the other waits for it),
@@ -12,16 +13,17 @@ import shutil
 import struct
 from pathlib import Path
 
-from tests.conftest import run_python
+from tests.conftest import BY_LENGTH, run_python
 
 TINY_RUN = [
     "rounds=2", "name=tiny", "generation.backend=hf", "data.train_prompts_per_round=4",
     "generation.samples_per_prompt=3", "generation.max_new_tokens=12", "eval.max_new_tokens=12",
-    "data.eval_prompts=8", "dpo.batch_size=2", "dpo.epochs=1", "dpo.max_steps=-1", "eval.diversity_prompts=4", "eval.diversity_samples=3",
+    "data.eval_prompts=8", "dpo.batch_size=2", "dpo.epochs=1", "dpo.max_steps=-1", "eval.diversity_prompts=4",
+    "eval.diversity_samples=3", *BY_LENGTH,
 ]
 
 
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_run(tmp_path_factory, model: str) -> Path:
     # REPORT_TEST_RUN=<a finished run of TINY_RUN> reuses it (tests only read copies of it),
     # which saves minutes when iterating on the report alone.
     reuse = os.environ.get("REPORT_TEST_RUN")
@@ -35,14 +37,14 @@ def tiny_run(tmp_path_factory) -> Path:
     root = out / "tiny"
     with FileLock(session / "report-tiny-run.lock"):
         if not (root / "round_001" / "eval.json").exists():
-            make_tiny_run(out, root)
+            make_tiny_run(out, root, model)
     return root
 
 
-def make_tiny_run(out: Path, root: Path) -> None:
+def make_tiny_run(out: Path, root: Path, model: str) -> None:
     shutil.rmtree(out, ignore_errors=True)
-    proc = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", *TINY_RUN],
-                      timeout=900)
+    proc = run_python(["-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={out}", *TINY_RUN,
+                       f"policy.model={model}"], timeout=900)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     # The report never reads checkpoints; this run lives to the session's end, so free its ~0.5 GB now.
     for checkpoint in root.glob("round_*/checkpoint"):

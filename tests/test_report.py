@@ -24,8 +24,8 @@ from tests.report_helpers import copy_run, png_size, tiny_run
 
 
 @pytest.fixture(scope="module")
-def run_root(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
+def run_root(tmp_path_factory, shallow_model_path):
+    return tiny_run(tmp_path_factory, shallow_model_path)
 
 
 @pytest.fixture

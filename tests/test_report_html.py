@@ -80,8 +80,8 @@ def rendered(chromium: str, page: Path, profile: Path) -> DomSummary:
 
 
 @pytest.fixture(scope="module")
-def report_dir(tmp_path_factory):
-    root = copy_run(tiny_run(tmp_path_factory), tmp_path_factory.mktemp("html") / "tiny")
+def report_dir(tmp_path_factory, shallow_model_path):
+    root = copy_run(tiny_run(tmp_path_factory, shallow_model_path), tmp_path_factory.mktemp("html") / "tiny")
     build_report(root, console=Console(file=io.StringIO()))
     return root
 
