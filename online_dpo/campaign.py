@@ -33,6 +33,7 @@ from online_dpo.separation import explain_separation_alpha
 from online_dpo.rundir import RunDir, write_json
 from online_dpo.seeds import stable_seed
 from online_dpo.train import lora, optim
+from online_dpo.train.logps import attend_in_float32
 
 log = logging.getLogger("online_dpo")
 T = TypeVar("T")
@@ -135,6 +136,9 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
     if last:
         log.info("resuming from %s", last)
     policy = build_policy(cfg, model_path, last)
+    bf16_on_cpu = resolved.mixed_precision.value == "bf16" and resolved.hardware.device == "cpu"
+    if bf16_on_cpu:
+        attend_in_float32(policy)
     if cfg.dpo.gradient_checkpointing:
         optim.enable_gradient_checkpointing(policy)
     optimizer = optim.build_optimizer(policy, cfg.dpo)
@@ -154,6 +158,8 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
         # model is the policy with its adapter switched off; with the default "refreshed"
         # the reference pass runs on the policy itself before it is updated.
         reference_model = load_policy(model_path).to(accelerator.device).eval().requires_grad_(False)
+        if bf16_on_cpu:
+            attend_in_float32(reference_model)
 
     c = Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, None, reference_model, resolved,
                  model_path, build_objective(cfg))

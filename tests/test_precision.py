@@ -80,3 +80,37 @@ def test_reference_pass_and_one_update_equal_a_hand_computation_in_that_precisio
     for (name, p), q in zip(policy.named_parameters(), twin.parameters()):
         assert torch.allclose(p, q, atol=1e-6, rtol=0), name
     assert any(not torch.equal(p, q) for p, q in zip(policy.parameters(), tiny_policy().parameters()))  # it moved
+
+
+def test_attention_in_float32_runs_the_attention_of_a_bf16_update_in_float32(monkeypatch):
+    """On a bf16 CPU the policy's attention runs in float32 (`attend_in_float32`): under bf16
+    autocast the attention sees float32 inputs and the gradients flow; without autocast the
+    model computes exactly what plain SDPA does. A LoRA-wrapped model's base model switches."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from online_dpo.config import LoRAConfig
+    from online_dpo.train import lora
+    from online_dpo.train.logps import FLOAT32_SDPA, attend_in_float32
+
+    batch = collate_pairs([encode_pair(p, c, r, 32) for p, c, r in PAIRS], pad_id=0)
+    plain, model = tiny_policy(), tiny_policy()
+    attend_in_float32(model)
+    assert model.config._attn_implementation == FLOAT32_SDPA and plain.config._attn_implementation == "sdpa"
+    seen = []
+    real = sdpa.sdpa_attention_forward
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward",
+                        lambda m, q, k, v, *a, **kw: seen.append(q.dtype) or real(m, q, k, v, *a, **kw))
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(by_hand(model, batch, "no"), by_hand(plain, batch, "no")))
+    seen.clear()
+    chosen, rejected = by_hand(model, batch, "bf16")
+    assert seen and set(seen) == {torch.float32}  # every layer's attention, in float32
+    with torch.no_grad():
+        expected = by_hand(plain, batch, "no")
+    assert torch.allclose(chosen, expected[0], atol=0.05) and torch.allclose(rejected, expected[1], atol=0.05)
+    (chosen - rejected).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+    wrapped = lora.wrap_lora(tiny_policy(), LoRAConfig(enabled=True, target_modules=["q_proj", "v_proj"]))
+    attend_in_float32(wrapped)
+    assert wrapped.get_base_model().config._attn_implementation == FLOAT32_SDPA

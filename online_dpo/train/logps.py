@@ -29,13 +29,44 @@ def response_logps(logits: torch.Tensor, rows: Rows, start: int, segments: int) 
 
 
 
+FLOAT32_SDPA = "sdpa_float32"  # the name `attend_in_float32` registers with transformers
+
+
+def float32_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
+    """transformers' SDPA attention computed in float32 whatever autocast says, returned in the
+    query's dtype. query [B, heads, T, head_dim], key and value [B, kv_heads, S, head_dim]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(query.dtype), weights
+
+
+def attend_in_float32(model) -> None:
+    """Compute `model`'s attention in float32 while its projections and MLP run under bf16
+    autocast: on a CPU, torch's bf16 SDPA backward is several times slower than its float32 one
+    at these sequence lengths (bench/README.md, "The update in bf16 on a CPU"). Only for a model
+    on SDPA (the default); a LoRA-wrapped model's base model is switched."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return
+    AttentionInterface.register(FLOAT32_SDPA, float32_sdpa)
+    AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)
+    base.set_attn_implementation(FLOAT32_SDPA)
+
+
 def model_attention_mask(model, segment: torch.Tensor) -> torch.Tensor:
-    """The shared-prompt mask in the form the model's attention takes: bool for SDPA, additive
-    (0 / most negative float) for eager attention. Other kernels (FlashAttention 2) take no 4-D mask."""
+    """The shared-prompt mask in the form the model's attention takes: bool for SDPA (also in
+    float32: `attend_in_float32`), additive (0 / most negative float) for eager attention. Other
+    kernels (FlashAttention 2) take no 4-D mask."""
     config = getattr(model, "module", model).config  # DDP/FSDP wrap the model in .module
     impl = getattr(config, "_attn_implementation", None) or "sdpa"
     mask = shared_prompt_mask(segment)
-    if impl == "sdpa":
+    if impl in ("sdpa", FLOAT32_SDPA):
         return mask
     if impl == "eager":
         return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
