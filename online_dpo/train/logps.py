@@ -1,5 +1,6 @@
 """Summed response log-probs of packed batches under a model: for the update, for the
-reference pass, and from the generator's own per-token log-probs.
+reference pass, and from the generator's own per-token log-probs; and the attention the model
+computes them with (its mask's form, float32 attention under bf16 autocast on a CPU).
 
 Shapes: B = pairs in a batch, N = rows, T = row length, V = vocabulary.
 """
