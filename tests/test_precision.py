@@ -84,8 +84,9 @@ def test_reference_pass_and_one_update_equal_a_hand_computation_in_that_precisio
 
 def test_attention_in_float32_runs_the_attention_of_a_bf16_update_in_float32(monkeypatch):
     """On a bf16 CPU the policy's attention runs in float32 (`attend_in_float32`): under bf16
-    autocast the attention sees float32 inputs and the gradients flow; without autocast the
-    model computes exactly what plain SDPA does. A LoRA-wrapped model's base model switches."""
+    autocast the attention sees float32 inputs and the gradients flow, the same whether the
+    backward recomputes it or not; without autocast the model computes exactly what plain SDPA
+    does. A LoRA-wrapped model's base model switches."""
     import transformers.integrations.sdpa_attention as sdpa
 
     from online_dpo.config import LoRAConfig
@@ -109,7 +110,17 @@ def test_attention_in_float32_runs_the_attention_of_a_bf16_update_in_float32(mon
         expected = by_hand(plain, batch, "no")
     assert torch.allclose(chosen, expected[0], atol=0.05) and torch.allclose(rejected, expected[1], atol=0.05)
     (chosen - rejected).sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads)
+    # The backward recomputes each layer's attention from its inputs (torch.utils.checkpoint): the
+    # same gradients as an attention whose float32 tensors were kept from the forward
+    kept = []
+    monkeypatch.setattr("torch.utils.checkpoint.checkpoint", lambda fn, *args, **kw: kept.append(fn) or fn(*args))
+    model.zero_grad()
+    chosen, rejected = by_hand(model, batch, "bf16")
+    (chosen - rejected).sum().backward()
+    assert len(kept) == model.config.num_hidden_layers
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), grads))
 
     wrapped = lora.wrap_lora(tiny_policy(), LoRAConfig(enabled=True, target_modules=["q_proj", "v_proj"]))
     attend_in_float32(wrapped)
