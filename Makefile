@@ -40,8 +40,8 @@ test: install
 
 # Benchmarks (not tests; see bench/README.md): per-stage round times, generation and training
 # tokens/s against the bf16/fp32 matmul roofline, online-dpo vs TRL's OnlineDPOTrainer, and a CPU
-# server's tokens/s with the cores `online-dpo serve` gives it. About 30 minutes on a quiet 2-core
-# CPU; the JSON goes to runs/bench/.
+# server's start and tokens/s as `online-dpo serve` places its model. About 30 minutes on a quiet
+# 2-core CPU; the JSON goes to runs/bench/.
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"
 	mkdir -p runs/bench

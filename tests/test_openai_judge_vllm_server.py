@@ -17,6 +17,7 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def vllm_server(embedded_model_path, tmp_path_factory):
     from online_dpo.engines.serve import start_server, stop_server, wait_ready
+    from online_dpo.errors import GenerationServerError
 
     log_path = tmp_path_factory.mktemp("server") / "vllm.log"
     with open(log_path, "w") as log:
@@ -24,7 +25,7 @@ def vllm_server(embedded_model_path, tmp_path_factory):
                                  max_model_len=1024, extra=["--served-model-name", "judge"])
     try:
         wait_ready(url, proc, timeout_s=400)
-    except Exception as e:
+    except GenerationServerError as e:
         stop_server(proc)
         pytest.fail(f"vLLM server did not come up: {e}\n{log_path.read_text()[-4000:]}")
     yield f"{url}/v1"
