@@ -365,3 +365,34 @@ def test_stage_shares_keep_the_running_order_and_account_for_the_rest():
     assert rows == [("setup", 10.0, 0.1), ("generate", 30.0, 0.3), ("eval", 20.0, 0.2), ("custom", 5.0, 0.05),
                     ("other", 35.0, 0.35)]
     assert [name for name, _, _ in stage_shares({"update": 4.0}, wall_s=4.0)] == ["update"]
+
+
+def test_a_corrupt_middle_line_is_skipped_with_a_warning_and_the_rows_after_it_are_kept(tmp_path, caplog):
+    from online_dpo.report.view import read_jsonl_tolerant
+
+    path = tmp_path / "train_metrics.jsonl"
+    path.write_bytes(b'{"step": 0}\n{"step": 1}\n{"step": 2, "lo\n[3]\n\n{"step": 4}\n\xff\xfe{"step": 5}\n{"step": 6}\n')
+    with caplog.at_level("INFO", logger="online_dpo"):
+        rows = read_jsonl_tolerant(path)
+    assert rows == [{"step": 0}, {"step": 1}, {"step": 4}, {"step": 6}]
+    # the torn JSON (line 3), a JSON value that is no row (line 4) and bytes that are not UTF-8
+    # (line 7) each warn with the file and line; the blank line 5 is no row and no damage
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 3 and [f"{path}:{n}:" in m for n, m in zip((3, 4, 7), warned)] == [True] * 3, warned
+    assert not [r for r in caplog.records if r.levelname == "INFO"]
+
+
+def test_a_torn_last_line_keeps_the_rows_before_it_and_is_logged_quietly(tmp_path, caplog):
+    from online_dpo.report.view import read_jsonl_tolerant
+
+    path = tmp_path / "eval_responses.jsonl"
+    path.write_text('{"prompt_id": "a", "text": "é"}\n{"prompt_id": "b", "text": "ok"}\n{"prompt_id": "c", "te')
+    with caplog.at_level("INFO", logger="online_dpo"):
+        rows = read_jsonl_tolerant(path)
+    assert [row["prompt_id"] for row in rows] == ["a", "b"]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", f"{path}:3: skipped an incomplete last line")]
+    # torn inside a multi-byte character: the same, not a decoding error for the whole file
+    path.write_bytes('{"prompt_id": "a"}\n{"prompt_id": "b", "text": "é"}'.encode()[:-3])
+    assert [row["prompt_id"] for row in read_jsonl_tolerant(path)] == ["a"]
+    assert read_jsonl_tolerant(tmp_path / "absent.jsonl") == []

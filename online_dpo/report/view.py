@@ -83,14 +83,34 @@ def read_json_or_none(path: Path) -> dict | None:
 
 
 def read_jsonl_tolerant(path: Path) -> list[dict]:
+    """The rows of a JSONL file ([] where it does not exist yet), each line that is not a JSON
+    object skipped with a log line naming the file and line number, so that one bad line never
+    hides the rows after it. A last line without its newline is a writer killed mid-append, the
+    expected damage after a crash, and is logged at INFO; a bad line anywhere else is a warning.
+    """
+    import logging  # imported here: the only function of this module that logs
+
     if not path.exists():
         return []
+    log = logging.getLogger("online_dpo")
+    # Bytes, split on the writer's own "\n": a line torn inside a multi-byte character then
+    # fails alone instead of failing the decoding of the whole file.
+    lines = path.read_bytes().split(b"\n")
     rows = []
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line: keep what was complete
+            row = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif n == len(lines):
+            log.info("%s:%d: skipped an incomplete last line", path, n)
+        else:
+            log.warning("%s:%d: skipped a line that is not a JSON object; the lines after it are still read",
+                        path, n)
     return rows
 
 
