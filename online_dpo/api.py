@@ -26,7 +26,7 @@ from typing import Sequence
 from judges.base import JudgeLoadError, as_judge
 from judges.models import ModelError
 from judges.registry import PYTHON_JUDGE_PREFIX
-from online_dpo.config import CampaignConfig, ConfigError, load_config, to_dict
+from online_dpo.config import CampaignConfig, ConfigError, config_from_dict, load_config, to_dict
 from online_dpo.errors import GenerationServerError, OutOfDiskSpace, UserError
 from online_dpo.report.view import RunView, load_run
 from online_dpo.rundir import MANIFEST, RunDir
@@ -41,7 +41,7 @@ def run(config: CampaignConfig | str | Path, overrides: Sequence[str] = (), *, j
         if overrides:
             raise ConfigError("overrides apply to a YAML path; for a CampaignConfig, load it with "
                               "online_dpo.load_config(path, overrides) or dataclasses.replace it")
-        cfg = config
+        cfg = config_from_dict(to_dict(config))  # built or changed in Python: the checks a YAML config gets
     else:
         cfg = load_config(config, list(overrides))
     if judge is not None:
@@ -50,26 +50,20 @@ def run(config: CampaignConfig | str | Path, overrides: Sequence[str] = (), *, j
                                                                  options={}))
     state = process_state()
     if state.is_main_process:
-        if overwrite and cfg.run_dir.exists():
-            shutil.rmtree(cfg.run_dir)
-        RunDir.create(cfg.run_dir, to_dict(cfg), seeds={"campaign": cfg.seed, "data": cfg.data.seed})
+        RunDir.create(cfg.run_dir, to_dict(cfg), seeds={"campaign": cfg.seed, "data": cfg.data.seed},
+                      overwrite=overwrite)
         print(f"run directory: {cfg.run_dir}")
     state.wait_for_everyone()
     try:
         return _campaign(cfg, cfg.run_dir, judge, state.is_main_process)
     except (UserError, ModelError, JudgeLoadError):  # input to fix (exit 2), not a run to resume
+        # Stopped by its own input (a judge file that fails to load, a data file that is not
+        # there) before any stage finished: removed, so the same command starts again once the
+        # mistake is fixed. Other failures (a server down, a full disk) keep the run: their
+        # messages say to resume it.
         if state.is_main_process:
-            remove_if_nothing_finished(RunDir(cfg.run_dir))  # the manifest as the failed run left it
+            RunDir(cfg.run_dir).remove_failed_start()  # the manifest as the failed run left it
         raise
-
-
-def remove_if_nothing_finished(run: RunDir) -> None:
-    """A run stopped by its own input (a judge file that fails to load, a data file that is not
-    there) before it finished any stage holds nothing but its config: it is removed, so the
-    same command starts again once the mistake is fixed, instead of finding a run to resume.
-    Other failures (a server down, a full disk) keep it: their messages say to resume it."""
-    if run.manifest_path.exists() and not run.manifest.get("rounds"):
-        shutil.rmtree(run.root, ignore_errors=True)
 
 
 def resume(run_dir: str | Path, overrides: Sequence[str] = (), *, judge: object | None = None) -> RunView | None:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from judges.models import ModelError  # a model that cannot be found or loaded: exit code 2 (judges load models too)
 
 __all__ = ["ConfigError", "DataError", "GenerationServerError", "JudgeUnusableError", "LabelledPairsError", "ModelError",
-           "OutOfDiskSpace", "ReportError", "StaleWeightsError", "UserError"]
+           "OutOfDiskSpace", "ReportError", "RunDirError", "StaleWeightsError", "UserError"]
 
 
 class UserError(Exception):
@@ -23,6 +23,11 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """A prompt source that cannot be used."""
+
+
+class RunDirError(UserError, ValueError):
+    """A run directory that cannot be created, resumed or deleted as asked (a folder of the
+    user's in its place, a path outside the run)."""
 
 
 class ReportError(UserError, ValueError):

