@@ -6,8 +6,11 @@ What it guarantees:
   consistency rate is kept in `stats`;
 - a reply that cannot be parsed, a timeout, or an HTTP failure after the client's own
   retries (which back off and honour 429 Retry-After) is an *error*: never a win or a loss;
-- replies are cached on disk by (model, template hash, sampling, prompt, both responses
-  in order): re-running or resuming a round sends no request twice;
+- replies are cached on disk by everything that can change them: the endpoint (base URL), the
+  model name and what the endpoint serves under it (a vLLM server's model path), the template
+  hash, the sampling settings and the prompt with both responses in order. Re-running or
+  resuming a round sends no request twice; another server, or another model behind the same
+  name, is asked afresh. `cache=False` (a campaign's `judge.cache=off`) asks every time;
 - tokens and cost are counted from the API's usage fields and a price table, and a
   budget (cost or calls) stops the campaign with `BudgetExceeded` rather than guessing;
 - the API key is read from the environment variable named in the config and is never
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import json
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -42,7 +46,7 @@ class OpenAIClient:
                  temperature: float = 0.0, max_tokens: int = 4, top_logprobs: int = 5,
                  price_per_million_input: float = 0.0, price_per_million_output: float = 0.0,
                  max_cost: float | None = None, max_calls: int | None = None, cache_path: str | None = None,
-                 judge_name: str = "openai"):
+                 cache: bool = True, judge_name: str = "openai"):
         from openai import AsyncOpenAI
 
         if api_key_env:
@@ -57,11 +61,14 @@ class OpenAIClient:
             key = "EMPTY"  # local OpenAI-compatible servers accept any key
         self.model = model
         self.base_url = base_url
+        # The address the client really calls: the openai package falls back on OPENAI_BASE_URL, then OpenAI's.
+        self.endpoint = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        self._served: str | None = None  # what the endpoint serves under `model`, asked once (served_model)
         self.max_concurrency = max_concurrency
         self.sampling = {"temperature": temperature, "max_tokens": max_tokens, "top_logprobs": top_logprobs}
         self.prices = (price_per_million_input / 1e6, price_per_million_output / 1e6)
         self.max_cost, self.max_calls = max_cost, max_calls
-        self.cache = JudgeCache(cache_path or default_cache_path())
+        self.cache = JudgeCache(cache_path or default_cache_path()) if cache else None
         self.stats = JudgeStats()
         # The key lives only in these client arguments; it is never put in a record or a log line.
         self._client_args = {"api_key": key, "base_url": base_url, "max_retries": max_retries, "timeout": timeout_s}
@@ -75,6 +82,8 @@ class OpenAIClient:
 
     async def _ask_all(self, prompts: list[str], template_sha: str) -> list[Reply]:
         client = self._client_factory(**self._client_args)
+        if self.cache is not None and self._served is None:
+            self._served = await self.served_model(client)
         sem = asyncio.Semaphore(self.max_concurrency)
         # Identical requests in one batch (e.g. two candidates that wrote the same text) are
         # sent once: the cache only helps once a reply is in, and they would all be in flight.
@@ -100,9 +109,27 @@ class OpenAIClient:
             out.append(reply)
         return out
 
+    async def served_model(self, client) -> str:
+        """What the endpoint lists under this model name, for the cache key: a vLLM server's model
+        path (`root`), which changes when another model is served under the same name; '' where
+        the endpoint does not list its models (its replies are then keyed by the name alone)."""
+        try:
+            page = await client.with_options(max_retries=0).models.list()
+        except Exception:  # noqa: BLE001 - an endpoint without /models: keyed by name, as before
+            return ""
+        entry = next((m for m in page.data if m.id == self.model), None)
+        if entry is None:
+            return ""
+        # Not `created`: vLLM stamps each listing with the time of the request.
+        return json.dumps({"root": getattr(entry, "root", None), "owned_by": getattr(entry, "owned_by", None)})
+
+    def cache_key(self, prompt_text: str, template_sha: str) -> str:
+        return request_key(endpoint=self.endpoint, model=self.model, served=self._served or "",
+                           template=template_sha, sampling=self.sampling, prompt=prompt_text)
+
     async def _ask_one(self, client, sem: asyncio.Semaphore, prompt_text: str, template_sha: str) -> Reply:
-        key = request_key(model=self.model, template=template_sha, sampling=self.sampling, prompt=prompt_text)
-        cached = self.cache.get(key)
+        key = self.cache_key(prompt_text, template_sha)
+        cached = self.cache.get(key) if self.cache is not None else None
         if cached is not None:
             self.stats.cache_hits += 1
             return Reply(cached["text"], cached["prob_first"], Usage(latency_s=0.0))
@@ -140,7 +167,8 @@ class OpenAIClient:
         self.stats.completion_tokens += usage.completion_tokens
         self.stats.cost += usage.cost
         prob = _prob_first(choice)
-        self.cache.put(key, {"text": text, "prob_first": prob})
+        if self.cache is not None:
+            self.cache.put(key, {"text": text, "prob_first": prob})
         return Reply(text, prob, usage)
 
 
@@ -149,6 +177,7 @@ class OpenAIJudge:
 
     name = "openai"
     remote = True  # waits on an API: the campaign judges while it generates (judge.overlap_generation)
+    caches_replies = True  # takes cache=False (judge.cache=off)
 
     def __init__(self, model: str, template: str | None = None, both_orders: bool = True,
                  on_disagreement: Literal["tie", "drop"] = "tie", **client_options):
@@ -179,6 +208,7 @@ class OpenAIRubricScorer:
 
     name = "openai_rubric"
     remote = True  # waits on an API: the campaign judges while it generates (judge.overlap_generation)
+    caches_replies = True  # takes cache=False (judge.cache=off)
 
     def __init__(self, model: str, template: str = "pointwise", max_tokens: int = 3, **client_options):
         self.client = OpenAIClient(model, judge_name=self.name, max_tokens=max_tokens, **client_options)

@@ -20,7 +20,7 @@ from judges.base import PairwiseJudge, asks_orders_apart, is_remote
 from judges.models import resolve_model_path
 from judges.ranking import SecondOrder
 from online_dpo import hardware
-from online_dpo.config import CampaignConfig, ConfigError
+from online_dpo.config import CampaignConfig, ConfigError, judge_options
 from online_dpo.data import load_prompts
 from online_dpo.engines.generate import Generator, HFGenerator, VLLMGenerator
 from online_dpo.engines.models import load_policy, load_tokenizer
@@ -130,7 +130,7 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
     elif judge is not None:
         judge = as_judge(judge, "judge=")
     else:
-        judge = load_judge(cfg.judge.name, **cfg.judge.options)
+        judge = load_judge(cfg.judge.name, **judge_options(cfg.judge))
 
     last = last_checkpoint(run, cfg.rounds)
     if last:

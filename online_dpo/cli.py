@@ -61,18 +61,22 @@ def _serve(args) -> int:
     import signal
 
     from judges.models import resolve_model_path
-    from online_dpo.engines.serve import start_server, stop_server, wait_ready
+    from online_dpo.engines.serve import DEFAULT_API_KEY_ENV, server_api_key, start_server, stop_server, wait_ready
 
+    # Before anything loads: a server exposed without a key is refused here.
+    api_key = server_api_key(args.host, args.api_key_env, args.vllm_args)
     process, url = start_server(resolve_model_path(args.model), host=args.host, port=args.port, dtype=args.dtype,
                                 seed=args.seed, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
-                                extra=args.vllm_args)
+                                api_key_env=args.api_key_env, extra=args.vllm_args)
     # The server leads its own process group, which a signal to this command does not reach:
     # SIGTERM and SIGHUP end this command through `finally`, which stops the server too.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     try:
-        wait_ready(url, process)
-        print(f"serving {args.model} at {url}: generation.backend=vllm_server servers.urls=[{url}]", flush=True)
+        wait_ready(url, process, api_key=api_key)
+        key_setting = f" servers.api_key_env={args.api_key_env or DEFAULT_API_KEY_ENV}" if api_key else ""
+        print(f"serving {args.model} at {url}: generation.backend=vllm_server servers.urls=[{url}]{key_setting}",
+              flush=True)
         return process.wait()
     except KeyboardInterrupt:
         return 0
@@ -84,12 +88,12 @@ def _judge_eval(args) -> int:
     import json
 
     from judges import load_judge
-    from online_dpo.config import ConfigError, load_config, parse_overrides
+    from online_dpo.config import ConfigError, judge_options, load_config, parse_overrides
     from online_dpo.judge_eval import evaluate_judge, read_labelled_pairs
 
     if args.config:
         judge_cfg = load_config(args.config, args.overrides).judge
-        name, options = judge_cfg.name, judge_cfg.options
+        name, options = judge_cfg.name, judge_options(judge_cfg)
     elif args.judge:
         name, options = args.judge, parse_overrides(args.overrides)
     else:
@@ -169,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p_serve = sub.add_parser("serve", help="start a vLLM server for generation.backend=vllm_server (dev mode, "
                                            "weight pushes, token-level generate) and print its URL")
     p_serve.add_argument("model", help="the policy's model: embedded, or a local HF folder")
-    p_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other nodes)")
+    p_serve.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (0.0.0.0 for other nodes: needs an API key, see --api-key-env)")
+    p_serve.add_argument("--api-key-env", metavar="VARIABLE", default=None,
+                         help="the environment variable holding the API key the server requires on every request "
+                              "(default: ONLINE_DPO_SERVER_API_KEY where set); any host but loopback needs one, "
+                              "since dev mode lets whoever reaches the port run methods on the workers and load "
+                              "weights from any path; the trainer sends it with servers.api_key_env=VARIABLE")
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                          help="auto: bfloat16 with native bf16 (GPUs, AVX512-BF16 CPUs), else float32")

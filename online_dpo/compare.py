@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from online_dpo.config import CampaignConfig, ConfigError
+from online_dpo.config import CampaignConfig, ConfigError, judge_options
 from online_dpo.rundir import RunDir
 
 log = logging.getLogger("online_dpo")
@@ -222,7 +222,7 @@ def compare(config_path: str, overrides: list[str], names: list[str], sync_every
     for name, root in roots.items():
         by_id = final_responses(root)
         responses[name] = [by_id[p.id] for p in prompts]
-    judge = as_pairwise(load_judge(cfg.judge.name, **cfg.judge.options))
+    judge = as_pairwise(load_judge(cfg.judge.name, **judge_options(cfg.judge)))
     baseline = {row_id: text for row_id, text in _baseline(roots)}
     result = {
         "budget": asdict(budget), "matched": matched, "spent": spending,

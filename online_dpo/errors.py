@@ -76,8 +76,8 @@ class JudgeUnusableError(RuntimeError):
     def __init__(self, r: int, problem: str):
         super().__init__(f"round {r} judge: {problem}. Nothing was trained on it. Fix the judge (its model, "
                          f"template, server or key), then `online-dpo resume RUN_DIR` judges the round's saved "
-                         f"candidates again (an API judge answers from its reply cache unless its model or template "
-                         f"changed: give it a new judge.options.cache_path to ask again).")
+                         f"candidates again (an API judge answers from its reply cache the requests it answered before "
+                         f"at the same endpoint, model and template: judge.cache=off asks them again).")
 
 
 class StaleWeightsError(GenerationServerError):

@@ -9,7 +9,7 @@ LLM judge of arithmetic (reference-guided template): the response whose final nu
 the reference is the better one, and `noise` (a judges.noisy.NoiseModel) flips decisive answers
 and prefers the first-shown response on ties, as the in-process `noisy` judge does. `failures`
 queues HTTP errors (status, headers) served before the behaviour, e.g. a 429 with
-Retry-After. Every request is logged with its arrival time, every answered one in `answered`.
+Retry-After. `models` is what GET /v1/models lists (none by default). Every request is logged with its arrival time, every answered one in `answered`.
 `kill_on_request(n, pid)` SIGKILLs process `pid` when the n-th request from now arrives,
 before it is answered: a client crash with no reply in flight (durability tests).
 """
@@ -38,6 +38,7 @@ class FakeOpenAI:
         self.hang_s = 3.0
         self.auth_headers: list[str] = []
         self.answered: list[dict] = []
+        self.models: list[dict] | None = None  # GET /v1/models lists these; None: the endpoint has no listing (404)
         self._kill: tuple[int, int] | None = None  # (requests left before the kill, pid)
         self._lock = threading.Lock()
         server = self
@@ -45,6 +46,13 @@ class FakeOpenAI:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # keep test output quiet
                 pass
+
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/models") and server.models is not None:
+                    self._send(200, {"object": "list", "data": [{"object": "model", "created": int(time.time()),
+                                                                 "owned_by": "fake", **m} for m in server.models]})
+                else:
+                    self._send(404, {"error": {"message": f"no {self.path} here"}})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

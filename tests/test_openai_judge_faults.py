@@ -181,3 +181,53 @@ def test_template_override_by_path_changes_the_cache_key(tmp_path):
     # a JudgeError: the CLI prints it as one line (exit 2), naming the judge, its options and the file
     with pytest.raises(JudgeLoadError, match=r"judge 'openai' cannot be built .*FileNotFoundError: .*neither a built-in"):
         make_judge(FakeOpenAI("judge"), tmp_path, template=str(tmp_path / "missing.txt"))
+
+
+def test_the_cache_answers_only_for_the_endpoint_and_model_that_gave_the_reply(tmp_path):
+    """judge-eval against a truthful server, then a position-biased one under the same model name
+    and cache: the second is asked (it once got no request). The same holds for another model
+    served under the same name at the same address, as a vLLM server's listing shows it."""
+    from judges.cache import request_key
+    from judges.openai_judge import OpenAIClient
+
+    with FakeOpenAI("judge") as truthful, FakeOpenAI("always_a") as biased:
+        assert [v.winner for v in make_judge(truthful, tmp_path).compare(ITEMS)] == ["a", "b"]
+        judge = make_judge(biased, tmp_path)
+        assert [v.winner for v in judge.compare(ITEMS)] == ["tie", "tie"]  # "A" in both orders: inconsistent
+        assert len(biased.requests) == 4 and judge.stats.cache_hits == 0
+
+    with FakeOpenAI("judge") as server:
+        server.models = [{"id": "fake-judge", "root": "/models/first"}]
+        make_judge(server, tmp_path).compare(ITEMS[:1])
+        make_judge(server, tmp_path).compare(ITEMS[:1])
+        assert len(server.requests) == 2  # the same model behind the name: the second pass from the cache
+        server.models = [{"id": "fake-judge", "root": "/models/second"}]
+        make_judge(server, tmp_path).compare(ITEMS[:1])
+        assert len(server.requests) == 4  # another model behind the same name: asked again
+
+        # An entry cached before the endpoint was part of the key is never reused.
+        client = OpenAIClient("fake-judge", base_url=server.base_url, api_key_env=None,
+                              cache_path=str(tmp_path / "old.sqlite"))
+        judge = make_judge(server, tmp_path, cache_path=str(tmp_path / "old.sqlite"))
+        sha = next(iter(judge.protocol.templates().values()))
+        for text in [r["body"]["messages"][0]["content"] for r in server.requests[:2]]:
+            client.cache.put(request_key(model="fake-judge", template=sha, sampling=client.sampling, prompt=text),
+                             {"text": "B", "prob_first": 0.0})  # the old key: model, template, sampling, prompt
+        before = len(server.requests)
+        assert [v.winner for v in judge.compare(ITEMS[:1])] == ["a"] and len(server.requests) == before + 2
+
+
+def test_cache_off_asks_every_time_and_writes_nothing(tmp_path):
+    from online_dpo.config import JudgeConfig, judge_options
+
+    with FakeOpenAI("judge") as server:
+        options = dict(model="fake-judge", base_url=server.base_url, api_key_env="FAKE_JUDGE_KEY",
+                       cache_path=str(tmp_path / "off.sqlite"))
+        off = judge_options(JudgeConfig(name="openai", options=options, cache="off"))
+        assert off["cache"] is False
+        for _ in range(2):
+            judge = load_judge("openai", **off)
+            assert [v.winner for v in judge.compare(ITEMS[:1])] == ["a"] and judge.stats.cache_hits == 0
+        assert len(server.requests) == 4 and not (tmp_path / "off.sqlite").exists()
+    # a judge without a reply cache has nothing to turn off: its options are left as they were
+    assert judge_options(JudgeConfig(name="arithmetic", cache="off")) == {}

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from online_dpo.config.loss_type import LossType
-from online_dpo.config.sections import CampaignConfig
+from online_dpo.config.sections import CampaignConfig, JudgeConfig
 from online_dpo.errors import ConfigError
 
 
@@ -264,6 +264,17 @@ def run_name_problem(name: str) -> str | None:
 
 
 SECRET_OPTION_NAMES = {"api_key", "key", "token", "secret", "password", "access_token"}
+
+
+def judge_options(judge: JudgeConfig) -> dict:
+    """The keyword options judge.name's constructor gets: judge.options, and cache=False with
+    judge.cache=off for a judge that keeps a reply cache (`caches_replies`)."""
+    from judges.registry import judge_class
+
+    options = dict(judge.options)
+    if judge.cache == "off" and getattr(judge_class(judge.name), "caches_replies", False):
+        options["cache"] = False
+    return options
 
 
 def to_dict(cfg: CampaignConfig) -> dict:

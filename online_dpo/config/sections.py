@@ -105,12 +105,20 @@ class ServersConfig:
     # every push (the weights arrived). bf16 on either side moves it by a few hundredths.
     probe_tolerance: float = 0.1
     nccl_port: int = 29531  # nccl: the rendezvous port of the first server's group (one more per server)
+    # The environment variable holding the servers' API key (`online-dpo serve --api-key-env`, which
+    # a server beyond loopback needs), sent on every request. Only the name is kept in the config,
+    # which the run directory saves; the key never is. None: servers that need no key.
+    api_key_env: str | None = None
 
 
 @dataclass
 class JudgeConfig:
     name: str = "arithmetic"  # registry name, see `judges.registry`
     options: dict[str, Any] = field(default_factory=dict)  # passed to the judge's constructor
+    # The API judges' reply cache (~/.cache/online-dpo, or judge.options.cache_path), keyed by the
+    # endpoint, the model it serves under the name, template, sampling settings and request: a
+    # resumed or repeated round pays nothing twice. off: ask every time.
+    cache: Literal["on", "off"] = "on"
     # Judge each slice of a round's candidates while the generator samples the next slice, so
     # the latency of a judge behind an API hides behind generation. auto: for remote judges
     # (openai, openai_rubric); the round then generates in `overlap_chunks` calls.
