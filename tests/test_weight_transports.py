@@ -83,7 +83,7 @@ def start_stand_in(model_path, **options):
     return process, "http://127.0.0.1:1"
 
 serve.start_server = start_stand_in
-serve.wait_ready = lambda url, process, timeout_s=600.0: None
+serve.wait_ready = lambda url, process, timeout_s=600.0, api_key=None: None
 sys.exit(main(["serve", "embedded"]))
 """
 

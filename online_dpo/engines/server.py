@@ -7,13 +7,15 @@ The servers are vLLM's OpenAI-compatible server with dev mode and the scale-out 
 and each answer carries the weight versions that sampled it; an answer from any version but
 the one last pushed is refused (`StaleWeightsError`). Pushing a version: every server is
 paused (in-flight requests finish), loads the weights through the transport, drops its prefix
-cache, takes the version label, and resumes.
+cache, takes the version label, and resumes. Where the servers require an API key (`online-dpo
+serve` beyond loopback), every request carries it, read from the variable servers.api_key_env.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ import torch
 from online_dpo.data.prompts import Prompt
 from online_dpo.engines.generate import Completion, Sampling, prompt_token_ids
 from online_dpo.engines.ranks import rank_share
-from online_dpo.errors import GenerationServerError, StaleWeightsError
+from online_dpo.errors import ConfigError, GenerationServerError, StaleWeightsError
 from online_dpo.seeds import stable_seed
 
 log = logging.getLogger("online_dpo")
@@ -44,15 +46,31 @@ SEEDED_CPU_HINT = ("; on a CPU server, seeded requests (servers.seed_requests) c
                    "--no-enable-chunked-prefill (`online-dpo serve` does), or set servers.seed_requests=false")
 
 
+def api_key_from(api_key_env: str | None) -> str | None:
+    """The servers' API key, from the environment variable servers.api_key_env names (None: no key).
+    Only the variable's name is in the config, which the run directory keeps."""
+    if api_key_env is None:
+        return None
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise ConfigError(f"servers.api_key_env={api_key_env} names the environment variable holding the generation "
+                          f"servers' API key, and {api_key_env} is not set (or empty) here; export {api_key_env} with "
+                          f"the key the servers were started with (`online-dpo serve --api-key-env`), or set "
+                          f"servers.api_key_env=null for servers that need none")
+    return key
+
+
 class Server:
     """One vLLM server's HTTP endpoints, with every failure turned into a GenerationServerError
-    that names the server."""
+    that names the server. With `api_key`, every request carries `Authorization: Bearer <key>`."""
 
-    def __init__(self, url: str, timeout_s: float):
+    def __init__(self, url: str, timeout_s: float, api_key: str | None = None):
         import httpx
 
         self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0),
+        self.keyed = api_key is not None
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key is not None else None
+        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0), headers=headers,
                                    limits=httpx.Limits(keepalive_expiry=IDLE_CONNECTION_S))
 
     def request(self, method: str, path: str, **kwargs):
@@ -72,6 +90,12 @@ class Server:
         except httpx.HTTPError as e:
             raise GenerationServerError(self.url, f"cannot reach it ({type(e).__name__}: {e}); is it running? "
                                                   f"{START_HINT}") from None
+        if response.status_code == 401:
+            raise GenerationServerError(self.url, f"{path} answered HTTP 401: the server requires an API key, and "
+                                                  + ("refused the one in servers.api_key_env's variable: export the "
+                                                     "key the server was started with" if self.keyed else
+                                                     "none was sent: set servers.api_key_env to the environment "
+                                                     "variable holding the key the server was started with"))
         if response.status_code >= 400:
             raise GenerationServerError(self.url, f"{path} answered HTTP {response.status_code}: "
                                                   f"{response.text[:300]}")
@@ -155,8 +179,10 @@ class ServerGenerator:
     """
 
     def __init__(self, urls: list[str], tokenizer, transport, *, probe_policy: Callable[[], Probe], tolerance: float,
-                 label_prefix: str, timeout_s: float = 600.0, max_concurrent: int = 64, seed_requests: bool = True):
-        self.servers = [Server(url, timeout_s) for url in urls]
+                 label_prefix: str, timeout_s: float = 600.0, max_concurrent: int = 64, seed_requests: bool = True,
+                 api_key_env: str | None = None):
+        api_key = api_key_from(api_key_env)
+        self.servers = [Server(url, timeout_s, api_key) for url in urls]
         self.tokenizer = tokenizer
         self.transport = transport
         self.probe_policy = probe_policy  # the trainer's policy, probed after every push

@@ -105,15 +105,40 @@ class NcclTransport:
             self.engines[server.url].send_weights()
 
     def connect(self, server, port: int):
-        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
 
         workers = server.request("GET", "/get_world_size", params={"include_dp": True})["world_size"]
         info = NCCLTrainerInitInfo(master_address=reachable_address(server.url), master_port=port,
                                    world_size=1 + workers, rank=0)
         log.info("NCCL weight transfer to %s: %d workers, rendezvous on port %d", server.url, workers, port)
-        client = HTTPVLLMWeightSyncClient(server.url, timeout=self.timeout_s)
-        return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=self.source)
+        return NCCLTrainerWeightTransferEngine.trainer_init(info, client=ServerWeightSyncClient(server),
+                                                            source=self.source)
+
+
+class ServerWeightSyncClient:
+    """vLLM's weight-sync control plane (its VLLMWeightSyncClient protocol: the requests of its
+    HTTPVLLMWeightSyncClient) sent through an `engines.server.Server`, so each request carries the
+    servers' API key, which vLLM's own client cannot send, and a failure names the server. NCCL's
+    update payloads are plain JSON (only CUDA IPC handles would need encoding)."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.server.request("POST", "/init_weight_transfer_engine", json={"init_info": init_info})
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.server.request("POST", "/shutdown_weight_transfer_engine")
+
+    def start_weight_update(self) -> None:
+        self.server.request("POST", "/start_weight_update")
+
+    def update_weights(self, update_info) -> None:
+        self.server.request("POST", "/update_weights", json={"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.server.request("POST", "/finish_weight_update",
+                            json={"weight_version": weight_version} if weight_version is not None else None)
 
 
 def reachable_address(url: str) -> str:
