@@ -12,7 +12,7 @@ TORCH_SPEC_cpu := torch==2.13.0
 TORCH_SPEC_cuda := torch
 STAMP := $(VENV)/.installed-$(BACKEND)
 
-.PHONY: install demo test bench clean-venv
+.PHONY: install test-deps demo test bench clean-venv
 
 install: $(STAMP)
 
@@ -35,8 +35,32 @@ demo: install
 # often wait on a server or a subprocess, and the other worker fills that time.
 TEST_WORKERS ?= 2
 
-test: install
+test: install test-deps
 	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
+
+# tests/test_report_html.py opens report.html in a headless Chromium (the browser alone; no
+# WebDriver). Only `make test` asks for it, so `make demo` installs no browser. Debian's `chromium`
+# is installed with apt-get where this machine allows it (root, or sudo without a password);
+# elsewhere this says so and goes on, and that test skips. Nothing runs once a browser is there
+# (ONLINE_DPO_CHROMIUM names one at a custom path).
+test-deps:
+	@if [ -n "$$ONLINE_DPO_CHROMIUM" ] || command -v chromium >/dev/null 2>&1; then exit 0; fi; \
+	as=; why="apt-get is not available"; \
+	if ! command -v apt-get >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u 2>/dev/null)" = 0 ]; then as=env; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then as="sudo -n env"; \
+	else why="installing needs root or sudo without a password"; fi; \
+	install="DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium"; \
+	if [ -n "$$as" ]; then \
+		echo "test-deps: installing Debian's chromium with apt-get (for tests/test_report_html.py)"; \
+		$$as $$install >/dev/null 2>&1 \
+		|| { $$as apt-get update -qq >/dev/null && $$as $$install >/dev/null; } \
+		|| { as=; why="apt-get install chromium failed"; }; \
+	fi; \
+	if [ -z "$$as" ]; then \
+		echo "test-deps: chromium is not installed ($$why): tests/test_report_html.py will be skipped."; \
+		echo "  Install Debian's chromium (apt-get install chromium), or set ONLINE_DPO_CHROMIUM to a Chromium binary."; \
+	fi
 
 # Benchmarks (not tests; see bench/README.md): per-stage round times, generation and training
 # tokens/s against the bf16/fp32 matmul roofline, online-dpo vs TRL's OnlineDPOTrainer, and a CPU
