@@ -29,6 +29,7 @@ from online_dpo.engines.server import ANOTHERS, AS_STARTED, Probe, ServerGenerat
 from online_dpo.engines.transports import build_transport
 from online_dpo.errors import servers_during
 from online_dpo.objectives import Objective, build_objective
+from online_dpo.report.view import finite
 from online_dpo.separation import explain_separation_alpha
 from online_dpo.rundir import RunDir, write_json
 from online_dpo.seeds import stable_seed
@@ -320,6 +321,25 @@ def policy_weights(c: Campaign) -> list[tuple[str, torch.Tensor]] | None:
 def guard_mode(cfg: CampaignConfig) -> str:
     """guard.on_loss resolved: off, retry or stop."""
     return cfg.guard.resolved(cfg.eval.enabled and cfg.eval.compare_previous)
+
+
+def guard_verdict(ev: dict, against_previous: bool) -> dict:
+    """The round guard on one round's eval: accepted only when its win rate against the policy it
+    started from (the previous accepted round's, or the initial one) has a 95% CI that reaches
+    50%. A round without that win rate (its comparisons all judge errors) is not accepted: nothing
+    says it did not lose."""
+    key = "vs_previous" if against_previous else "vs_baseline"
+    d = ev.get(key) or {}
+    rate, low, high = (finite(d.get(k)) for k in ("win_rate", "ci_low", "ci_high"))
+    against = "the previous accepted round" if against_previous else "the initial policy"
+    if rate is None or high is None:
+        reason = f"no win rate vs {against} to decide on ({d.get('errors', 0)} of {d.get('n', 0)} comparisons errors)"
+        accepted_ = False
+    else:
+        accepted_ = high >= 0.5
+        reason = (f"win rate vs {against} {100 * rate:.1f}% (95% CI {100 * low:.1f}%-{100 * high:.1f}%)"
+                  + ("" if accepted_ else ": the whole interval is below 50%"))
+    return {"accepted": accepted_, "against": key, "win_rate": rate, "ci_high": high, "reason": reason}
 
 
 def accepted(run: RunDir, r: int) -> bool:

@@ -67,17 +67,23 @@ class GenerationServerError(RuntimeError):
 
 
 class JudgeUnusableError(RuntimeError):
-    """A round whose judgments can teach nothing (every verdict a tie or an error): exit code 6.
-    The round stops before its judgments are saved, so nothing trains on them; the candidates
-    are kept, and `online-dpo resume` judges them again once the judge is fixed."""
+    """A round its judge could not judge, exit code 6: training judgments that can teach nothing
+    (every verdict a tie or an error), or a held-out eval mostly of judge errors. The round stops
+    before those judgments are saved, so nothing trains on or is decided by them, and
+    `online-dpo resume` judges the round again once the judge is fixed."""
 
     exit_code = 6
 
-    def __init__(self, r: int, problem: str):
-        super().__init__(f"round {r} judge: {problem}. Nothing was trained on it. Fix the judge (its model, "
-                         f"template, server or key), then `online-dpo resume RUN_DIR` judges the round's saved "
-                         f"candidates again (an API judge answers from its reply cache the requests it answered before "
-                         f"at the same endpoint, model and template: judge.cache=off asks them again).")
+    def __init__(self, r: int, problem: str, stage: str = "judge"):
+        if stage == "eval":
+            kept, again = ("The round's update and checkpoint are saved; its eval decides nothing yet",
+                           "the round's held-out responses")
+        else:
+            kept, again = "Nothing was trained on it", "the round's saved candidates"
+        super().__init__(f"round {r} {stage}: {problem}. {kept}. Fix the judge (its model, template, server or "
+                         f"key), then `online-dpo resume RUN_DIR` judges {again} again (an API judge answers from "
+                         f"its reply cache the requests it answered before at the same endpoint, model and "
+                         f"template: judge.cache=off asks them again).")
 
 
 class StaleWeightsError(GenerationServerError):

@@ -33,3 +33,19 @@ def shorter_is_better(prompt, response, reference):
     if not response:
         raise ValueError("empty response")
     return -float(len(response))
+
+
+class BreaksAfterCalls:
+    """Pointwise, the shorter response scores higher; every call after the first `fine_calls` of
+    this process raises: a judge that judges a round's candidates, then fails on its held-out eval."""
+
+    name = "breaks_after_calls"
+
+    def __init__(self, fine_calls: int = 1):
+        self.fine_calls, self.calls = fine_calls, 0
+
+    def score(self, items):
+        self.calls += 1
+        if self.calls > self.fine_calls:
+            raise ConnectionError("the judge's server went away")
+        return [Score(-float(len(it.response))) for it in items]

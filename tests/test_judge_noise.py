@@ -430,7 +430,8 @@ def test_second_order_deciding_applies_to_a_best_vs_worst_pair_from_a_judge_that
 
 
 def test_the_report_shows_per_round_the_level_the_pairs_were_tested_at():
-    from online_dpo.report.view import JUDGE_COLUMNS, RoundView, judge_rows
+    from online_dpo.report.tables import JUDGE_COLUMNS, judge_rows
+    from online_dpo.report.view import RoundView
 
     def judged(level):
         quality = judge_quality([{"prompt_id": "p", "i": 0, "j": 1, "winner": "a", "error": None,

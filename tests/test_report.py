@@ -18,7 +18,8 @@ from online_dpo.report.inspect import (
     default_view,
     select,
 )
-from online_dpo.report.view import COLUMNS, ReportError, RoundView, add_warnings, table_rows, train_summary
+from online_dpo.report.tables import COLUMNS, table_rows
+from online_dpo.report.view import ReportError, RoundView, add_warnings, train_summary
 from tests.conftest import run_python
 from tests.report_helpers import copy_run, png_size, tiny_run
 
@@ -86,7 +87,11 @@ def test_report_lists_every_round_and_writes_plots_and_html(run_copy):
         ev = json.loads((run_copy / f"round_{r:03d}" / "eval.json").read_text())["eval"]
         base = ev["vs_baseline"]
         assert summary[r][:2] == [str(r), f"{100 * base['win_rate']:.1f}% ({100 * base['ci_low']:.1f}-{100 * base['ci_high']:.1f})"]
-        assert summary[r][3] == f"{100 * ev['accuracy']:.1f}%" and len(summary[r]) == 7
+        assert summary[r][3] == f"{100 * ev['accuracy']:.1f}%" and len(summary[r]) == 8
+        record = json.loads((run_copy / f"round_{r:03d}" / "eval.json").read_text())
+        eval_errors = ev["vs_baseline"]["errors"] + (ev.get("vs_previous") or {}).get("errors", 0)
+        train_errors = (record.get("judge_quality") or {}).get("errors", record["funnel"]["judge_errors"])
+        assert summary[r][5] == f"{train_errors} / {eval_errors}"  # judge errors: training / eval
     out = report(run_copy, "--wide")  # every column
     rows = table_cells(out)
     assert sorted(rows) == [0, 1], out

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from online_dpo.data import chat_prompt_ids
-from online_dpo.report.view import best_round, guard_verdict
+from online_dpo.campaign import guard_verdict
+from online_dpo.report.view import best_round
 from online_dpo.rundir import read_jsonl
 from online_dpo.train.logps import batch_logps
 from online_dpo.train.packing import collate_pairs, encode_pair
@@ -26,7 +27,12 @@ def test_a_round_is_rejected_only_when_its_whole_interval_is_below_half():
     first = {"vs_baseline": {"win_rate": 0.30, "ci_low": 0.2, "ci_high": 0.41}, "vs_previous": {"ci_high": 0.9}}
     verdict = guard_verdict(first, against_previous=False)
     assert verdict["accepted"] is False and verdict["against"] == "vs_baseline" and "initial policy" in verdict["reason"]
-    assert guard_verdict({}, against_previous=True)["accepted"] is True  # nothing to judge by
+    # no win rate (every comparison a judge error): nothing says the round did not lose
+    errors = {"vs_previous": {"win_rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 6,
+                              "errors": 6}}
+    verdict = guard_verdict(errors, against_previous=True)
+    assert verdict["accepted"] is False and "no win rate" in verdict["reason"] and "6 of 6" in verdict["reason"]
+    assert guard_verdict({}, against_previous=True)["accepted"] is False
 
 
 def result(r, win, accepted=True):
@@ -38,6 +44,9 @@ def test_best_round_is_the_accepted_round_that_beat_the_initial_policy_most():
     assert best_round([result(0, 0.6), result(1, 0.9, accepted=False), result(2, 0.6)]) == 2  # later of equals
     assert best_round([result(0, 0.45), result(1, 0.4)]) is None  # none reaches 50%: the initial policy
     assert best_round([{"round": 0}, {"round": 1}]) == 1  # no evals: the last accepted round
+    no_rate = {"round": 1, "eval": {"vs_baseline": {"win_rate": float("nan")}}}
+    assert best_round([result(0, 0.6), no_rate]) == 0  # evaluated without a win rate: never the best
+    assert best_round([{"round": 0, "eval": {"vs_baseline": {"win_rate": None}}}]) is None
     assert best_round([]) is None
 
 
@@ -118,3 +127,26 @@ def test_guard_stop_ends_the_campaign_at_the_rejected_round_and_resume_keeps_it_
     root = run_in_process(tmp_path, "stop", [], set(), monkeypatch, command="resume")
     assert json.loads((root / "summary.json").read_text())["stopped_after_round"] == 0
     assert not (root / "round_001").exists()
+
+
+def test_an_eval_of_judge_errors_stops_the_round_and_resume_judges_it_again(tmp_path, shallow_model_path, capsys):
+    """A judge that judges the training candidates, then raises on every held-out comparison: the
+    round stops (exit 6) with its update saved and no eval recorded, nothing is accepted or linked
+    as best on it, and a resume with the judge fixed judges the eval again."""
+    from online_dpo.cli import main
+
+    name, common = "eval-errors", [*TINY[:-2], f"policy.model={shallow_model_path}", "rounds=1"]
+    judge = ["judge.name=tests.custom_judges:BreaksAfterCalls"]
+    assert main(["run", "configs/quickstart.yaml", f"output_dir={tmp_path}", f"name={name}", *common, *judge]) == 6
+    err = capsys.readouterr().err
+    assert "round 0 eval: 6 of 6 held-out comparisons against the initial policy were judge errors" in err, err
+    assert "ConnectionError" in err and "online-dpo resume" in err
+    root = tmp_path / name
+    done = json.loads((root / "manifest.json").read_text())["rounds"]["0"]
+    assert "checkpoint" in done and "eval" not in done  # the update is kept; no eval decided anything
+    assert not (root / "round_000" / "eval.json").exists() and not (root / "best").exists()
+
+    assert main(["resume", str(root), "judge.options.fine_calls=100"]) == 0
+    record = json.loads((root / "round_000" / "eval.json").read_text())
+    assert record["eval"]["vs_baseline"]["n"] == 6 and record["eval"]["vs_baseline"]["errors"] == 0
+    assert record["judge_errors"] == {"train": 0, "eval": 0} and record["guard"]["accepted"] is True

@@ -223,6 +223,8 @@ def validate(cfg: CampaignConfig) -> None:
         (cfg.eval.diversity_prompts == 0 or cfg.eval.diversity_samples >= 2,
          "eval.diversity_samples must be >= 2: diversity is measured across a prompt's samples"),
         (0.0 <= cfg.eval.diversity_warn_fraction <= 1.0, "eval.diversity_warn_fraction must be in [0, 1]"),
+        (0.0 <= cfg.eval.max_judge_error_fraction < 1.0,
+         "eval.max_judge_error_fraction must be in [0, 1): an eval that is all judge errors has no win rate"),
         (0.0 < cfg.data.eval_fraction < 1.0, "data.eval_fraction must be between 0 and 1"),
         (0.0 < cfg.generation.gpu_memory_utilization <= 1.0, "generation.gpu_memory_utilization must be in (0, 1]"),
         (cfg.guard.on_loss in ("auto", "off") or cfg.eval.enabled and cfg.eval.compare_previous,

@@ -268,6 +268,10 @@ class EvalConfig:
     diversity_prompts: int = 32
     diversity_samples: int = 4
     diversity_warn_fraction: float = 0.5
+    # A round whose held-out comparisons (against the initial or the previous policy) are judge
+    # errors beyond this share stops the campaign, as a training round its judge could not judge
+    # does: a win rate over the rest would speak for too few prompts. Resume judges it again.
+    max_judge_error_fraction: float = 0.5
 
 
 @dataclass

@@ -10,17 +10,19 @@ from pathlib import Path
 
 import jinja2
 
-from online_dpo.report.view import (
+from online_dpo.report.tables import (
     COLUMNS,
     DIVERSITY_COLUMNS,
     JUDGE_COLUMNS,
-    RoundView,
-    RunView,
     diversity_rows,
     judge_rows,
     pct,
-    read_jsonl_tolerant,
     table_rows,
+)
+from online_dpo.report.view import (
+    RoundView,
+    RunView,
+    read_jsonl_tolerant,
 )
 from online_dpo.rundir import write_text
 

@@ -9,22 +9,24 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from online_dpo.report.timing import stage_shares
-from online_dpo.report.view import (
+from online_dpo.report.tables import (
     COLUMNS,
     DIVERSITY_COLUMNS,
     SUMMARY_COLUMNS,
     JUDGE_COLUMNS,
+    diversity_rows,
+    judge_rows,
+    pct,
+    summary_rows,
+    table_rows,
+)
+from online_dpo.report.timing import stage_shares
+from online_dpo.report.view import (
     BestPolicy,
     RoundView,
     RunView,
     best_policy,
-    diversity_rows,
-    judge_rows,
-    pct,
     run_from_results,
-    summary_rows,
-    table_rows,
 )
 
 CAMPAIGN_TITLE = "online-dpo: held-out evaluation per round (vs the initial policy = baseline)"

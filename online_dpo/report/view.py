@@ -1,11 +1,12 @@
 """What the report knows about a run, with no rendering: the rounds read from a run directory
-(RunView, RoundView, load_run), their numbers, the reward-hacking warnings, the round guard
-and the best round, and the table cells as plain strings for every renderer to share.
+(RunView, RoundView, load_run), their numbers, the reward-hacking warnings and the best
+round. The table cells every renderer shares: `report.tables`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from online_dpo.errors import ReportError
 from online_dpo.rundir import RunDir
 
 DEFAULT_LENGTH_FACTOR = 1.5
+log = logging.getLogger("online_dpo")
 
 
 # --- reading a run directory ------------------------------------------------------------
@@ -88,11 +90,8 @@ def read_jsonl_tolerant(path: Path) -> list[dict]:
     hides the rows after it. A last line without its newline is a writer killed mid-append, the
     expected damage after a crash, and is logged at INFO; a bad line anywhere else is a warning.
     """
-    import logging  # imported here: the only function of this module that logs
-
     if not path.exists():
         return []
-    log = logging.getLogger("online_dpo")
     # Bytes, split on the writer's own "\n": a line torn inside a multi-byte character then
     # fails alone instead of failing the decoding of the whole file.
     lines = path.read_bytes().split(b"\n")
@@ -171,6 +170,17 @@ def load_run(root: str | Path, length_factor: float = DEFAULT_LENGTH_FACTOR) -> 
 
 def finite(x) -> float | None:
     return None if x is None or not isinstance(x, (int, float)) or math.isnan(x) else float(x)
+
+
+def judge_error_counts(result: dict) -> dict:
+    """A round's judge errors from its record: in training (a pairwise judge's comparisons, or a
+    scorer's candidates) and in the held-out eval (its comparisons against both policies; None
+    without an eval)."""
+    quality, held_out = result.get("judge_quality"), result.get("eval")
+    train = quality["errors"] if quality else (result.get("funnel") or {}).get("judge_errors", 0)
+    evals = None if held_out is None else sum((held_out.get(k) or {}).get("errors", 0)
+                                              for k in ("vs_baseline", "vs_previous"))
+    return {"train": train, "eval": evals}
 
 
 def mean_tokens(view: RoundView) -> float | None:
@@ -276,22 +286,7 @@ def add_warnings(rounds: list[RoundView], length_factor: float = DEFAULT_LENGTH_
                 f"(rejected {drift['rejected']:+.2f}); dpo.rpo_alpha > 0 anchors the chosen responses")
 
 
-# --- the round guard and the best round -------------------------------------------------
-
-def guard_verdict(ev: dict, against_previous: bool) -> dict:
-    """The round guard on one round's eval: rejected when its win rate against the policy it
-    started from (the previous accepted round's, or the initial one) has its whole 95% CI
-    below 50%; a round with no such comparison is accepted."""
-    key = "vs_previous" if against_previous else "vs_baseline"
-    d = ev.get(key) or {}
-    high = finite(d.get("ci_high"))
-    accepted = high is None or high >= 0.5
-    against = "the previous accepted round" if against_previous else "the initial policy"
-    reason = (f"win rate vs {against} {pct(d.get('win_rate'))} (95% CI {pct(d.get('ci_low'))}-{pct(high)})"
-              + ("" if accepted else ": the whole interval is below 50%"))
-    return {"accepted": accepted, "against": key, "win_rate": finite(d.get("win_rate")), "ci_high": high,
-            "reason": reason}
-
+# --- the best round (the round guard's rule: campaign.guard_verdict) ----------------------
 
 def best_round(results: list[dict]) -> int | None:
     """The accepted round whose policy beat the initial one by the most (the later of equals);
@@ -300,8 +295,9 @@ def best_round(results: list[dict]) -> int | None:
     kept = [res for res in results if res and res.get("guard", {}).get("accepted", True)]
     scored = [(w, res["round"]) for res in kept
               if (w := finite(((res.get("eval") or {}).get("vs_baseline") or {}).get("win_rate"))) is not None]
-    if not scored:
-        return kept[-1]["round"] if kept else None
+    if not scored:  # a round evaluated without a win rate is never the best one
+        unevaluated = [res for res in kept if not res.get("eval")]
+        return unevaluated[-1]["round"] if unevaluated and len(unevaluated) == len(kept) else None
     win, r = max(scored)
     return r if win >= 0.5 else None
 
@@ -323,117 +319,3 @@ def best_policy(results: list[dict]) -> BestPolicy:
         return BestPolicy(None, None, rejected)
     win = ((next(res for res in results if res and res["round"] == best).get("eval") or {}).get("vs_baseline") or {})
     return BestPolicy(best, win.get("win_rate"), rejected)
-
-
-# --- the tables as plain cells ------------------------------------------------------------
-
-COLUMNS = ("round", "win rate (95% CI)", "LC win", "ties", "errors", "vs prev (95% CI)", "accuracy",
-           "len mean/p90", "pairs", "DPO loss", "margin", "pair acc", "KL", "Δlogp c/r", "consist.", "judge cost",
-           "wall s", "warnings")
-
-
-# The per-round table of a campaign and `online-dpo report`: what a user decides on, in 120 columns
-# (the warnings in full under it). COLUMNS is the wide view (`report --wide`, report.html).
-SUMMARY_COLUMNS = ("round", "win rate vs initial (95% CI)", "vs previous (95% CI)", "accuracy", "pairs", "wall s",
-                   "warnings")
-
-
-def summary_rows(rounds: list[RoundView]) -> list[list[str]]:
-    """table_rows cut to SUMMARY_COLUMNS; the warnings cell counts them (they are listed below the table)."""
-    keep = [COLUMNS.index(c) for c in ("round", "win rate (95% CI)", "vs prev (95% CI)", "accuracy", "pairs", "wall s")]
-    return [[row[i] for i in keep] + [str(len(v.warnings)) if v.warnings else "-"]
-            for v, row in zip(rounds, table_rows(rounds))]
-
-
-def pct(x: float | None) -> str:
-    x = finite(x)
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x: float | None, fmt: str = ".3f") -> str:
-    x = finite(x)
-    return "-" if x is None else format(x, fmt)
-
-
-def _with_ci(d: dict | None) -> str:
-    rate = finite((d or {}).get("win_rate"))
-    if rate is None:
-        return "-"
-    low, high = finite(d.get("ci_low")), finite(d.get("ci_high"))
-    ci = f" ({100 * low:.1f}-{100 * high:.1f})" if low is not None and high is not None else ""
-    return f"{100 * rate:.1f}%{ci}"
-
-
-def _drift_cell(drift: dict | None) -> str:
-    return "-" if drift is None else f"{drift['chosen']:+.1f}/{drift['rejected']:+.1f}"
-
-
-def table_rows(rounds: list[RoundView]) -> list[list[str]]:
-    """One list of cell strings per round, in COLUMNS order (shared by the terminal and HTML)."""
-    rows = []
-    for v in rounds:
-        if not v.complete:
-            rows.append([str(v.round), v.status, *["-"] * (len(COLUMNS) - 2)])
-            continue
-        ev, res = v.eval, v.result
-        base = ev.get("vs_baseline")
-        train = train_summary(v)
-        cost, requests = judge_cost(v)
-        cost_cell = "-" if cost is None and requests is None else f"${cost or 0:.4f} / {requests or 0} req"
-        mean, p90 = mean_tokens(v), p90_tokens(v)
-        pairs = res.get("pairs", (res.get("funnel") or {}).get("pairs"))
-        if pairs is None and res.get("examples") is not None:  # KTO: unpaired examples
-            pairs = f"{res['examples']} ex"
-        rows.append([
-            str(v.round), _with_ci(base), pct((base or {}).get("lc_win_rate")), pct((base or {}).get("tie_rate")),
-            pct((base or {}).get("error_rate")), _with_ci(ev.get("vs_previous")), pct(ev.get("accuracy")),
-            f"{_num(mean, '.1f')}/{_num(p90, '.0f')}" if mean is not None else "-",
-            "-" if pairs is None else str(pairs), _num(train["loss"]), _num(train["reward_margin"]),
-            pct(train["pair_accuracy"]), _num(train["kl"], ".4f"), _drift_cell(logp_drift(v)),
-            pct(position_consistency(v)), cost_cell,
-            _num(res.get("wall_s"), ".0f"), "; ".join(v.warnings) or "-",
-        ])
-    return rows
-
-
-DIVERSITY_COLUMNS = ("round", "distinct-1", "distinct-2", "pairwise overlap", "token entropy", "samples")
-
-
-def diversity_rows(rounds: list[RoundView], baseline: dict | None) -> list[list[str]]:
-    """The diversity watch, one row per round with a measurement (the initial policy first):
-    each value with its share of the initial policy's in brackets (the overlap as a multiple)."""
-    def cells(label: str, d: dict) -> list[str]:
-        out = [label]
-        for key, fmt in (("distinct_1", ".3f"), ("distinct_2", ".3f"), ("pairwise_overlap", ".3f"), ("token_entropy", ".3f")):
-            value, ref = finite(d.get(key)), finite((baseline or {}).get(key))
-            share = ""
-            if value is not None and ref and d is not baseline:
-                # overlap grows as diversity falls, by several times: a multiple reads better than a percentage
-                share = f" ({value / ref:.1f}x)" if key == "pairwise_overlap" else f" ({value / ref:.0%})"
-            out.append(_num(value, fmt) + share)
-        out.append(f"{d.get('prompts', '-')} x {d.get('samples_per_prompt', '-')}")
-        return out
-
-    rows = [cells("initial", baseline)] if baseline else []
-    return rows + [cells(str(v.round), v.eval["diversity"]) for v in rounds if v.eval.get("diversity")]
-
-
-JUDGE_COLUMNS = ("round", "comparisons", "ties", "errors", "consistency", "separated", "test at",
-                 "right vs refs (95% CI)", "flip rate")
-
-
-def judge_rows(rounds: list[RoundView]) -> list[list[str]]:
-    """One row per round with a pairwise judge's quality (`online_dpo.judge_quality`), in JUDGE_COLUMNS."""
-    rows = []
-    for v in rounds:
-        q = (v.result or {}).get("judge_quality")
-        if not q:
-            continue
-        ref, level = q.get("vs_reference") or {}, q.get("separation_level")  # level: absent in earlier runs
-        right = "-" if ref.get("accuracy") is None else \
-            f"{pct(ref['accuracy'])} ({100 * ref['interval'][0]:.1f}-{100 * ref['interval'][1]:.1f}) of {ref['decisive']}"
-        separated = f"{q['separated_prompts']}/{q['tested_prompts']}" if q.get("tested_prompts") else "-"
-        tested_at = "-" if level is None else "off" if level >= 1.0 else f"{level:g}"
-        rows.append([str(v.round), str(q["comparisons"]), pct(q.get("tie_rate")), str(q["errors"]),
-                     pct(q.get("position_consistency")), separated, tested_at, right, _num(ref.get("flip_rate"), ".2f")])
-    return rows

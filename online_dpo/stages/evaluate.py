@@ -11,9 +11,10 @@ from judges import as_pairwise
 from judges.base import judge_stats as judge_stats_of
 from judges.base import template_hashes
 from online_dpo import diversity, evaluate
-from online_dpo.campaign import Campaign, guard_mode, last_checkpoint, once, timed
+from online_dpo.campaign import Campaign, guard_mode, guard_verdict, last_checkpoint, once, timed
+from online_dpo.report.view import judge_error_counts
 from online_dpo.engines.generate import Sampling
-from online_dpo.report.view import guard_verdict
+from online_dpo.errors import JudgeUnusableError
 from online_dpo.rundir import read_jsonl, write_json, write_jsonl
 from online_dpo.seeds import stable_seed
 from online_dpo.stages.select import round_judge_quality
@@ -92,6 +93,7 @@ def held_out_eval(c: Campaign, r: int, base: dict, prev_texts: list[str] | None)
     texts, lengths = generate_eval(c, stable_seed(c.cfg.seed, r, "eval"), save_to=paths.eval_responses)
     result = evaluate.evaluate_round(as_pairwise(c.judge), c.split.eval, texts, lengths, base["texts"],
                                      prev_texts if c.cfg.eval.compare_previous else None)
+    stop_unless_judged(r, result, c.cfg.eval.max_judge_error_fraction)
     if base.get("diversity"):
         result["diversity"] = measure_diversity(c, stable_seed(c.cfg.seed, r, "diversity"), paths.diversity_samples)
         result["diversity_warnings"] = diversity.collapse_warnings(
@@ -99,6 +101,18 @@ def held_out_eval(c: Campaign, r: int, base: dict, prev_texts: list[str] | None)
         for warning in result["diversity_warnings"]:
             log.warning("round %d: %s", r, warning)
     return result
+
+
+def stop_unless_judged(r: int, held_out: dict, most: float) -> None:
+    """Stop the round (JudgeUnusableError) where judge errors are over `most` of the comparisons
+    against the initial or the previous policy: the eval would decide the round on too few."""
+    for key, against in (("vs_baseline", "the initial policy"), ("vs_previous", "the previous one")):
+        d = held_out.get(key)
+        if d and d["n"] and d["errors"] > most * d["n"]:
+            first = next(row["error"] for row in held_out["comparisons"][key] if row["error"])
+            raise JudgeUnusableError(r, f"{d['errors']} of {d['n']} held-out comparisons against {against} were judge "
+                                        f"errors, over eval.max_judge_error_fraction={most:g} (the first: {first})",
+                                     stage="eval")
 
 
 def judge_stats(c: Campaign):
@@ -122,6 +136,7 @@ def record_round(c: Campaign, r: int, funnel, held_out: dict | None, train_metri
     judged = round_judge_quality(c, r)  # pairwise judges: consistency, ties, agreement with references, separation
     if judged is not None:
         result["judge_quality"] = judged
+    result["judge_errors"] = judge_error_counts(result)
     if stats_before is not None:  # API judges: this round's requests, cache hits, cost, position consistency
         result["judge_stats"] = judge_stats_of(c.judge).since(stats_before).as_dict()
     templates = template_hashes(c.judge)  # LLM judges: which templates (by hash) produced this round's verdicts
