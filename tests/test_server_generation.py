@@ -1,9 +1,10 @@
 """generation.backend=vllm_server against real vLLM servers, started here on localhost with the
 shallow model (the embedded model's first layers: tests/conftest.py) by `online-dpo serve`'s own
 launcher: weight pushes checked by log-probs, stale answers refused, a campaign split across two
-servers, one server killed mid-round and resumed. None of it depends on what the policy answers,
-so the campaigns rank candidates by length (the shallow model answers no sum right). Fault paths
-that need a server to misbehave on purpose use a small local HTTP server."""
+servers, one server killed mid-round and resumed, a server restarted with an API key. None of it
+depends on what the policy answers, so the campaigns rank candidates by length (the shallow model
+answers no sum right). Fault paths that need a server to misbehave on purpose use a small local
+HTTP server."""
 
 from __future__ import annotations
 
@@ -40,19 +41,19 @@ class Servers:
         self.processes: list[subprocess.Popen | None] = [None, None]
         self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
 
-    def start(self, i: int) -> None:
+    def start(self, i: int, api_key_env: str | None = None) -> None:
         from online_dpo.engines.serve import start_server
 
         log = open(self.logs / f"server{i}.log", "a")
         # 0.25 GiB of KV cache each: two servers and a trainer share this machine.
         self.processes[i], _ = start_server(self.model_path, log_file=log, port=self.ports[i], seed=i,
-                                            max_model_len=MAX_MODEL_LEN, kv_cache_gb=0.25)
+                                            max_model_len=MAX_MODEL_LEN, kv_cache_gb=0.25, api_key_env=api_key_env)
 
-    def wait(self, i: int) -> None:
+    def wait(self, i: int, api_key: str | None = None) -> None:
         from online_dpo.engines.serve import wait_ready
 
         try:
-            wait_ready(self.urls[i], self.processes[i], timeout_s=420)
+            wait_ready(self.urls[i], self.processes[i], timeout_s=420, api_key=api_key)
         except GenerationServerError as e:
             pytest.fail(f"{e}\n{(self.logs / f'server{i}.log').read_text()[-3000:]}")
 
@@ -61,9 +62,11 @@ class Servers:
 
         stop_server(self.processes[i], signal.SIGKILL)  # as a crash would: no shutdown
 
-    def restart(self, i: int) -> None:
-        self.start(i)
-        self.wait(i)
+    def restart(self, i: int, api_key_env: str | None = None) -> None:
+        import os
+
+        self.start(i, api_key_env)
+        self.wait(i, os.environ[api_key_env] if api_key_env else None)
 
     def log_tails(self, lines: int = 30) -> str:
         """The end of each server's log for a failure message, without the weight-loading noise."""
@@ -403,3 +406,40 @@ def test_two_rounds_on_two_servers_survive_a_killed_server(servers, tmp_path):
     # both servers took a share: server 1 answered requests after its restart (round 1, the evals)
     assert request_counts(servers.urls[1]) > 0 and request_counts(servers.urls[0]) > after_round0[0]
 
+
+
+def test_a_keyed_server_answers_only_requests_with_its_key(servers, policy, tmp_path, monkeypatch):
+    """Server 1 restarted with an API key, as `online-dpo serve` must be beyond loopback (this
+    test runs last: the server stays keyed). Without the key, or with another, vLLM's guarded
+    paths (/v1, /inference) and the ones it leaves open (dev mode's /collective_rpc, /resume,
+    /is_paused, /weight_info; /health) all answer 401; the generator given servers.api_key_env
+    checks the server, pushes weights to it (pause, reload_weights, resume) and generates."""
+    import httpx
+
+    from online_dpo.data.prompts import Prompt
+    from online_dpo.engines.server import api_key_from
+    from online_dpo.train import lora
+
+    monkeypatch.setenv("TEST_SERVER_KEY", "s3cret-for-tests")
+    servers.kill(1)
+    servers.restart(1, api_key_env="TEST_SERVER_KEY")
+    url = servers.urls[1]
+    # requests that change nothing were the guard missing (a /pause would stall the server)
+    calls = [("GET", "/v1/models", None), ("POST", "/inference/v1/generate", {}), ("GET", "/is_paused", None),
+             ("POST", "/resume", None), ("POST", "/collective_rpc", {"method": "no_such_method"}),
+             ("GET", "/weight_info", None), ("GET", "/health", None)]
+    for headers in ({}, {"Authorization": "Bearer another-key"}):
+        answers = {path: httpx.request(method, url + path, json=body, headers=headers).status_code
+                   for method, path, body in calls}
+        assert answers == {path: 401 for _, path, _ in calls}, answers
+    key = {"Authorization": f"Bearer {api_key_from('TEST_SERVER_KEY')}"}
+    assert httpx.get(f"{url}/is_paused", headers=key).json() == {"is_paused": False}
+
+    model, tokenizer = policy
+    gen = generator_for([url], tokenizer, model, tmp_path / "pushed", "keyed/", api_key_env="TEST_SERVER_KEY")
+    gen.check(longest=MAX_MODEL_LEN)
+    gen.update_weights(lora.merged_weights(model), "v1")
+    assert gen.servers[0].weight_version() == "keyed/v1" and gen.probe_gaps[0] < 0.1
+    prompt = Prompt(id="p0", messages=[{"role": "user", "content": "What is 2 + 3?"}], reference="5")
+    [completions] = gen.generate([prompt], Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0))
+    assert [c.weight_version for c in completions] == ["v1", "v1"] and all(c.token_ids for c in completions)
