@@ -144,6 +144,14 @@ def is_remote(judge: object) -> bool:
     return bool(getattr(judge, "remote", False))
 
 
+def check_reachable(judge: object) -> None:
+    """Raise JudgeUnreachable now, before a campaign loads its models, where a judge behind an API
+    (one with a `check_reachable()` method) cannot reach its endpoint; other judges pass."""
+    check = getattr(judge, "check_reachable", None)
+    if callable(check):
+        check()
+
+
 def judge_stats(judge: object) -> Stats | None:
     stats = getattr(judge, "stats", None)
     return stats if isinstance(stats, Stats) else None
@@ -222,6 +230,10 @@ class JudgeLoadError(JudgeError, ValueError):
     """A judge that cannot be loaded or built: a syntax error, an import that fails inside its
     file, an exception in its constructor (the message names the file and line), or options a
     built-in judge refuses (a ValueError, as the refusal itself was)."""
+
+
+class JudgeUnreachable(JudgeLoadError):
+    """An API judge whose endpoint does not answer when the campaign starts."""
 
 
 class MissingAPIKey(JudgeError, RuntimeError):

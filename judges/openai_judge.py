@@ -20,13 +20,15 @@ What it guarantees:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
-import json
 from pathlib import Path
 from typing import Literal, Sequence
 
-from judges.base import BudgetExceeded, MissingAPIKey, PairwiseItem, PointwiseItem, Score, Usage, Verdict
+from openai import APIConnectionError
+
+from judges.base import BudgetExceeded, JudgeUnreachable, MissingAPIKey, PairwiseItem, PointwiseItem, Score, Usage, Verdict
 from judges.cache import JudgeCache, cache_root, request_key
 from judges.llm_judge import BothOrders, JudgeStats, Reply, parse_choice, parse_rating, prob_first_from_top
 from judges.templates import load_template
@@ -61,6 +63,7 @@ class OpenAIClient:
             key = "EMPTY"  # local OpenAI-compatible servers accept any key
         self.model = model
         self.base_url = base_url
+        self.judge_name = judge_name
         # The address the client really calls: the openai package falls back on OPENAI_BASE_URL, then OpenAI's.
         self.endpoint = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         self._served: str | None = None  # what the endpoint serves under `model`, asked once (served_model)
@@ -83,7 +86,10 @@ class OpenAIClient:
     async def _ask_all(self, prompts: list[str], template_sha: str) -> list[Reply]:
         client = self._client_factory(**self._client_args)
         if self.cache is not None and self._served is None:
-            self._served = await self.served_model(client)
+            try:
+                self._served = await self.served_model(client)
+            except APIConnectionError:  # the requests below fail too, each a counted error
+                pass
         sem = asyncio.Semaphore(self.max_concurrency)
         # Identical requests in one batch (e.g. two candidates that wrote the same text) are
         # sent once: the cache only helps once a reply is in, and they would all be in flight.
@@ -115,13 +121,33 @@ class OpenAIClient:
         the endpoint does not list its models (its replies are then keyed by the name alone)."""
         try:
             page = await client.with_options(max_retries=0).models.list()
-        except Exception:  # noqa: BLE001 - an endpoint without /models: keyed by name, as before
+        except APIConnectionError:
+            raise  # nothing answers there: not a question of its listing
+        except Exception:  # noqa: BLE001 - an endpoint without /models: keyed by name alone
             return ""
         entry = next((m for m in page.data if m.id == self.model), None)
         if entry is None:
             return ""
         # Not `created`: vLLM stamps each listing with the time of the request.
         return json.dumps({"root": getattr(entry, "root", None), "owned_by": getattr(entry, "owned_by", None)})
+
+    def check_reachable(self) -> None:
+        """Raise JudgeUnreachable where nothing answers at the endpoint (a server not started, a
+        wrong base_url), so a campaign stops before it loads a model rather than at its first
+        round's judging; an answer of any kind (a 404 or 401 included) passes."""
+        async def ask() -> str:
+            client = self._client_factory(**self._client_args)
+            try:
+                return await self.served_model(client)
+            finally:
+                await client.close()
+
+        try:
+            self._served = asyncio.run(ask())
+        except APIConnectionError as e:
+            raise JudgeUnreachable(f"judge {self.judge_name!r} cannot reach its endpoint {self.endpoint} "
+                                   f"({type(e).__name__}: {e}); start the server there (a local one: the command in "
+                                   f"the config's header) or point judge.options.base_url at one that runs") from None
 
     def cache_key(self, prompt_text: str, template_sha: str) -> str:
         return request_key(endpoint=self.endpoint, model=self.model, served=self._served or "",
@@ -193,6 +219,9 @@ class OpenAIJudge:
     def both_orders(self) -> bool:
         return self.protocol.both_orders
 
+    def check_reachable(self) -> None:
+        self.client.check_reachable()
+
     def compare(self, items: Sequence[PairwiseItem]) -> list[Verdict]:
         return self.protocol.compare(items, self.client.ask)
 
@@ -214,6 +243,9 @@ class OpenAIRubricScorer:
         self.client = OpenAIClient(model, judge_name=self.name, max_tokens=max_tokens, **client_options)
         self.stats = self.client.stats
         self.template = load_template(template, ("prompt", "response"))
+
+    def check_reachable(self) -> None:
+        self.client.check_reachable()
 
     def score(self, items: Sequence[PointwiseItem]) -> list[Score]:
         texts = [self.template.render(prompt=it.prompt, response=it.response) for it in items]

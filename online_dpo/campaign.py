@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 import torch
 
 from judges import as_judge, load_judge
-from judges.base import PairwiseJudge, asks_orders_apart, is_remote
+from judges.base import PairwiseJudge, asks_orders_apart, check_reachable, is_remote
 from judges.models import resolve_model_path
 from judges.ranking import SecondOrder
 from online_dpo import hardware
@@ -84,6 +84,7 @@ class Campaign:
     round_generator: Generator | None = None
     overlap_judging: bool = False  # judge.overlap_generation resolved, the same on every process
     second_order: SecondOrder = "all"  # judge.second_order resolved for this judge (main process)
+    guard: str = "off"  # guard.on_loss resolved for this launch (check_launch): off, retry or stop
 
     @property
     def reference_source(self) -> str:
@@ -115,6 +116,7 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
         log.setLevel(logging.WARNING)  # one copy of the progress log, from the main process
     for line in resolved.lines():
         log.info("%s", line)
+    guard, every_rank = check_launch(cfg, accelerator)  # before any model loads
     if resolved.mixed_precision.value == "bf16" and not resolved.hardware.fast_bf16:
         log.warning("dpo.mixed_precision=bf16 on a machine without native bf16: the update is emulated and runs "
                     "far slower than float32 (dpo.mixed_precision=auto picks float32 here)")
@@ -132,6 +134,8 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
         judge = as_judge(judge, "judge=")
     else:
         judge = load_judge(cfg.judge.name, **judge_options(cfg.judge))
+    if judge is not None:
+        check_reachable(judge)  # an API judge's server down or misnamed: said now, before the models load
 
     last = last_checkpoint(run, cfg.rounds)
     if last:
@@ -145,11 +149,6 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
     optimizer = optim.build_optimizer(policy, cfg.dpo)
     optim.configure_deepspeed(accelerator, cfg.dpo)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    if guard_mode(cfg) != "off" and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(f"guard.on_loss={guard_mode(cfg)} rolls a rejected round back by loading the previous "
-                          f"policy's full weights, which a sharded ({accelerator.distributed_type.value}) policy cannot "
-                          f"take here; set guard.on_loss=off, or use DDP / one process")
-    every_rank = generates_on_every_rank(cfg, accelerator)
     if cfg.dpo.optimizer_state == "carry" and last:
         optim.load_optimizer_state(optimizer, last, accelerator)
 
@@ -163,7 +162,7 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
             attend_in_float32(reference_model)
 
     c = Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, None, reference_model, resolved,
-                 model_path, build_objective(cfg))
+                 model_path, build_objective(cfg), guard=guard)
     log.info("reference log-probs: %s (dpo.reference_logps=%s)", c.reference_source, cfg.dpo.reference_logps)
     if main or every_rank:
         with servers_during("start"):
@@ -190,6 +189,35 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
     elif c.generator is not None:
         c.generator.version = version
     return c
+
+
+# accelerate's distributed types whose processes each hold a shard of the optimizer state
+SHARDED_OPTIMIZER = ("FSDP", "DEEPSPEED")
+
+
+def check_launch(cfg: CampaignConfig, accelerator) -> tuple[str, bool]:
+    """What the campaign's settings need from how it was launched (accelerate's distributed type
+    and process count), checked once accelerate has read the launch and before any model loads.
+    Returns guard.on_loss resolved (auto: off where the optimizer state is sharded, since a
+    roll-back cannot restore it) and whether every process generates (generates_on_every_rank)."""
+    kind, processes = accelerator.distributed_type.value, accelerator.num_processes
+    sharded = kind in SHARDED_OPTIMIZER
+    if processes > 1 and cfg.dpo.batch_size % processes:
+        raise ConfigError(f"dpo.batch_size={cfg.dpo.batch_size} is split evenly over the {processes} training "
+                          f"processes; set dpo.batch_size to a multiple of {processes}")
+    if sharded and cfg.dpo.optimizer_state == "carry":
+        raise ConfigError(f"dpo.optimizer_state=carry saves the whole optimizer state with each checkpoint, which a "
+                          f"{kind} launch shards over its processes; set dpo.optimizer_state=fresh, or use DDP / one "
+                          f"process")
+    if sharded and cfg.guard.on_loss in ("retry", "stop"):
+        raise ConfigError(f"guard.on_loss={cfg.guard.on_loss} rolls a rejected round back by loading the previous "
+                          f"policy's full weights, which a {kind} launch (its optimizer state sharded) cannot take "
+                          f"here; set guard.on_loss=off (auto is off here), or use DDP / one process")
+    every_rank = generates_on_every_rank(cfg, accelerator)
+    if sharded and cfg.guard.on_loss == "auto":
+        log.info("guard.on_loss=auto: off under %s (a roll-back cannot restore a sharded optimizer state)", kind)
+        return "off", every_rank
+    return cfg.guard.resolved(cfg.eval.enabled and cfg.eval.compare_previous), every_rank
 
 
 def generates_on_every_rank(cfg: CampaignConfig, accelerator) -> bool:
@@ -269,7 +297,8 @@ def connect_servers(c: Campaign, initial: bool) -> ServerGenerator:
     generator = ServerGenerator(s.urls, c.tokenizer, build_transport(s, c.run.pushed_weights),
                                 probe_policy=probe, tolerance=s.probe_tolerance,
                                 label_prefix=f"{c.cfg.name}@{c.run.manifest['created']}/", timeout_s=s.timeout_s,
-                                max_concurrent=s.max_concurrent_requests, seed_requests=s.seed_requests)
+                                max_concurrent=s.max_concurrent_requests, seed_requests=s.seed_requests,
+                                api_key_env=s.api_key_env)
     generator.check(longest=longest_sequence(c.cfg))
     if initial or not c.run.server_probe.exists():
         write_json(c.run.server_probe, dataclasses.asdict(probe()))
@@ -316,11 +345,6 @@ def policy_weights(c: Campaign) -> list[tuple[str, torch.Tensor]] | None:
     full = c.accelerator.get_state_dict(c.policy)
     wanted = c.is_main or c.generator is not None  # an engine in every process: each needs them
     return lora.merged_weights(c.accelerator.unwrap_model(c.policy), full) if wanted else None
-
-
-def guard_mode(cfg: CampaignConfig) -> str:
-    """guard.on_loss resolved: off, retry or stop."""
-    return cfg.guard.resolved(cfg.eval.enabled and cfg.eval.compare_previous)
 
 
 def guard_verdict(ev: dict, against_previous: bool) -> dict:

@@ -24,7 +24,7 @@ import logging
 import time
 from collections import Counter
 
-from online_dpo.campaign import Campaign, accepted, guard_mode, last_accepted_round, setup, timed
+from online_dpo.campaign import Campaign, accepted, last_accepted_round, setup, timed
 from online_dpo.config import CampaignConfig
 from online_dpo.errors import servers_during
 from online_dpo.report.terminal import print_rounds, print_stage_shares
@@ -105,7 +105,7 @@ def run_campaign(cfg: CampaignConfig, run: RunDir, judge: object | None = None) 
             best = keep_checkpoints(c, results)
             if ran and cfg.eval.enabled:
                 print_rounds(results, base["accuracy"], baseline_diversity=base.get("diversity"))
-        if not accepted(run, r) and guard_mode(cfg) == "stop":
+        if not accepted(run, r) and c.guard == "stop":
             stopped = r
             log.warning("the campaign stops after round %d (guard.on_loss=stop)", r)
             break

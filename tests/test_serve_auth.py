@@ -138,3 +138,17 @@ def test_a_keyed_server_requires_the_key_on_every_path(monkeypatch):
 def test_the_guard_refuses_to_start_without_its_key():
     with pytest.raises(RuntimeError, match="needs the API key in VLLM_API_KEY"):
         guarded_app()
+
+
+def test_a_campaign_reads_the_servers_key_from_the_variable_its_config_names(tmp_path, monkeypatch, shallow_model_path):
+    """servers.api_key_env reaches the campaign's generator: named but unset, the start stops
+    with a message naming the variable (and never a key)."""
+    import online_dpo
+    from online_dpo.config import ConfigError, load_config
+
+    monkeypatch.delenv("ONLINE_DPO_TEST_UNSET_KEY", raising=False)
+    cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", "name=keyed", "generation.backend=vllm_server",
+                                                  "servers.urls=[http://127.0.0.1:9]", f"policy.model={shallow_model_path}",
+                                                  "servers.api_key_env=ONLINE_DPO_TEST_UNSET_KEY"])
+    with pytest.raises(ConfigError, match="ONLINE_DPO_TEST_UNSET_KEY is not set"):
+        online_dpo.run(cfg)

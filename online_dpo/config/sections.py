@@ -282,7 +282,8 @@ class GuardConfig:
     # started from (the previous accepted round, or the initial policy) has its whole 95% CI
     # below 50% is rejected and rolled back to that policy; retry then goes on with the next
     # round's fresh prompts, stop ends the campaign there. They need eval.enabled and
-    # eval.compare_previous. auto: retry where those are on, else off.
+    # eval.compare_previous. auto: retry where those are on, else off; off under FSDP and
+    # DeepSpeed launches, whose sharded optimizer state a roll-back cannot restore.
     on_loss: Literal["auto", "off", "retry", "stop"] = "auto"
 
     def resolved(self, evaluates: bool) -> str:

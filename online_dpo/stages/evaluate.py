@@ -11,7 +11,7 @@ from judges import as_pairwise
 from judges.base import judge_stats as judge_stats_of
 from judges.base import template_hashes
 from online_dpo import diversity, evaluate
-from online_dpo.campaign import Campaign, guard_mode, guard_verdict, last_checkpoint, once, timed
+from online_dpo.campaign import Campaign, guard_verdict, last_checkpoint, once, timed
 from online_dpo.report.view import judge_error_counts
 from online_dpo.engines.generate import Sampling
 from online_dpo.errors import JudgeUnusableError
@@ -144,7 +144,7 @@ def record_round(c: Campaign, r: int, funnel, held_out: dict | None, train_metri
         result["judge_templates"] = templates
     result["timings"] = timings
     result["wall_s"] = sum(timings.values())
-    if guard_mode(c.cfg) != "off":
+    if c.guard != "off":
         result["guard"] = guard_verdict(result["eval"], against_previous=against_previous)
     write_json(c.run.round_paths(r).eval_json, result)
     c.run.mark_done(r, "eval", wall_s=result["wall_s"], accepted=result.get("guard", {}).get("accepted", True))
