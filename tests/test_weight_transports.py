@@ -30,6 +30,24 @@ def test_tied_weights_are_written_under_both_names_and_versions_replace_atomical
     assert torch.equal(load_file(str(tmp_path / "pushed" / "round-1" / "model.safetensors"))["norm.weight"], torch.zeros(2))
 
 
+def test_pushes_delete_nothing_but_their_own_folders_in_a_shared_weights_dir(tmp_path):
+    """servers.weights_dir may name a folder that holds other things: old versions are pruned, and
+    nothing of anyone else's is deleted or replaced."""
+    shared = tmp_path / "shared"
+    (shared / "my-models" / "llama").mkdir(parents=True)
+    (shared / "my-models" / "llama" / "weights.bin").write_bytes(b"mine")
+    (shared / "round-3").mkdir()
+    (shared / "round-3" / "notes.txt").write_text("a folder of the user's that looks like a version")
+    transport = DiskTransport(shared, keep=1)
+    weights = [("norm.weight", torch.ones(2))]
+    for version in ("round-0", "round-1", "round-2"):
+        transport.prune(keep_also=transport.write(weights, version))
+    assert sorted(p.name for p in shared.iterdir()) == ["my-models", "round-2", "round-3"]
+    with pytest.raises(ConfigError, match="round-3 is in the way of a weight push.*servers.weights_dir"):
+        transport.write(weights, "round-3")
+    assert (shared / "round-3" / "notes.txt").exists() and (shared / "my-models" / "llama" / "weights.bin").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_nccl_is_refused_without_a_gpu():
     with pytest.raises(ConfigError, match=r"weight_transport=nccl .* no CUDA GPU; use servers.weight_transport=disk"):

@@ -58,10 +58,11 @@ class DiskTransport:
 
         self.root.mkdir(parents=True, exist_ok=True)
         final, tmp = self.root / version, self.root / f".{version}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in (tmp, final):  # a killed write's leftover; a version pushed again after a roll-back
+            if folder.exists() or folder.is_symlink():
+                self.remove_pushed(folder)
         tmp.mkdir()
         save_file(separate_tensors(weights), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "version": version})
-        shutil.rmtree(final, ignore_errors=True)  # a version pushed again (after a roll-back) replaces its folder
         os.replace(tmp, final)
         return final
 
@@ -72,11 +73,26 @@ class DiskTransport:
         self.prune(keep_also=folder)
 
     def prune(self, keep_also: Path) -> None:
-        versions = sorted((p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        """Delete all but the newest `keep` pushed versions; anything else in the folder (servers.weights_dir
+        may be shared with other files) is left alone."""
+        versions = sorted((p for p in self.root.iterdir() if not p.name.startswith(".") and is_pushed_version(p)),
                           key=lambda p: p.stat().st_mtime)
         for old in versions[:-self.keep]:
             if old != keep_also:
-                shutil.rmtree(old, ignore_errors=True)
+                self.remove_pushed(old)
+
+    def remove_pushed(self, folder: Path) -> None:
+        """Delete a folder this transport wrote; refuse anything else with what to do."""
+        if not is_pushed_version(folder):
+            raise ConfigError(f"{folder} is in the way of a weight push and is not a folder of pushed weights (it "
+                              f"holds more than {WEIGHTS_FILE}); move it, or set servers.weights_dir to a folder of "
+                              f"its own")
+        shutil.rmtree(folder)
+
+
+def is_pushed_version(folder: Path) -> bool:
+    """Whether `folder` is one DiskTransport wrote: a real folder holding at most its weights file."""
+    return folder.is_dir() and not folder.is_symlink() and {p.name for p in folder.iterdir()} <= {WEIGHTS_FILE}
 
 
 class NcclTransport:
