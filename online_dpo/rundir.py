@@ -289,9 +289,10 @@ class RunDir:
 
     def remove_failed_start(self) -> bool:
         """Delete a run that stopped on its own input before it finished any stage, so the same
-        command starts again once the mistake is fixed: only where this start made the folder and
-        it holds nothing but the files a start writes before its first stage. Returns whether it did."""
-        if not self.manifest.get("made_folder") or self.manifest.get("rounds"):
+        command starts again once the mistake is fixed: only while its folder holds nothing but
+        the files a start writes before its first stage, and the folder itself only where this
+        start made it. Returns whether it did."""
+        if self.manifest.get("rounds"):
             return False
         own = {p.name for p in (self.manifest_path, self.config_path, self.data_json, self.server_probe)}
         present = list(self.root.iterdir())
@@ -299,7 +300,8 @@ class RunDir:
             return False
         for p in present:
             p.unlink()
-        self.root.rmdir()
+        if self.manifest.get("made_folder"):
+            self.root.rmdir()
         return True
 
     def remove(self, path: Path) -> None:

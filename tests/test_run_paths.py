@@ -113,7 +113,7 @@ def test_a_failed_start_removes_only_a_folder_it_made_and_only_its_own_files(tmp
     empty.run_dir.mkdir()
     with pytest.raises(DataError):
         online_dpo.run(empty)
-    assert empty.run_dir.is_dir()  # the user's folder stays, though the run's own files in it go or stay
+    assert empty.run_dir.is_dir() and listing(empty.run_dir) == []  # the user's folder stays; the run's files go
 
     def stop_after_a_file_appears(*args):
         (cfg.run_dir / "user-file.txt").write_text("written while the run started")
