@@ -51,8 +51,9 @@ def test_a_bad_name_is_refused_from_yaml_from_a_config_built_in_python_and_at_re
 
     good = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}"])
     for changed in (dataclasses.replace(good, name=n) for n in ("..", "a/b", "  ", "x ")):
-        with pytest.raises(ConfigError, match="name="):
-            online_dpo.run(changed)
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match="name="):
+                online_dpo.run(changed, overwrite=overwrite)
     mutated = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}"])
     mutated.name = ".."  # changed after it was loaded: checked again where it enters the API
     with pytest.raises(ConfigError, match="name="):
