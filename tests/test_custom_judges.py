@@ -30,7 +30,7 @@ def test_a_file_reference_loads_its_module_once():
 def test_references_that_lead_nowhere_say_what_is_there(tmp_path):
     with pytest.raises(UnknownJudgeError, match="no file"):
         load_judge(f"{tmp_path}/missing.py:Judge")
-    with pytest.raises(UnknownJudgeError, match=r"has no 'Nope'; it defines CorrectFirst, NotAJudgeAtAll"):
+    with pytest.raises(UnknownJudgeError, match=r"has no 'Nope'; it defines BreaksAfterCalls, CorrectFirst, NotAJudgeAtAll"):
         load_judge("tests.custom_judges:Nope")
     with pytest.raises(UnknownJudgeError, match="cannot import 'no_such_pkg.judges'.*path/to/judges.py:J"):
         load_judge("no_such_pkg.judges:J")

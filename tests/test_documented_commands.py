@@ -90,8 +90,9 @@ def test_a_judge_server_that_is_not_running_stops_the_start_before_any_model_loa
     """configs/local_vllm_judge.yaml's command without its server started first."""
     stop_before_models_load(monkeypatch)
     url = f"http://127.0.0.1:{free_port()}/v1"
+    # float32 as the suite's other in-process campaigns: accelerate's state is one per process
     cfg = load_config("configs/local_vllm_judge.yaml", [f"output_dir={tmp_path}", "name=no-server",
-                                                          f"judge.options.base_url={url}"])
+                                                          f"judge.options.base_url={url}", "dpo.mixed_precision=no"])
     with pytest.raises(JudgeUnreachable, match=f"cannot reach its endpoint {url}.*start the server"):
         online_dpo.run(cfg)
     assert not cfg.run_dir.exists()

@@ -149,6 +149,7 @@ def test_a_campaign_reads_the_servers_key_from_the_variable_its_config_names(tmp
     monkeypatch.delenv("ONLINE_DPO_TEST_UNSET_KEY", raising=False)
     cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", "name=keyed", "generation.backend=vllm_server",
                                                   "servers.urls=[http://127.0.0.1:9]", f"policy.model={shallow_model_path}",
-                                                  "servers.api_key_env=ONLINE_DPO_TEST_UNSET_KEY"])
+                                                  "servers.api_key_env=ONLINE_DPO_TEST_UNSET_KEY",
+                                                  "dpo.mixed_precision=no"])  # as the suite's other in-process runs
     with pytest.raises(ConfigError, match="ONLINE_DPO_TEST_UNSET_KEY is not set"):
         online_dpo.run(cfg)
