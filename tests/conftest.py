@@ -24,6 +24,9 @@ def pytest_configure(config):
     # Before anything imports torch, which reads it once: in-process models and every process
     # a test starts get this worker's share of the cores.
     os.environ["OMP_NUM_THREADS"] = str(worker_threads())
+    # A key exported in the user's shell would make every server the tests start a keyed one
+    # (online-dpo serve reads it by default); the tests that want a key set their own.
+    os.environ.pop("ONLINE_DPO_SERVER_API_KEY", None)
 
 
 # The modules that take minutes, slowest first. pytest-xdist hands whole modules to the workers
