@@ -32,8 +32,8 @@ def pytest_configure(config):
 # The modules that take minutes, slowest first. pytest-xdist hands whole modules to the workers
 # in collection order (pyproject.toml: --dist loadfile --no-loadscope-reorder), so these start
 # first and the many short modules fill in around them; one started last would run alone.
-SLOWEST_MODULES = ("test_server_generation", "test_every_rank", "test_crash_resume", "test_openai_judge_vllm_server",
-                   "test_campaign_options", "test_compare", "test_campaign", "test_report")
+SLOWEST_MODULES = ("test_server_generation", "test_chaos", "test_every_rank", "test_crash_resume",
+                   "test_openai_judge_vllm_server", "test_campaign_options", "test_compare", "test_campaign", "test_report")
 
 
 def pytest_collection_modifyitems(config, items):

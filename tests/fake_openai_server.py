@@ -155,3 +155,99 @@ def completion(text: str, body: dict) -> dict:
                      "message": {"role": "assistant", "content": text}}],
         "usage": {"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101},
     }
+
+
+class FlakyOpenAI(FakeOpenAI):
+    """A FakeOpenAI whose faults are seeded and last one try each: every distinct request (its
+    last message's text) fails on its first arrival with probability `rate`, drawn from
+    sha256(seed, text), as one of `kinds`, and gets `behaviour`'s answer on every later arrival.
+    So the same run meets the same faults, and an API client's own retries absorb them:
+      "500"      HTTP 500;
+      "429"      HTTP 429 with Retry-After: `retry_after` seconds;
+      "hang"     the answer only after `hang_s` (set it past the client's timeout);
+      "garbage"  HTTP 200 whose body is cut-off JSON, which clients do not retry: a counted error.
+    `garbage_next(k)`: the next k requests not yet failed get garbage, whatever the draw (a test
+    that follows them with a kill makes them transient: the resumed client asks again).
+    `on_request(n, fn)` calls fn() when the n-th request from now arrives, then answers it. `served`
+    counts the faults served, by kind. `failures` and `kill_on_request` work as in FakeOpenAI;
+    a request answered past the client's timeout is not in `answered`."""
+
+    KINDS = ("500", "429", "hang", "garbage")
+
+    def __init__(self, behaviour: str = "consistent", seed: int = 0, rate: float = 0.25,
+                 kinds: tuple[str, ...] = ("500", "429", "hang"), retry_after: str = "0.3", **kwargs):
+        from collections import Counter
+
+        super().__init__(behaviour, **kwargs)
+        assert set(kinds) <= set(self.KINDS), kinds
+        self.seed, self.rate, self.kinds, self.retry_after = seed, rate, kinds, retry_after
+        self.failed: set[str] = set()  # texts whose one fault was served
+        self.served: Counter[str] = Counter()
+        self._garbage = 0
+        self._call: tuple[int, object] | None = None  # (requests left before the call, fn)
+        server, base = self, self.httpd.RequestHandlerClass
+
+        class FlakyHandler(base):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"t": time.monotonic(), "body": body})
+                server.auth_headers.append(self.headers.get("Authorization", ""))
+                if server._should_kill():
+                    return
+                server._maybe_call()
+                if server.failures:
+                    status, headers = server.failures.pop(0)
+                    self._send(status, {"error": {"message": "injected failure"}}, headers)
+                    return
+                fault = server.fault_for(body["messages"][-1]["content"])
+                if fault == "500":
+                    self._send(500, {"error": {"message": "injected flaky failure"}})
+                    return
+                if fault == "429":
+                    self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": server.retry_after})
+                    return
+                if fault == "garbage":
+                    self._send_raw(200, b'{"id": "cmpl-1", "choices": [{"message": {"content": "A')
+                    return
+                if fault == "hang":
+                    time.sleep(server.hang_s)
+                answer = completion(server.answer(body["messages"][-1]["content"]), body)
+                self._send(200, answer)
+                if fault is None:
+                    server.answered.append(body)
+
+        self.httpd.RequestHandlerClass = FlakyHandler
+
+    def on_request(self, n: int, fn) -> None:
+        with self._lock:
+            self._call = (n, fn)
+
+    def _maybe_call(self) -> None:
+        with self._lock:
+            if self._call is None:
+                return
+            left, fn = self._call
+            self._call = (left - 1, fn) if left > 1 else None
+        if left == 1:
+            fn()
+
+    def garbage_next(self, k: int) -> None:
+        with self._lock:
+            self._garbage = k
+
+    def fault_for(self, text: str) -> str | None:
+        """The fault this arrival of `text` gets (None: the behaviour's answer), once per text."""
+        with self._lock:
+            if text in self.failed:
+                return None
+            if self._garbage:
+                self._garbage -= 1
+                kind = "garbage"
+            else:
+                digest = hashlib.sha256(f"{self.seed}\n{text}".encode()).digest()
+                if int.from_bytes(digest[:8], "big") / 2**64 >= self.rate:
+                    return None
+                kind = self.kinds[digest[8] % len(self.kinds)]
+            self.failed.add(text)
+            self.served[kind] += 1
+            return kind
