@@ -1,8 +1,11 @@
 """A judge of known quality: any judge's verdicts, corrupted the way LLM judges fail.
 
 For experiments and tests of how a campaign copes with judge noise. The truth comes from
-another judge (a verifier, usually); each *request* (one order of one comparison) is then
-answered as an imperfect LLM judge would answer it:
+another judge: a verifier against reference answers (`arithmetic`), or a scorer that needs
+none (`instructions`: the response that follows more of the prompt's instructions is the
+better one, and equal shares are a tie); a pointwise truth compares by its scores. Each
+*request* (one order of one comparison) is then answered as an imperfect LLM judge would
+answer it:
 
 - where the truth is decisive (one response is better), the answer names the worse one
   with probability `flip_rate` (ε);
@@ -17,7 +20,7 @@ answer, as from a cached LLM judge at temperature 0, and a resumed run sees the 
 
     judge:
       name: noisy
-      options: {truth: arithmetic, flip_rate: 0.15, position_bias: 0.7}
+      options: {truth: arithmetic, flip_rate: 0.15, position_bias: 0.7}   # or truth: instructions
 
 `NoiseModel` is the noise alone, so a test server can answer HTTP requests with it.
 """

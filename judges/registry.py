@@ -36,6 +36,7 @@ BUILTIN_JUDGES: dict[str, str] = {
     "length": "judges.verifiers:LengthVerifier",
     "mixture": "judges.verifiers:WeightedMixture",
     "all_must_pass": "judges.verifiers:AllMustPass",
+    "instructions": "judges.instructions:InstructionChecker",
     "noisy": "judges.noisy:NoisyJudge",
     "openai": "judges.openai_judge:OpenAIJudge",
     "openai_rubric": "judges.openai_judge:OpenAIRubricScorer",

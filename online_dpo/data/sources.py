@@ -2,7 +2,8 @@
 
 A prompt is chat messages plus an optional reference answer (for verifiers). Sources:
 
-- a built-in task (`arithmetic`);
+- a built-in task: `arithmetic` (with reference answers) or `instructions` (open requests
+  with checkable instructions, no references);
 - a local file: .jsonl / .json / .csv / .parquet, read with `datasets`;
 - a Hugging Face dataset, `hf:NAME` (+ `data.hf_config`, `data.split`). There may be no
   hub: it is probed with a short timeout first, so an unreachable hub fails in seconds.
@@ -30,9 +31,10 @@ from pathlib import Path
 from online_dpo.config import DataConfig
 from online_dpo.data.prompts import Prompt, PromptSplit, SourceReport, prompt_lengths, stable_id
 from online_dpo.data.tasks.arithmetic import arithmetic_split
+from online_dpo.data.tasks.instructions import instructions_split
 from online_dpo.errors import DataError
 
-BUILTIN_TASKS = {"arithmetic": arithmetic_split}
+BUILTIN_TASKS = {"arithmetic": arithmetic_split, "instructions": instructions_split}
 
 
 # --- file and hub sources ---------------------------------------------------------------
