@@ -37,7 +37,8 @@ mark around a word (or none) and the final period; N is a number in digits or a 
 
 A word is a run of letters and digits (with inner ' or -). Sentences are the runs of text
 ending in '.', '!' or '?' (a last run without one counts too). "Last" ignores trailing
-spaces and closing quotes or brackets, so '"Done!"' ends with the word 'done' and with '!'.
+spaces, closing quotes or brackets and emphasis marks, so '"Done!"' ends with the word
+'done' and with '!'.
 
     judge:
       name: instructions        # a noisy judge over it: judge.name=noisy judge.options.truth=instructions
