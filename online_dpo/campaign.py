@@ -85,6 +85,7 @@ class Campaign:
     overlap_judging: bool = False  # judge.overlap_generation resolved, the same on every process
     second_order: SecondOrder = "all"  # judge.second_order resolved for this judge (main process)
     guard: str = "off"  # guard.on_loss resolved for this launch (check_launch): off, retry or stop
+    eval_judge: object | None = None  # eval.judge, or the training judge where unset (main process)
 
     @property
     def reference_source(self) -> str:
@@ -134,8 +135,10 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
         judge = as_judge(judge, "judge=")
     else:
         judge = load_judge(cfg.judge.name, **judge_options(cfg.judge))
-    if judge is not None:
-        check_reachable(judge)  # an API judge's server down or misnamed: said now, before the models load
+    eval_judge = judge if cfg.eval.judge is None or not main else load_judge(cfg.eval.judge.name,
+                                                                               **judge_options(cfg.eval.judge))
+    for each in {id(j): j for j in (judge, eval_judge) if j is not None}.values():
+        check_reachable(each)  # an API judge's server down or misnamed: said now, before the models load
 
     last = last_checkpoint(run, cfg.rounds)
     if last:
@@ -162,7 +165,7 @@ def setup(cfg: CampaignConfig, run: RunDir, judge: object | None = None) -> Camp
             attend_in_float32(reference_model)
 
     c = Campaign(cfg, run, accelerator, tokenizer, split, judge, policy, optimizer, None, reference_model, resolved,
-                 model_path, build_objective(cfg), guard=guard)
+                 model_path, build_objective(cfg), guard=guard, eval_judge=eval_judge)
     log.info("reference log-probs: %s (dpo.reference_logps=%s)", c.reference_source, cfg.dpo.reference_logps)
     if main or every_rank:
         with servers_during("start"):

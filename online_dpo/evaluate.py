@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from judges.base import PairwiseItem, PointwiseItem, Verdict, compare_distinct
+from judges.base import PairwiseItem, PointwiseItem, Score, Verdict, compare_distinct
 from judges.verifiers import FinalAnswerVerifier
 
 Z95 = 1.959963984540054
@@ -142,6 +142,21 @@ def accuracy(prompts, responses: Sequence[str]) -> float | None:
     """Share of responses whose final number matches the prompt's reference, where prompts have one."""
     correct = correctness(prompts, responses)
     return None if correct is None else sum(correct) / len(correct)
+
+
+def pass_rate(scores: Sequence[Score], pass_score: float = 1.0, confidence: float = 0.95) -> dict:
+    """The share of responses a pointwise scorer passes (a score >= `pass_score`), with Wilson's
+    interval, and their mean score; a judge error is counted apart, never a pass or a fail.
+
+    Shape: scores [n], one per held-out prompt. `n` counts them all, errors included.
+    """
+    values = [s.value for s in scores if s.error is None and s.value is not None and math.isfinite(s.value)]
+    passed = sum(v >= pass_score for v in values)
+    low, high = wilson_interval(passed, len(values), confidence)
+    return {"n": len(scores), "passed": passed, "errors": len(scores) - len(values),
+            "pass_rate": passed / len(values) if values else math.nan, "ci_low": low, "ci_high": high,
+            "mean_score": float(np.mean(values)) if values else math.nan, "pass_score": pass_score,
+            "confidence": confidence}
 
 
 def compare(judge, prompts, responses_a: Sequence[str], responses_b: Sequence[str]) -> list[Verdict]:

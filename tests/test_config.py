@@ -122,3 +122,18 @@ def test_every_shipped_config_shares_the_quickstarts_training_defaults_or_says_w
     differ = {key for key in TRAINING_DEFAULTS if value(cfg, key) != value(quickstart, key)}
     assert differ <= explained, f"{path} differs from configs/quickstart.yaml in {sorted(differ - explained)} " \
                                 f"without a '# differs from the quickstart: KEY (why)' comment"
+
+
+def test_an_optional_section_left_null_stays_unset_through_a_saved_config(tmp_path):
+    """A run's config.yaml writes an unset eval.judge as null; reading it back (resume) must not
+    turn it into a judge section of defaults."""
+    import yaml
+
+    from online_dpo.config import to_dict
+
+    cfg = load_config("configs/quickstart.yaml")
+    assert cfg.eval.judge is None
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert "judge: null" in saved.read_text() and load_config(saved).eval.judge is None
+    assert load_config(saved, ["eval.judge.name=regex"]).eval.judge.name == "regex"

@@ -209,3 +209,17 @@ def test_evaluate_round_keeps_every_verdict_and_is_json_ready():
     assert [i["winner"] for i in res["comparisons"]["vs_previous"]] == ["tie", "tie", "a", "tie"]
     assert res["response_tokens"]["max"] == 5 and res["response_tokens"]["mean"] == 2.0
     assert "mean_response_tokens" not in res  # stored once, in response_tokens
+
+
+def test_pass_rate_counts_errors_apart_and_gives_wilsons_interval():
+    from judges.base import Score
+    from online_dpo.evaluate import pass_rate, wilson_interval
+
+    scores = [Score(1.0), Score(0.5), Score(1.0), Score(None, error="timeout"), Score(0.0), Score(float("nan"))]
+    got = pass_rate(scores, pass_score=1.0)
+    assert (got["n"], got["passed"], got["errors"]) == (6, 2, 2)  # NaN is no score: an error, never a fail
+    assert got["pass_rate"] == 0.5 and (got["ci_low"], got["ci_high"]) == wilson_interval(2, 4)
+    assert got["mean_score"] == 0.625
+    assert pass_rate(scores, pass_score=0.5)["passed"] == 3
+    empty = pass_rate([Score(None, error="x")])
+    assert empty["errors"] == 1 and math.isnan(empty["pass_rate"])

@@ -150,3 +150,15 @@ def test_an_eval_of_judge_errors_stops_the_round_and_resume_judges_it_again(tmp_
     record = json.loads((root / "round_000" / "eval.json").read_text())
     assert record["eval"]["vs_baseline"]["n"] == 6 and record["eval"]["vs_baseline"]["errors"] == 0
     assert record["judge_errors"] == {"train": 0, "eval": 0} and record["guard"]["accepted"] is True
+
+
+def test_the_best_round_follows_the_pass_rate_where_the_rounds_have_one():
+    def passed(r, rate, win, initial=0.2, accepted=True):
+        return {"round": r, "eval": {"vs_baseline": {"win_rate": win}, "pass": {"pass_rate": rate,
+                                                                                 "baseline_pass_rate": initial}},
+                "guard": {"accepted": accepted}}
+
+    # round 1 wins more often against the initial policy by the eval judge; round 2 passes more
+    assert best_round([passed(0, 0.3, 0.6), passed(1, 0.35, 0.8), passed(2, 0.5, 0.7)]) == 2
+    assert best_round([passed(0, 0.3, 0.6), passed(1, 0.6, 0.8, accepted=False)]) == 0  # rejected: never
+    assert best_round([passed(0, 0.2, 0.7), passed(1, 0.1, 0.6)]) is None  # none above the initial policy's 20%

@@ -37,10 +37,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}{hint}")
         return value
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None  # before a dataclass arm, which would read None as its defaults
         errors = []
         for arm in typing.get_args(tp):
-            if arm is type(None) and value is None:
-                return None
             try:
                 return _coerce(value, arm, where)
             except ConfigError as e:
@@ -239,11 +239,12 @@ def validate(cfg: CampaignConfig) -> None:
         raise ConfigError(f"name={cfg.name!r} {problem}; the run directory is output_dir/name "
                           f"({cfg.output_dir}/<name>), so name must be one plain folder name such as name=my-run")
     # The resolved config is saved in the run directory: a secret written into it would land on disk.
-    secret = [k for k in cfg.judge.options if k.lower() in SECRET_OPTION_NAMES]
-    if secret:
-        raise ConfigError(
-            f"judge.options.{secret[0]}: secrets are never taken in the config (it is saved with the run); put the "
-            f"key in an environment variable and name it with judge.options.api_key_env=VARIABLE_NAME")
+    for where, judge in (("judge", cfg.judge), ("eval.judge", cfg.eval.judge)):
+        secret = [k for k in (judge.options if judge else {}) if k.lower() in SECRET_OPTION_NAMES]
+        if secret:
+            raise ConfigError(
+                f"{where}.options.{secret[0]}: secrets are never taken in the config (it is saved with the run); put "
+                f"the key in an environment variable and name it with {where}.options.api_key_env=VARIABLE_NAME")
 
 
 def run_name_problem(name: str) -> str | None:

@@ -261,6 +261,15 @@ class EvalConfig:
     temperature: float = 1.0
     max_new_tokens: int = 48
     compare_previous: bool = True  # also judge round r against round r-1
+    # The judge of the held-out win rates, the same shape as `judge`; unset: the training judge.
+    # One apart from the judge that trains (a stronger model, a checker) is one the policy cannot
+    # learn to please, and the round guard and the best-policy link follow it.
+    judge: JudgeConfig | None = None
+    # The pass rate: the share of held-out answers a pointwise scorer passes (a score of at least
+    # pass_score), with its 95% interval. Its scorer: eval.judge where that scores each answer,
+    # else the reference check where the prompts carry references (the final number matches),
+    # else the training judge where that scores each answer; none otherwise.
+    pass_score: float = 1.0
     # Diversity watch (online_dpo/diversity.py): K samples for each of the first
     # diversity_prompts held-out prompts, every round and once for the initial policy;
     # 0 prompts turns it off. A round warns when a measure falls below

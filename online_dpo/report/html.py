@@ -16,6 +16,7 @@ from online_dpo.report.tables import (
     JUDGE_COLUMNS,
     diversity_rows,
     judge_rows,
+    pass_cell,
     pct,
     table_rows,
 )
@@ -51,7 +52,7 @@ TEMPLATE = jinja2.Template("""<!doctype html>
 </style></head><body>
 <h1>online-dpo report: {{ name }}</h1>
 <p class="muted">{{ root }} &middot; generated {{ generated }} &middot; {{ complete }} of {{ rounds|length }} rounds finished
-{% if baseline_accuracy %}&middot; baseline (initial policy) accuracy {{ baseline_accuracy }}{% endif %}</p>
+{% if baseline_accuracy %}&middot; baseline (initial policy) {{ baseline_accuracy }}{% endif %}</p>
 <p>Win rates are of each round's policy on held-out prompts against the initial policy (the baseline,
 before any update) and against the previous round; ties counted half, judge errors excluded (shown apart);
 95% confidence intervals in brackets. LC win = length-controlled win rate (a logistic regression on the
@@ -174,10 +175,12 @@ def render_html(run: RunView, plots: dict[str, Path], examples: int = 3) -> str:
         })
     images = [{"name": name, "data": base64.b64encode(Path(path).read_bytes()).decode("ascii"),
                "wide": name in WIDE_PLOTS} for name, path in plots.items()]
+    initial = (f"pass rate by {run.baseline_pass['scorer']} {pass_cell(run.baseline_pass)}" if run.baseline_pass
+               else f"accuracy {pct(run.baseline_accuracy)}" if run.baseline_accuracy is not None else "")
     return TEMPLATE.render(
         name=run.name, root=str(run.root), generated=time.strftime("%Y-%m-%d %H:%M:%S"),
-        complete=sum(v.complete for v in run.rounds), baseline_accuracy=pct(run.baseline_accuracy)
-        if run.baseline_accuracy is not None else "", columns=COLUMNS, rounds=rounds, plots=images,
+        complete=sum(v.complete for v in run.rounds), baseline_accuracy=initial, columns=COLUMNS, rounds=rounds,
+        plots=images,
         diversity=diversity_rows(run.rounds, run.baseline_diversity), diversity_columns=DIVERSITY_COLUMNS,
         judge=judge_rows(run.rounds), judge_columns=JUDGE_COLUMNS,
     )

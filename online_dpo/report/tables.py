@@ -15,20 +15,20 @@ from online_dpo.report.view import (
     train_summary,
 )
 
-COLUMNS = ("round", "win rate (95% CI)", "LC win", "ties", "errors", "vs prev (95% CI)", "accuracy",
+COLUMNS = ("round", "win rate (95% CI)", "LC win", "ties", "errors", "vs prev (95% CI)", "pass rate (95% CI)",
            "len mean/p90", "pairs", "DPO loss", "margin", "pair acc", "KL", "Δlogp c/r", "consist.", "judge cost",
            "judge errors", "wall s", "warnings")
 
 
 # The per-round table of a campaign and `online-dpo report`: what a user decides on, in 120 columns
 # (the warnings in full under it). COLUMNS is the wide view (`report --wide`, report.html).
-SUMMARY_COLUMNS = ("round", "win rate vs initial (95% CI)", "vs previous (95% CI)", "accuracy", "pairs",
+SUMMARY_COLUMNS = ("round", "win rate vs initial (95% CI)", "vs previous (95% CI)", "pass rate (95% CI)", "pairs",
                    "judge errors", "wall s", "warnings")
 
 
 def summary_rows(rounds: list[RoundView]) -> list[list[str]]:
     """table_rows cut to SUMMARY_COLUMNS; the warnings cell counts them (they are listed below the table)."""
-    keep = [COLUMNS.index(c) for c in ("round", "win rate (95% CI)", "vs prev (95% CI)", "accuracy", "pairs",
+    keep = [COLUMNS.index(c) for c in ("round", "win rate (95% CI)", "vs prev (95% CI)", "pass rate (95% CI)", "pairs",
                                        "judge errors", "wall s")]
     return [[row[i] for i in keep] + [str(len(v.warnings)) if v.warnings else "-"]
             for v, row in zip(rounds, table_rows(rounds))]
@@ -51,6 +51,16 @@ def _with_ci(d: dict | None) -> str:
     low, high = finite(d.get("ci_low")), finite(d.get("ci_high"))
     ci = f" ({100 * low:.1f}-{100 * high:.1f})" if low is not None and high is not None else ""
     return f"{100 * rate:.1f}%{ci}"
+
+
+def pass_cell(passed: dict | None, ev: dict | None = None) -> str:
+    """The pass rate with its interval; a run from before pass rates shows its accuracy."""
+    if not passed:
+        return pct((ev or {}).get("accuracy"))
+    rate, low, high = (finite(passed.get(k)) for k in ("pass_rate", "ci_low", "ci_high"))
+    if rate is None:
+        return "-"
+    return f"{100 * rate:.1f}%" + (f" ({100 * low:.1f}-{100 * high:.1f})" if low is not None and high is not None else "")
 
 
 def _errors_cell(counts: dict) -> str:
@@ -80,7 +90,7 @@ def table_rows(rounds: list[RoundView]) -> list[list[str]]:
             pairs = f"{res['examples']} ex"
         rows.append([
             str(v.round), _with_ci(base), pct((base or {}).get("lc_win_rate")), pct((base or {}).get("tie_rate")),
-            pct((base or {}).get("error_rate")), _with_ci(ev.get("vs_previous")), pct(ev.get("accuracy")),
+            pct((base or {}).get("error_rate")), _with_ci(ev.get("vs_previous")), pass_cell(ev.get("pass"), ev),
             f"{_num(mean, '.1f')}/{_num(p90, '.0f')}" if mean is not None else "-",
             "-" if pairs is None else str(pairs), _num(train["loss"]), _num(train["reward_margin"]),
             pct(train["pair_accuracy"]), _num(train["kl"], ".4f"), _drift_cell(logp_drift(v)),

@@ -16,6 +16,7 @@ from online_dpo.report.tables import (
     JUDGE_COLUMNS,
     diversity_rows,
     judge_rows,
+    pass_cell,
     pct,
     summary_rows,
     table_rows,
@@ -72,8 +73,10 @@ def judge_table(rounds: list[RoundView]) -> Table | None:
 def best_line(best: BestPolicy) -> str:
     note = f"; rejected by the round guard: {', '.join(map(str, best.rejected))}" if best.rejected else ""
     if best.round is None:
-        return f"best policy: the initial one (no accepted round wins against it){note}"
-    return f"best policy: round {best.round} (win rate vs the initial policy {pct(best.win_rate)}; runs/.../best){note}"
+        return f"best policy: the initial one (no accepted round does better){note}"
+    passed = f"pass rate {pct(best.pass_rate)}; " if best.pass_rate is not None else ""
+    return (f"best policy: round {best.round} ({passed}win rate vs the initial policy {pct(best.win_rate)}; "
+            f"runs/.../best){note}")
 
 
 def report_console(wide: bool = False) -> Console:
@@ -88,7 +91,10 @@ def print_run(run: RunView, title: str | None = None, console: Console | None = 
     """The baseline's accuracy, the per-round table (every column with `wide`) and its warnings,
     the best policy, the diversity and judge tables, and how many rounds are finished when some are not."""
     console = console or report_console(wide)
-    if run.baseline_accuracy is not None:
+    if run.baseline_pass:
+        console.print(f"baseline (initial policy) pass rate on held-out prompts, by {run.baseline_pass['scorer']}: "
+                      f"{pass_cell(run.baseline_pass)}")
+    elif run.baseline_accuracy is not None:
         console.print(f"baseline (initial policy) accuracy on held-out prompts: {pct(run.baseline_accuracy)}")
     console.print(round_table(run.rounds, title=title, wide=wide))
     if not wide:
@@ -108,9 +114,9 @@ def print_run(run: RunView, title: str | None = None, console: Console | None = 
 
 
 def print_rounds(results: list[dict], baseline_accuracy: float | None = None, console: Console | None = None,
-                 baseline_diversity: dict | None = None) -> None:
+                 baseline_diversity: dict | None = None, baseline_pass: dict | None = None) -> None:
     """The campaign's table after each round, from the eval.json dicts of its rounds so far."""
-    print_run(run_from_results(results, baseline_accuracy, baseline_diversity), console=console)
+    print_run(run_from_results(results, baseline_accuracy, baseline_diversity, baseline_pass), console=console)
 
 
 def print_stage_shares(seconds: dict[str, float], wall_s: float, console: Console | None = None) -> None:

@@ -61,6 +61,7 @@ class RunView:
     baseline_tokens: list[int] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     baseline_diversity: dict | None = None  # the initial policy's (manifest: baseline/diversity)
+    baseline_pass: dict | None = None  # the initial policy's pass rate (manifest: baseline/pass)
 
     @property
     def root(self) -> Path | None:
@@ -128,10 +129,10 @@ def round_from_result(result: dict) -> RoundView:
 
 
 def run_from_results(results: list[dict], baseline_accuracy: float | None = None,
-                     baseline_diversity: dict | None = None) -> RunView:
+                     baseline_diversity: dict | None = None, baseline_pass: dict | None = None) -> RunView:
     """The rounds a running campaign holds (eval.json dicts), with the warnings they support."""
     run = RunView(None, "", [round_from_result(r) for r in results], baseline_accuracy,
-                  baseline_diversity=baseline_diversity)
+                  baseline_diversity=baseline_diversity, baseline_pass=baseline_pass)
     add_warnings(run.rounds)
     return run
 
@@ -161,7 +162,7 @@ def load_run(root: str | Path, length_factor: float = DEFAULT_LENGTH_FACTOR) -> 
     base = marked.get("baseline", {})
     run = RunView(run_dir, config.get("name", root.name), rounds, base.get("eval", {}).get("accuracy"),
                   [row["tokens"] for row in read_jsonl_tolerant(run_dir.baseline.eval_responses) if "tokens" in row],
-                  config, base.get("diversity", {}).get("metrics"))
+                  config, base.get("diversity", {}).get("metrics"), base.get("pass", {}).get("result"))
     add_warnings(run.rounds, length_factor, run.baseline_tokens)
     return run
 
@@ -174,12 +175,12 @@ def finite(x) -> float | None:
 
 def judge_error_counts(result: dict) -> dict:
     """A round's judge errors from its record: in training (a pairwise judge's comparisons, or a
-    scorer's candidates) and in the held-out eval (its comparisons against both policies; None
-    without an eval)."""
+    scorer's candidates) and in the held-out eval (its comparisons against both policies and its
+    answers scored for the pass rate; None without an eval)."""
     quality, held_out = result.get("judge_quality"), result.get("eval")
     train = quality["errors"] if quality else (result.get("funnel") or {}).get("judge_errors", 0)
     evals = None if held_out is None else sum((held_out.get(k) or {}).get("errors", 0)
-                                              for k in ("vs_baseline", "vs_previous"))
+                                              for k in ("vs_baseline", "vs_previous", "pass"))
     return {"train": train, "eval": evals}
 
 
@@ -289,10 +290,16 @@ def add_warnings(rounds: list[RoundView], length_factor: float = DEFAULT_LENGTH_
 # --- the best round (the round guard's rule: campaign.guard_verdict) ----------------------
 
 def best_round(results: list[dict]) -> int | None:
-    """The accepted round whose policy beat the initial one by the most (the later of equals);
-    None when none reaches a 50% win rate against it: the initial policy is the best. Without
+    """The accepted round whose held-out pass rate is highest (the later of equals), where the
+    rounds have one, and above the initial policy's; else the one whose policy beat the initial
+    one by the most, at a win rate of 50% or more. None: the initial policy is the best. Without
     evals: the last accepted round."""
     kept = [res for res in results if res and res.get("guard", {}).get("accepted", True)]
+    passing = [(rate, res["round"], finite(res["eval"]["pass"].get("baseline_pass_rate"))) for res in kept
+               if (rate := finite(((res.get("eval") or {}).get("pass") or {}).get("pass_rate"))) is not None]
+    if passing:
+        rate, r, initial = max(passing)
+        return r if initial is None or rate > initial else None
     scored = [(w, res["round"]) for res in kept
               if (w := finite(((res.get("eval") or {}).get("vs_baseline") or {}).get("win_rate"))) is not None]
     if not scored:  # a round evaluated without a win rate is never the best one
@@ -305,11 +312,13 @@ def best_round(results: list[dict]) -> int | None:
 @dataclass
 class BestPolicy:
     """The best policy of a run: `round` None is the initial one; `win_rate` its win rate vs the
-    initial policy; `rejected` the rounds the round guard rejected."""
+    initial policy and `pass_rate` its held-out pass rate (None where not measured); `rejected`
+    the rounds the round guard rejected."""
 
     round: int | None
     win_rate: float | None
     rejected: list[int]
+    pass_rate: float | None = None
 
 
 def best_policy(results: list[dict]) -> BestPolicy:
@@ -317,5 +326,6 @@ def best_policy(results: list[dict]) -> BestPolicy:
     rejected = [res["round"] for res in results if res and not res.get("guard", {}).get("accepted", True)]
     if best is None:
         return BestPolicy(None, None, rejected)
-    win = ((next(res for res in results if res and res["round"] == best).get("eval") or {}).get("vs_baseline") or {})
-    return BestPolicy(best, win.get("win_rate"), rejected)
+    ev = next(res for res in results if res and res["round"] == best).get("eval") or {}
+    return BestPolicy(best, (ev.get("vs_baseline") or {}).get("win_rate"), rejected,
+                      finite((ev.get("pass") or {}).get("pass_rate")))

@@ -8,13 +8,14 @@ import copy
 import logging
 
 from judges import as_pairwise
+from judges.base import PointwiseItem, PointwiseScorer, scores_or_errors, template_hashes
 from judges.base import judge_stats as judge_stats_of
-from judges.base import template_hashes
+from judges.verifiers import FinalAnswerVerifier
 from online_dpo import diversity, evaluate
 from online_dpo.campaign import Campaign, guard_verdict, last_checkpoint, once, timed
-from online_dpo.report.view import judge_error_counts
 from online_dpo.engines.generate import Sampling
 from online_dpo.errors import JudgeUnusableError
+from online_dpo.report.view import judge_error_counts
 from online_dpo.rundir import read_jsonl, write_json, write_jsonl
 from online_dpo.seeds import stable_seed
 from online_dpo.stages.select import round_judge_quality
@@ -48,6 +49,29 @@ def measure_diversity(c: Campaign, seed: int, save_to) -> dict | None:
                                        [[o.logprobs for o in samples] for samples in outs])
 
 
+def pass_scorer(c: Campaign) -> tuple[str, PointwiseScorer] | None:
+    """The pointwise scorer of the pass rate, and its name: eval.judge where it scores each answer,
+    else the reference check where every held-out prompt carries a reference, else the training
+    judge where it scores each answer; None where there is none."""
+    if c.cfg.eval.judge is not None and isinstance(c.eval_judge, PointwiseScorer):
+        return c.cfg.eval.judge.name, c.eval_judge
+    if c.split.eval and all(p.reference is not None for p in c.split.eval):
+        return "reference", FinalAnswerVerifier()
+    if isinstance(c.judge, PointwiseScorer):
+        return getattr(c.judge, "name", type(c.judge).__name__), c.judge
+    return None
+
+
+def measure_pass(c: Campaign, texts: list[str]) -> dict | None:
+    """The held-out answers' pass rate (`evaluate.pass_rate`) by `pass_scorer`, with its name."""
+    chosen = pass_scorer(c)
+    if chosen is None:
+        return None
+    name, scorer = chosen
+    items = [PointwiseItem(p.text, t, p.reference) for p, t in zip(c.split.eval, texts, strict=True)]
+    return {"scorer": name, **evaluate.pass_rate(scores_or_errors(scorer, items), c.cfg.eval.pass_score)}
+
+
 def baseline(c: Campaign) -> dict:
     """The round-0 policy's eval responses and diversity: measured once, reused by every round."""
     paths, done = c.run.baseline, c.run.manifest["rounds"]
@@ -59,6 +83,10 @@ def baseline(c: Campaign) -> dict:
 
     texts = once(c.run, "baseline", "eval", measure_eval, lambda: [row["text"] for row in read_jsonl(paths.eval_responses)])
     base = {"texts": texts, "accuracy": done["baseline"]["eval"]["accuracy"]}
+    if c.cfg.eval.enabled:
+        once(c.run, "baseline", "pass", lambda: c.run.mark_done("baseline", "pass", result=measure_pass(c, texts)),
+             lambda: None)
+        base["pass"] = done["baseline"]["pass"]["result"]
     if not (c.cfg.eval.enabled and c.cfg.eval.diversity_prompts):
         return base
     if not c.run.is_done("baseline", "diversity") and last_checkpoint(c.run, c.cfg.rounds) is not None:
@@ -91,9 +119,18 @@ def held_out_eval(c: Campaign, r: int, base: dict, prev_texts: list[str] | None)
     log.info("round %d eval: %d held-out prompts", r, len(c.split.eval))
     paths = c.run.round_paths(r)
     texts, lengths = generate_eval(c, stable_seed(c.cfg.seed, r, "eval"), save_to=paths.eval_responses)
-    result = evaluate.evaluate_round(as_pairwise(c.judge), c.split.eval, texts, lengths, base["texts"],
+    # A judge apart from the training judge: its bill is the eval's (the training judge's stats
+    # cover the whole round where it judges the eval too).
+    apart = c.eval_judge is not c.judge and judge_stats_of(c.eval_judge) is not None
+    stats_before = copy.deepcopy(judge_stats_of(c.eval_judge)) if apart else None
+    result = evaluate.evaluate_round(as_pairwise(c.eval_judge), c.split.eval, texts, lengths, base["texts"],
                                      prev_texts if c.cfg.eval.compare_previous else None)
+    passed = measure_pass(c, texts)
+    if passed is not None:  # beside the initial policy's, which the best-policy link is held against
+        result["pass"] = {**passed, "baseline_pass_rate": (base.get("pass") or {}).get("pass_rate")}
     stop_unless_judged(r, result, c.cfg.eval.max_judge_error_fraction)
+    if apart:
+        result["judge_stats"] = judge_stats_of(c.eval_judge).since(stats_before).as_dict()
     if base.get("diversity"):
         result["diversity"] = measure_diversity(c, stable_seed(c.cfg.seed, r, "diversity"), paths.diversity_samples)
         result["diversity_warnings"] = diversity.collapse_warnings(
@@ -106,13 +143,14 @@ def held_out_eval(c: Campaign, r: int, base: dict, prev_texts: list[str] | None)
 def stop_unless_judged(r: int, held_out: dict, most: float) -> None:
     """Stop the round (JudgeUnusableError) where judge errors are over `most` of the comparisons
     against the initial or the previous policy: the eval would decide the round on too few."""
-    for key, against in (("vs_baseline", "the initial policy"), ("vs_previous", "the previous one")):
+    for key, what in (("vs_baseline", "comparisons against the initial policy"),
+                      ("vs_previous", "comparisons against the previous one"), ("pass", "answers scored for the pass rate")):
         d = held_out.get(key)
         if d and d["n"] and d["errors"] > most * d["n"]:
-            first = next(row["error"] for row in held_out["comparisons"][key] if row["error"])
-            raise JudgeUnusableError(r, f"{d['errors']} of {d['n']} held-out comparisons against {against} were judge "
-                                        f"errors, over eval.max_judge_error_fraction={most:g} (the first: {first})",
-                                     stage="eval")
+            first = "" if key == "pass" else \
+                f" (the first: {next(row['error'] for row in held_out['comparisons'][key] if row['error'])})"
+            raise JudgeUnusableError(r, f"{d['errors']} of {d['n']} held-out {what} were judge errors, over "
+                                        f"eval.max_judge_error_fraction={most:g}{first}", stage="eval")
 
 
 def judge_stats(c: Campaign):
