@@ -13,6 +13,9 @@ same config and seed ends, timings aside.
   `online-dpo resume` goes on.
 - The trainer is SIGKILLed three times: mid-generation while the first slices are judged, while
   it writes a checkpoint (after the update and its push), and mid-eval; and resumed each time.
+- The server is keyed, as `online-dpo serve` must be beyond loopback: every request the trainer
+  makes carries the key (servers.api_key_env), and a request without it is refused on every
+  path, dev mode's included (the module's second test).
 
 The quiet run is the same config against a well-behaved judge server, never killed. What must
 be equal: every file of the run directory, byte for byte (prompts, candidates, judgments,
@@ -69,18 +72,24 @@ def judge_options(server: FakeOpenAI, cache: Path) -> list[str]:
             f"judge.options.timeout_s={JUDGE_TIMEOUT_S}", "judge.options.max_retries=3"]
 
 
+SERVER_KEY_ENV, SERVER_KEY = "TEST_SERVER_KEY", "s3cret-for-tests"
+
+
 @pytest.fixture(scope="module")
 def servers(shallow_model_path, module_tmp):
-    s = Servers(shallow_model_path, module_tmp)  # one of its two slots is used
-    s.start(0)
-    s.wait(0)
-    yield s
-    s.stop()
+    with pytest.MonkeyPatch.context() as env:  # the trainers these tests start inherit it
+        env.setenv(SERVER_KEY_ENV, SERVER_KEY)
+        s = Servers(shallow_model_path, module_tmp)  # one of its two slots is used
+        s.start(0, api_key_env=SERVER_KEY_ENV)
+        s.wait(0, api_key=SERVER_KEY)
+        yield s
+        s.stop()
 
 
 @pytest.fixture(scope="module")
 def config(servers) -> list[str]:
-    return [*CONFIG, f"policy.model={servers.model_path}", f"servers.urls=[{servers.urls[0]}]"]
+    return [*CONFIG, f"policy.model={servers.model_path}", f"servers.urls=[{servers.urls[0]}]",
+            f"servers.api_key_env={SERVER_KEY_ENV}"]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +167,7 @@ def test_a_campaign_through_judge_faults_a_killed_server_and_three_kills_ends_as
         assert "eval" in stages(root, 0) and "generate" not in stages(root, 1)
 
         # 5. The server restarted (it holds the initial model again): resume finishes the campaign.
-        servers.restart(0)
+        servers.restart(0, api_key_env=SERVER_KEY_ENV)
         rc = run(resume, logs / "5.log")
         assert rc == 0, (logs / "5.log").read_text()[-3000:]
         served = dict(judge.served)
@@ -241,3 +250,24 @@ def differences(expected: Path, got: Path) -> list[str]:
         if not same:
             out.append(f"differs: {rel}")
     return out
+
+
+def test_the_campaigns_keyed_server_refuses_every_request_without_its_key(servers):
+    """The server the campaign above ran on (it checked, pushed to and generated from it with the
+    key): without the key, or with another, vLLM's guarded paths (/v1, /inference) and the ones
+    it leaves open (dev mode's /collective_rpc, /resume, /is_paused, /weight_info; /health) all
+    answer 401, and with it they answer."""
+    import httpx
+
+    url = servers.urls[0]
+    # requests that change nothing were the guard missing (a /pause would stall the server)
+    calls = [("GET", "/v1/models", None), ("POST", "/inference/v1/generate", {}), ("GET", "/is_paused", None),
+             ("POST", "/resume", None), ("POST", "/collective_rpc", {"method": "no_such_method"}),
+             ("GET", "/weight_info", None), ("GET", "/health", None)]
+    for headers in ({}, {"Authorization": "Bearer another-key"}):
+        answers = {path: httpx.request(method, url + path, json=body, headers=headers).status_code
+                   for method, path, body in calls}
+        assert answers == {path: 401 for _, path, _ in calls}, answers
+    key = {"Authorization": f"Bearer {SERVER_KEY}"}
+    assert httpx.get(f"{url}/is_paused", headers=key).json() == {"is_paused": False}
+    assert httpx.get(f"{url}/health", headers=key).status_code == 200

@@ -16,12 +16,12 @@ EVAL_JUDGE = ["eval.judge.name=regex", "eval.judge.options={pattern: e}"]
 def test_win_rates_and_the_pass_rate_come_from_the_eval_judge(tmp_path, shallow_model_path):
     from online_dpo.cli import main
 
-    assert main(["run", "configs/quickstart.yaml", f"output_dir={tmp_path}", "name=apart", *TINY, "rounds=2",
+    assert main(["run", "configs/quickstart.yaml", f"output_dir={tmp_path}", "name=apart", *TINY, "rounds=1",
                  f"policy.model={shallow_model_path}", *EVAL_JUDGE]) == 0
     root = tmp_path / "apart"
     baseline = [row["text"] for row in read_jsonl(root / "baseline" / "eval_responses.jsonl")]
     check = load_judge("regex", pattern="e")
-    for r in (0, 1):
+    for r in (0,):
         record = json.loads((root / f"round_{r:03d}" / "eval.json").read_text())
         ev, texts = record["eval"], [row["text"] for row in read_jsonl(root / f"round_{r:03d}" / "eval_responses.jsonl")]
         passed = ev["pass"]

@@ -35,18 +35,19 @@ def test_judge_eval_bad_input_is_clear(tmp_path):
     assert proc.returncode == 2 and "bad.jsonl:1" in proc.stderr and "label" in proc.stderr
 
 
-def test_judge_eval_against_a_second_server_under_the_same_model_name_asks_that_server(tmp_path):
+def test_judge_eval_against_a_second_server_under_the_same_model_name_asks_that_server(tmp_path, capsys):
     """A server whose verdicts hold in both orders, then a position-biased one under the same model
     name and cache: the second answered from the first's cache once (0 requests); each server now
     judges for itself."""
+    from online_dpo.cli import main
+
     results = []
     for behaviour in ("consistent", "always_a"):
         with FakeOpenAI(behaviour) as server:
-            proc = run_python(["-m", "online_dpo.cli", "judge-eval", PAIRS, "--judge", "openai", "model=judge",
-                               f"base_url={server.base_url}", "api_key_env=null", f"cache_path={tmp_path / 'c.sqlite'}"],
-                              timeout=120)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            results.append((json.loads(proc.stdout[proc.stdout.index("{"):]), len(server.requests)))
+            assert main(["judge-eval", PAIRS, "--judge", "openai", "model=judge", f"base_url={server.base_url}",
+                         "api_key_env=null", f"cache_path={tmp_path / 'c.sqlite'}"]) == 0
+            out = capsys.readouterr().out
+            results.append((json.loads(out[out.index("{"):]), len(server.requests)))
     (truthful, asked_first), (biased, asked_second) = results
     assert asked_first == asked_second == 20 and biased["requests"] == 20
     assert biased["position_consistency"] == 0.0 and truthful["position_consistency"] == 1.0

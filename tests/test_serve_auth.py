@@ -2,7 +2,7 @@
 without one, before anything starts; the key reaches the server through its environment, never
 its command line; and a keyed server requires it on every path, dev mode's included (vLLM's own
 --api-key guards only /v1, /v2, /inference and /cohere). The real server with a key is in
-tests/test_server_generation.py."""
+tests/test_chaos.py (its campaign runs on it)."""
 
 from __future__ import annotations
 
