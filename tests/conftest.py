@@ -32,8 +32,10 @@ def pytest_configure(config):
 # The modules that take minutes, slowest first. pytest-xdist hands whole modules to the workers
 # in collection order (pyproject.toml: --dist loadfile --no-loadscope-reorder), so these start
 # first and the many short modules fill in around them; one started last would run alone.
-SLOWEST_MODULES = ("test_server_generation", "test_chaos", "test_every_rank", "test_crash_resume",
-                   "test_openai_judge_vllm_server", "test_campaign_options", "test_compare", "test_campaign", "test_report")
+SLOWEST_MODULES = ("test_server_generation", "test_chaos", "test_crash_resume", "test_campaign_options",
+                   "test_every_rank", "test_openai_judge_vllm_server", "test_compare", "test_noisy_api_judge",
+                   "test_report", "test_embedded_model", "test_api", "test_campaign", "test_weight_sync",
+                   "test_distributed", "test_vllm_judge", "test_budget_resume", "test_openai_judge_faults")
 
 
 def pytest_collection_modifyitems(config, items):

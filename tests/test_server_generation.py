@@ -367,7 +367,7 @@ def test_two_rounds_on_two_servers_survive_a_killed_server(servers, tmp_path):
     name, P, K = "two-servers", 6, 4
     cmd = [sys.executable, "-m", "online_dpo.cli", "run", "configs/quickstart.yaml", f"output_dir={tmp_path}",
            f"name={name}", "rounds=2", f"data.train_prompts_per_round={P}", f"generation.samples_per_prompt={K}",
-           "data.eval_prompts=16", "eval.diversity_prompts=4", "dpo.max_steps=2", "generation.backend=vllm_server",
+           "data.eval_prompts=8", "eval.diversity_prompts=4", "dpo.max_steps=2", "generation.backend=vllm_server",
            f"servers.urls=[{servers.urls[0]},{servers.urls[1]}]", *SHORT_ANSWERS, *policy_of(servers)]
     for url in servers.urls:
         Server(url, timeout_s=30).request("POST", "/update_weight_version", json={"new_version": "another-campaign/round-3"})
