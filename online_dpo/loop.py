@@ -46,7 +46,7 @@ def run_round(c: Campaign, r: int, base: dict, prev_texts: list[str] | None) -> 
     upcoming = None
     prompts = c.split.round_prompts(r, c.cfg.data.train_prompts_per_round)
     if c.is_main:
-        judge_before = judge_stats(c)
+        judge_before = judge_stats(c.judge)
         write_jsonl(c.run.round_paths(r).prompts, [p.to_record() for p in prompts])
     if c.round_generator is not None:  # the main process; with an in-process backend every process
         candidates, scores = generate_and_judge(c, r, prompts, timings)

@@ -122,7 +122,7 @@ def held_out_eval(c: Campaign, r: int, base: dict, prev_texts: list[str] | None)
     # A judge apart from the training judge: its bill is the eval's (the training judge's stats
     # cover the whole round where it judges the eval too).
     apart = c.eval_judge is not c.judge and judge_stats_of(c.eval_judge) is not None
-    stats_before = copy.deepcopy(judge_stats_of(c.eval_judge)) if apart else None
+    stats_before = judge_stats(c.eval_judge) if apart else None
     result = evaluate.evaluate_round(as_pairwise(c.eval_judge), c.split.eval, texts, lengths, base["texts"],
                                      prev_texts if c.cfg.eval.compare_previous else None)
     passed = measure_pass(c, texts)
@@ -153,9 +153,9 @@ def stop_unless_judged(r: int, held_out: dict, most: float) -> None:
                                         f"eval.max_judge_error_fraction={most:g}{first}", stage="eval")
 
 
-def judge_stats(c: Campaign):
-    """A copy of the judge's running stats (API judges: requests, cache hits, cost), or None."""
-    return copy.deepcopy(judge_stats_of(c.judge))
+def judge_stats(judge):
+    """A copy of a judge's running stats (API judges: requests, cache hits, cost), or None."""
+    return copy.deepcopy(judge_stats_of(judge))
 
 
 def record_round(c: Campaign, r: int, funnel, held_out: dict | None, train_metrics: list[dict], drift: dict | None,
